@@ -1,0 +1,81 @@
+"""The `moetrain` command: `moetrain train|params --config=configs/x.py [--config.a.b=v]`.
+
+Config files are read with ml_collections `config_flags`, so any key can be overridden on
+the command line; unknown keys and bad values stop the command with one sentence before
+anything compiles.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from moetrain import config as config_lib
+
+COMMANDS = {
+    'train': 'train a model: --config=FILE --workdir=DIR',
+    'params': 'print total and active parameters and training FLOPs per token',
+}
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for logs and checkpoints.')
+
+
+def _train(_):
+  from moetrain import train
+  if not _WORKDIR.value:
+    raise config_lib.ConfigError('--workdir is required for train; pass --workdir=DIR.')
+  train.train(_CONFIG.value, _WORKDIR.value)
+
+
+def _params(_):
+  from moetrain import counting, data
+  cfg = data.resolve_vocab(config_lib.validate(_CONFIG.value))
+  for line in counting.count(cfg).lines():
+    print(line)
+
+
+RUNNERS = {'train': _train, 'params': _params}
+
+
+def _usage() -> str:
+  lines = ['usage: moetrain COMMAND --config=configs/FILE.py [--config.KEY=VALUE ...]', '']
+  lines += [f'  {name:<8} {help_}' for name, help_ in COMMANDS.items()]
+  return '\n'.join(lines)
+
+
+def _check_args(argv):
+  """A missing config file or an unknown `--config.KEY=` override: one sentence instead
+  of absl's traceback."""
+  for arg in argv:
+    if arg.startswith('--config=') and not pathlib.Path(arg.split('=', 1)[1]).is_file():
+      raise config_lib.ConfigError(f'config file {arg.split("=", 1)[1]!r} does not exist; '
+                                   'pass --config=PATH to a file such as configs/tiny.py.')
+    if arg.startswith('--config.'):
+      key = arg[len('--config.'):].split('=', 1)[0]
+      config_lib.check_key(key)
+
+
+def main(argv=None):
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] not in RUNNERS:
+    print(_usage(), file=sys.stderr)
+    sys.exit(2)
+  command = argv.pop(1)
+  try:
+    _check_args(argv)
+    args = flags.FLAGS(argv)
+    if _CONFIG.value is None:
+      raise config_lib.ConfigError('--config is required; pass e.g. --config=configs/tiny.py.')
+    RUNNERS[command](args)
+  except (config_lib.ConfigError, flags.Error) as e:
+    print(f'moetrain: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,251 @@
+"""Configuration: the default `ConfigDict`, loading config files, and validation.
+
+Every experiment is a Python file in `configs/` whose `get_config()` starts from
+`default_config()` and changes what it needs. `validate` checks a finished config and
+raises `ConfigError` with one sentence naming the key and the fix, before anything is
+compiled.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import math
+import pathlib
+
+import ml_collections
+
+DTYPES = ('float32', 'bfloat16')
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key and the fix."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key the framework reads, with its default value."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  m = c.model
+  m.vocab_size = 0  # 0: the tokenizer's vocabulary rounded up to a multiple of 128.
+  m.d_model = 128
+  m.num_layers = 4
+  m.num_heads = 4
+  m.num_kv_heads = 2  # grouped-query attention; == num_heads is multi-head attention.
+  m.d_ff = 512  # hidden size of the dense SwiGLU feed-forward.
+  m.num_experts = 8  # 0: every feed-forward is dense (the dense baseline).
+  m.moe_every = 1  # every n-th feed-forward (after first_k_dense) is a MoE layer.
+  m.first_k_dense = 0  # the first k layers keep a dense feed-forward.
+  m.rope_theta = 10_000.0
+  m.norm_eps = 1e-6
+  m.tie_embeddings = True
+  m.dtype = 'float32'  # compute dtype of matmuls; the router is always float32.
+  m.param_dtype = 'float32'
+  m.init_std = 0.02  # embedding init; kernels use 1/sqrt(fan_in).
+  m.remat = False  # rematerialize each block in the backward pass.
+
+  m.moe = ml_collections.ConfigDict()
+  e = m.moe
+  e.router = 'token_choice'  # token_choice | expert_choice | soft
+  e.gate = 'softmax'  # softmax | sigmoid
+  e.softmax_order = 'softmax_topk'  # softmax_topk (GShard/Switch) | topk_softmax (Mixtral)
+  e.renormalize = False  # renormalize the k combine weights to sum to one.
+  e.routed_scaling = 1.0  # multiplies the routed output (DeepSeek-V3).
+  e.top_k = 2
+  e.capacity_factor = 1.25  # training; capacity = ceil(cf * tokens * k / experts).
+  e.eval_capacity_factor = 2.0
+  e.drop_order = 'position'  # position (GShard) | probability (batch-prioritized).
+  e.dropless = False
+  e.dropless_impl = 'auto'  # auto (ragged on GPU/TPU, padded on CPU) | padded | ragged
+  e.jitter = 0.0  # multiplicative router-input noise, U(1-j, 1+j), training only.
+  e.d_expert = 0  # expert hidden size; 0 means model.d_ff.
+  e.num_shared_experts = 0
+  e.balance_coef = 0.01
+  e.balance_scope = 'micro_batch'  # micro_batch | global | sequence
+  e.z_coef = 0.001
+  e.bias_update_rate = 0.0  # > 0 turns on aux-loss-free bias balancing (DeepSeek-V3).
+
+  c.data = ml_collections.ConfigDict()
+  d = c.data
+  d.source = 'stdlib'  # the Python standard library's own source, always present.
+  d.seq_len = 128
+  d.batch_size = 16  # global batch, in sequences.
+  d.eval_fraction = 0.05  # share of documents held out for eval.
+  d.max_documents = 0  # 0: all documents of the source.
+
+  c.train = ml_collections.ConfigDict()
+  t = c.train
+  t.steps = 300
+  t.lr = 3e-3
+  t.warmup_steps = 30
+  t.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio.
+  t.weight_decay = 0.1
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.eps = 1e-8
+  t.clip_norm = 1.0
+  t.log_every = 10
+  t.eval_every = 100
+  t.eval_batches = 8
+  t.progress = True
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 0  # 0: only the final save.
+  c.checkpoint.keep = 3
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by the other axes.
+  c.mesh.expert = 1
+  return c
+
+
+def load(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """Loads `get_config()` from a config file (without validating it)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ConfigError(f'config file {str(path)!r} does not exist; pass --config=PATH to a '
+                      'file in configs/.')
+  spec = importlib.util.spec_from_file_location(f'moetrain_config_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'config file {str(path)!r} has no get_config(); define one that '
+                      'returns a ConfigDict.')
+  return module.get_config()
+
+
+def _flatten(cfg, prefix=''):
+  out = {}
+  for key, value in cfg.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_flatten(value, name + '.'))
+    else:
+      out[name] = value
+  return out
+
+
+def check_key(key: str):
+  """Raises ConfigError for a dotted key that no config has."""
+  known = _flatten(default_config())
+  if key not in known:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"did you mean '{close[0]}'?" if close else 'remove it.'
+    raise ConfigError(f"unknown config key '{key}'; {hint}")
+
+
+def _check_keys(cfg):
+  for key in _flatten(cfg):
+    check_key(key)
+
+
+def moe_layers(model) -> list[int]:
+  """Indices of the layers whose feed-forward is a MoE layer."""
+  if model.num_experts == 0:
+    return []
+  return [i for i in range(model.first_k_dense, model.num_layers)
+          if (i - model.first_k_dense + 1) % model.moe_every == 0]
+
+
+def capacity(num_tokens: int, num_experts: int, top_k: int, factor: float) -> int:
+  """Slots per expert: ceil(factor * tokens * k / experts), at least 1, at most tokens."""
+  return max(1, min(num_tokens, math.ceil(factor * num_tokens * top_k / num_experts)))
+
+
+def _require(ok: bool, message: str):
+  if not ok:
+    raise ConfigError(message)
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Raises `ConfigError` (one sentence: key and fix) for the first bad value; returns cfg."""
+  _check_keys(cfg)
+  m, e, d, t = cfg.model, cfg.model.moe, cfg.data, cfg.train
+
+  def positive(name, value, allow_zero=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        value >= 0 if allow_zero else value > 0)
+    what = 'non-negative' if allow_zero else 'positive'
+    _require(ok, f'{name}={value!r} must be {what}; set it to a {what} number.')
+
+  for name in ('d_model', 'num_layers', 'num_heads', 'num_kv_heads', 'd_ff', 'moe_every'):
+    positive(f'model.{name}', m[name])
+  for name in ('vocab_size', 'num_experts', 'first_k_dense'):
+    positive(f'model.{name}', m[name], allow_zero=True)
+  _require(m.d_model % m.num_heads == 0,
+           f'model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; '
+           'choose num_heads so that d_model % num_heads == 0.')
+  _require((m.d_model // m.num_heads) % 2 == 0,
+           f'model.d_model / model.num_heads = {m.d_model // m.num_heads} is odd; rotary '
+           'embeddings need an even head size, so change d_model or num_heads.')
+  _require(m.num_heads % m.num_kv_heads == 0,
+           f'model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads='
+           f'{m.num_heads}; choose num_kv_heads so that num_heads % num_kv_heads == 0.')
+  _require(m.first_k_dense <= m.num_layers,
+           f'model.first_k_dense={m.first_k_dense} exceeds model.num_layers={m.num_layers}; '
+           'lower first_k_dense.')
+  for name in ('dtype', 'param_dtype'):
+    _require(m[name] in DTYPES, f'model.{name}={m[name]!r} is not supported; use one of '
+             f'{", ".join(DTYPES)}.')
+  positive('model.rope_theta', m.rope_theta)
+  positive('model.norm_eps', m.norm_eps)
+  positive('model.init_std', m.init_std)
+
+  if m.num_experts > 0:
+    positive('model.moe.top_k', e.top_k)
+    _require(e.top_k <= m.num_experts,
+             f'model.moe.top_k={e.top_k} is larger than model.num_experts={m.num_experts}; '
+             'set top_k <= num_experts.')
+    for key, allowed in (('router', ('token_choice', 'expert_choice', 'soft')),
+                         ('gate', ('softmax', 'sigmoid')),
+                         ('softmax_order', ('softmax_topk', 'topk_softmax')),
+                         ('drop_order', ('position', 'probability')),
+                         ('dropless_impl', ('auto', 'padded', 'ragged')),
+                         ('balance_scope', ('micro_batch', 'global', 'sequence'))):
+      _require(e[key] in allowed, f'model.moe.{key}={e[key]!r} is not known; use one of '
+               f'{", ".join(allowed)}.')
+    positive('model.moe.capacity_factor', e.capacity_factor)
+    positive('model.moe.eval_capacity_factor', e.eval_capacity_factor)
+    positive('model.moe.routed_scaling', e.routed_scaling)
+    for name in ('d_expert', 'num_shared_experts', 'balance_coef', 'z_coef',
+                 'bias_update_rate'):
+      positive(f'model.moe.{name}', e[name], allow_zero=True)
+    _require(0 <= e.jitter < 1, f'model.moe.jitter={e.jitter} must lie in [0, 1); '
+             'set it to 0 to turn jitter off.')
+    _require(not (e.gate == 'sigmoid' and e.softmax_order == 'topk_softmax'),
+             "model.moe.softmax_order='topk_softmax' needs gate='softmax'; set "
+             "softmax_order='softmax_topk' for sigmoid gates.")
+    _require(not (e.dropless and e.router != 'token_choice'),
+             f"model.moe.dropless=True needs router='token_choice' (got {e.router!r}); "
+             'expert choice and soft routing never drop tokens, so set dropless=False.')
+    _require(not (e.bias_update_rate > 0 and e.router != 'token_choice'),
+             f"model.moe.bias_update_rate>0 needs router='token_choice' (got {e.router!r}); "
+             'set bias_update_rate=0.')
+    _require(moe_layers(m), f'no layer is a MoE layer with model.num_layers={m.num_layers},'
+             f' first_k_dense={m.first_k_dense}, moe_every={m.moe_every}; lower '
+             'first_k_dense or moe_every, or set num_experts=0 for a dense model.')
+
+  for name in ('seq_len', 'batch_size'):
+    positive(f'data.{name}', d[name])
+  positive('data.max_documents', d.max_documents, allow_zero=True)
+  _require(0 < d.eval_fraction < 1, f'data.eval_fraction={d.eval_fraction} must lie in '
+           '(0, 1); set a share such as 0.05.')
+
+  for name in ('steps', 'lr', 'log_every', 'eval_every', 'eval_batches'):
+    positive(f'train.{name}', t[name])
+  for name in ('warmup_steps', 'weight_decay', 'clip_norm', 'min_lr_ratio'):
+    positive(f'train.{name}', t[name], allow_zero=True)
+  _require(t.warmup_steps <= t.steps, f'train.warmup_steps={t.warmup_steps} exceeds '
+           f'train.steps={t.steps}; lower warmup_steps.')
+  _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1,
+           'train.b1 and train.b2 must lie in [0, 1); use e.g. 0.9 and 0.95.')
+
+  positive('checkpoint.every_steps', cfg.checkpoint.every_steps, allow_zero=True)
+  positive('checkpoint.keep', cfg.checkpoint.keep)
+  for name in ('data', 'expert'):
+    value = cfg.mesh[name]
+    _require(value == -1 or value > 0,
+             f'mesh.{name}={value} must be a positive size or -1 (fill the rest).')
+  return cfg

@@ -1,0 +1,1 @@
+"""The decoder-only MoE transformer and its routing math."""

@@ -1,0 +1,220 @@
+"""The MoE feed-forward layer: router -> dispatch -> experts -> combine (+ shared experts).
+
+`moe_ffn` is a pure function of arrays so that `moetrain.parallel.dispatch` can run it
+per device inside `jax.shard_map`, where a routing group is the tokens of one device and
+tokens cross to their experts by all-to-all over the `expert` mesh axis. On one device it
+is called directly and the group is the whole batch.
+
+Shapes: T tokens in the group, D model width, E experts, C slots per expert, F expert
+hidden size, K choices per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moetrain import config as config_lib
+from moetrain.model import routing
+from moetrain.model.layers import MLP, param, swiglu
+
+
+class RouterBias(nnx.Variable):
+  """Per-expert selection bias of aux-loss-free balancing; not trained by the optimizer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MoESpec:
+  """Static settings of a MoE layer (hashable, so jit can close over it)."""
+  num_experts: int
+  top_k: int
+  router: str
+  gate: str
+  softmax_order: str
+  renormalize: bool
+  routed_scaling: float
+  capacity_factor: float
+  eval_capacity_factor: float
+  drop_order: str
+  dropless: bool
+  dropless_impl: str
+  jitter: float
+  balance_scope: str
+
+  @classmethod
+  def from_config(cls, model_cfg) -> 'MoESpec':
+    e = model_cfg.moe
+    return cls(model_cfg.num_experts, e.top_k, e.router, e.gate, e.softmax_order,
+               e.renormalize, e.routed_scaling, e.capacity_factor, e.eval_capacity_factor,
+               e.drop_order, e.dropless, e.dropless_impl, e.jitter, e.balance_scope)
+
+  def capacity(self, num_tokens: int, train: bool) -> int:
+    """Slots per expert for a routing group of `num_tokens` tokens."""
+    if self.router == 'soft' or (self.router == 'token_choice' and self.dropless):
+      return num_tokens
+    factor = self.capacity_factor if train else self.eval_capacity_factor
+    return config_lib.capacity(num_tokens, self.num_experts, self.top_k, factor)
+
+  def use_ragged(self) -> bool:
+    """Dropless through `jax.lax.ragged_dot` (fast on GPU/TPU) instead of padded buffers."""
+    if not (self.router == 'token_choice' and self.dropless):
+      return False
+    if self.dropless_impl == 'auto':
+      return jax.default_backend() in ('gpu', 'tpu')
+    return self.dropless_impl == 'ragged'
+
+
+def dispatch(x_TD: jax.Array, token_EC: jax.Array) -> jax.Array:
+  """Gathers each slot's token: [T, D] -> [E, C, D]; empty slots get zeros."""
+  x_pad = jnp.concatenate([x_TD, jnp.zeros_like(x_TD[:1])], axis=0)
+  return x_pad[token_EC]
+
+
+def combine(y_ECD: jax.Array, r: routing.Routing, num_tokens: int) -> jax.Array:
+  """Adds each slot's output, times its weight, back to its token: [E, C, D] -> [T, D]."""
+  d = y_ECD.shape[-1]
+  weighted = (y_ECD.astype(jnp.float32) * r.weight_EC[..., None]).reshape(-1, d)
+  y_TD = jnp.zeros((num_tokens + 1, d), jnp.float32).at[r.token_EC.reshape(-1)].add(weighted)
+  return y_TD[:num_tokens]
+
+
+def ragged_experts(x_TD, expert_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD):
+  """Dropless experts as grouped matmuls over assignments sorted by expert.
+
+  Equals the padded computation exactly; `jax.lax.ragged_dot` makes it cheap on GPU/TPU.
+  Returns y [T, D] float32.
+  """
+  num_tokens, top_k = expert_TK.shape
+  num_experts = w_gate_EDF.shape[0]
+  expert_A = expert_TK.reshape(-1)
+  order_A = jnp.argsort(expert_A, stable=True)
+  token_A = order_A // top_k
+  sizes_E = jnp.bincount(expert_A, length=num_experts).astype(jnp.int32)
+  x_AD = x_TD[token_A]
+  h_AF = (jax.nn.silu(jax.lax.ragged_dot(x_AD, w_gate_EDF, sizes_E))
+          * jax.lax.ragged_dot(x_AD, w_up_EDF, sizes_E))
+  y_AD = jax.lax.ragged_dot(h_AF, w_down_EFD, sizes_E).astype(jnp.float32)
+  weight_A = weight_TK.reshape(-1)[order_A]
+  return jnp.zeros((num_tokens, x_TD.shape[-1]), jnp.float32).at[token_A].add(
+      y_AD * weight_A[:, None])
+
+
+def _psum(x, axes):
+  return jax.lax.psum(x, axes) if axes else x
+
+
+def moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, jitter_key, *,
+            spec: MoESpec, seq_len: int, train: bool, dtype,
+            expert_axis: str | None = None, batch_axes: tuple = ()):
+  """Routed experts on one group of T tokens (one device's tokens under shard_map).
+
+  Expert weights hold this device's E / ep experts when `expert_axis` names a mesh axis
+  (ep its size), else all E. `batch_axes` are the mesh axes the tokens are split over:
+  global-batch balance statistics and all reported metrics are summed over them.
+
+  Returns y_TD (dtype) and a dict of float32 statistics: balance_loss, z_loss,
+  load_E (fraction of assignments per expert, whole batch), dropped_frac, router_entropy,
+  max_logit.
+  """
+  num_tokens = x_TD.shape[0]
+  num_experts = spec.num_experts
+  x_router = x_TD.astype(jnp.float32)
+  if train and spec.jitter > 0:
+    x_router = x_router * jax.random.uniform(jitter_key, x_router.shape, jnp.float32,
+                                             1.0 - spec.jitter, 1.0 + spec.jitter)
+  logits_TE = x_router @ router_DE.astype(jnp.float32)
+  weights = [w.astype(dtype) for w in (w_gate_EDF, w_up_EDF, w_down_EFD)]
+  x_TD = x_TD.astype(dtype)
+  if spec.use_ragged() and expert_axis is None:
+    expert_TK, weight_TK, probs_TE = routing.top_k_gates(
+        logits_TE, spec.top_k, gate=spec.gate, softmax_order=spec.softmax_order,
+        renormalize=spec.renormalize, routed_scaling=spec.routed_scaling, bias_E=bias_E)
+    stats = routing.RouterStats(probs_TE, routing.assignment_mask(expert_TK, num_experts),
+                                jnp.float32(expert_TK.size))
+    y_TD = ragged_experts(x_TD, expert_TK, weight_TK, *weights)
+  else:
+    r, stats = routing.route(
+        logits_TE, router=spec.router, top_k=spec.top_k,
+        capacity=spec.capacity(num_tokens, train), gate=spec.gate,
+        softmax_order=spec.softmax_order, renormalize=spec.renormalize,
+        routed_scaling=spec.routed_scaling, drop_order=spec.drop_order, bias_E=bias_E)
+    x_ECD = dispatch(x_TD, r.token_EC)
+    if expert_axis is not None:  # [E, C, D] -> [E/ep, ep*C, D]: slots travel to their expert.
+      x_ECD = jax.lax.all_to_all(x_ECD, expert_axis, 0, 1, tiled=True)
+    y_ECD = swiglu(x_ECD, *weights, 'ecd,edf->ecf', 'ecf,efd->ecd')
+    if expert_axis is not None:  # and back: [E/ep, ep*C, D] -> [E, C, D].
+      y_ECD = jax.lax.all_to_all(y_ECD, expert_axis, 1, 0, tiled=True)
+    y_TD = combine(y_ECD, r, num_tokens)
+
+  counts_E = jnp.sum(stats.assign_TE, axis=0)
+  sum_prob_E = jnp.sum(stats.probs_TE, axis=0)
+  if spec.balance_scope == 'sequence':
+    assign_GLE = stats.assign_TE.reshape(-1, seq_len, num_experts)
+    probs_GLE = stats.probs_TE.reshape(-1, seq_len, num_experts)
+    counts_GE = jnp.sum(assign_GLE, axis=1)
+    balance = routing.balance_loss(counts_GE / jnp.sum(counts_GE, -1, keepdims=True),
+                                   jnp.mean(probs_GLE, axis=1))
+    balance = _psum(balance, batch_axes) / _psum(1.0, batch_axes)
+  else:
+    axes = batch_axes if spec.balance_scope == 'global' else ()
+    tot_counts_E, tot_prob_E = _psum(counts_E, axes), _psum(sum_prob_E, axes)
+    tokens = _psum(jnp.float32(num_tokens), axes)
+    balance = routing.balance_loss((tot_counts_E / jnp.sum(tot_counts_E))[None],
+                                   (tot_prob_E / tokens)[None])
+    if spec.balance_scope == 'micro_batch':  # mean of the per-group losses
+      balance = _psum(balance, batch_axes) / _psum(1.0, batch_axes)
+
+  all_counts_E = _psum(counts_E, batch_axes)
+  all_tokens = _psum(jnp.float32(num_tokens), batch_axes)
+  assignments = jnp.sum(all_counts_E)
+  out = dict(
+      balance_loss=balance,
+      z_loss=_psum(routing.z_loss(logits_TE) * num_tokens, batch_axes) / all_tokens,
+      load_E=all_counts_E / assignments,
+      dropped_frac=1.0 - _psum(stats.kept, batch_axes) / assignments,
+      router_entropy=_psum(routing.router_entropy(stats.probs_TE) * num_tokens,
+                           batch_axes) / all_tokens,
+      max_logit=jax.lax.pmax(jnp.max(logits_TE), batch_axes) if batch_axes
+      else jnp.max(logits_TE),
+  )
+  return y_TD, out
+
+
+class MoE(nnx.Module):
+  """MoE feed-forward [B, L, D] -> [B, L, D]: E routed SwiGLU experts plus optional
+  always-active shared experts. Returns the output and the layer's statistics."""
+
+  def __init__(self, model_cfg, *, rngs: nnx.Rngs, dtype, param_dtype):
+    e = model_cfg.moe
+    d, n = model_cfg.d_model, model_cfg.num_experts
+    f = e.d_expert or model_cfg.d_ff
+    self.spec = MoESpec.from_config(model_cfg)
+    self.router = param(rngs, (d, n), ('embed', None), std=model_cfg.init_std)
+    self.w_gate = param(rngs, (n, d, f), ('expert', 'embed', 'mlp'), fan_in=d,
+                        dtype=param_dtype)
+    self.w_up = param(rngs, (n, d, f), ('expert', 'embed', 'mlp'), fan_in=d,
+                      dtype=param_dtype)
+    self.w_down = param(rngs, (n, f, d), ('expert', 'mlp', 'embed'), fan_in=f,
+                        dtype=param_dtype)
+    self.bias = RouterBias(jnp.zeros((n,), jnp.float32)) if e.bias_update_rate > 0 else None
+    self.shared = (MLP(d, f * e.num_shared_experts, rngs=rngs, dtype=dtype,
+                       param_dtype=param_dtype) if e.num_shared_experts else None)
+    self.dtype = dtype
+
+  def __call__(self, x_BLD, *, train: bool, rng=None):
+    from moetrain.parallel import dispatch as parallel_dispatch  # avoids an import cycle
+    batch, length, d = x_BLD.shape
+    if rng is None:
+      rng = jax.random.key(0)
+    bias_E = self.bias[...] if self.bias is not None else None
+    y_TD, stats = parallel_dispatch.run_moe_ffn(
+        x_BLD.reshape(batch * length, d), self.router[...], self.w_gate[...],
+        self.w_up[...], self.w_down[...], bias_E, rng, spec=self.spec, seq_len=length,
+        train=train, dtype=self.dtype)
+    y_BLD = y_TD.reshape(batch, length, d).astype(self.dtype)
+    if self.shared is not None:
+      y_BLD = y_BLD + self.shared(x_BLD)
+    return y_BLD, stats

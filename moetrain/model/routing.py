@@ -1,0 +1,205 @@
+"""Routers as pure functions, and the router auxiliary losses.
+
+Every router produces the same small description of where tokens go, `Routing`:
+slot `c` of expert `e`'s buffer holds token `token_EC[e, c]` (the value `T`, one past the
+last token, marks an empty slot), and that slot's expert output is added back to its
+token times `weight_EC[e, c]`. Token choice, expert choice, soft (dense) routing and
+dropless routing differ only in how they fill this table, so one dispatch and one combine
+serve them all. All router math is float32.
+
+Shapes: T tokens, E experts, K choices per token, C slots per expert.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Routing(NamedTuple):
+  """Dispatch table of one MoE layer for one group of T tokens.
+
+  token_EC:  int32 [E, C], the token in each slot; T marks an empty slot.
+  weight_EC: float32 [E, C], combine weight of each slot (0 for empty slots).
+  """
+  token_EC: jax.Array
+  weight_EC: jax.Array
+
+
+class RouterStats(NamedTuple):
+  """What the losses and metrics need to know about one routing decision.
+
+  probs_TE:  float32 [T, E], router probabilities (sigmoid scores normalized over E).
+  assign_TE: float32 [T, E], 1 where a token chose an expert, before capacity.
+  kept:      float32 [], assignments that found a slot.
+  """
+  probs_TE: jax.Array
+  assign_TE: jax.Array
+  kept: jax.Array
+
+
+def top_k_gates(logits_TE: jax.Array, top_k: int, *, gate: str = 'softmax',
+                softmax_order: str = 'softmax_topk', renormalize: bool = False,
+                routed_scaling: float = 1.0, bias_E: jax.Array | None = None):
+  """Token-choice selection: each token picks its top-k experts.
+
+  gate='softmax', softmax_order='softmax_topk': softmax over all E experts, then the k
+    largest probabilities are the weights (Switch/GShard); `renormalize` divides them by
+    their sum.
+  gate='softmax', softmax_order='topk_softmax': top-k of the logits, then a softmax over
+    those k (Mixtral); the weights always sum to one.
+  gate='sigmoid': sigmoid scores, top-k, weights normalized over the k (DeepSeek-V3).
+  `bias_E` (aux-loss-free balancing) is added to the scores for the selection only; the
+  weights never see it. `routed_scaling` multiplies the final weights.
+
+  Returns expert_TK int32 [T, K], weight_TK float32 [T, K], probs_TE float32 [T, E].
+  """
+  logits_TE = logits_TE.astype(jnp.float32)
+  if gate == 'softmax':
+    scores_TE = jax.nn.softmax(logits_TE, axis=-1)
+    probs_TE = scores_TE
+  else:
+    scores_TE = jax.nn.sigmoid(logits_TE)
+    probs_TE = scores_TE / jnp.sum(scores_TE, axis=-1, keepdims=True)
+  select_TE = scores_TE if bias_E is None else scores_TE + bias_E
+  _, expert_TK = jax.lax.top_k(select_TE, top_k)
+  if gate == 'softmax' and softmax_order == 'topk_softmax':
+    weight_TK = jax.nn.softmax(jnp.take_along_axis(logits_TE, expert_TK, axis=-1), axis=-1)
+  else:
+    weight_TK = jnp.take_along_axis(scores_TE, expert_TK, axis=-1)
+    if renormalize or gate == 'sigmoid':
+      weight_TK = weight_TK / jnp.sum(weight_TK, axis=-1, keepdims=True)
+  return expert_TK.astype(jnp.int32), weight_TK * routed_scaling, probs_TE
+
+
+def priority_order(weight_TK: jax.Array, drop_order: str) -> jax.Array:
+  """Order in which tokens claim expert slots, int32 [T].
+
+  'position': token order (GShard). 'probability': tokens by descending top-1 weight,
+  ties by position (batch-prioritized routing, Switch / V-MoE). In both, all first
+  choices are placed before any second choice, and so on (choice-major).
+  """
+  num_tokens = weight_TK.shape[0]
+  if drop_order == 'position':
+    return jnp.arange(num_tokens, dtype=jnp.int32)
+  return jnp.argsort(-weight_TK[:, 0], stable=True).astype(jnp.int32)
+
+
+def slot_positions(expert_A: jax.Array, num_experts: int) -> jax.Array:
+  """For assignments in priority order, how many earlier ones chose the same expert.
+
+  expert_A int32 [A] -> position int32 [A]. A stable sort by expert id, so the cost is
+  A log A whatever the number of experts.
+  """
+  num = expert_A.shape[0]
+  order_A = jnp.argsort(expert_A, stable=True)
+  counts_E = jnp.bincount(expert_A, length=num_experts)
+  starts_E = jnp.cumsum(counts_E) - counts_E
+  rank_A = jnp.arange(num, dtype=jnp.int32) - starts_E[expert_A[order_A]].astype(jnp.int32)
+  return jnp.zeros(num, jnp.int32).at[order_A].set(rank_A)
+
+
+def capacity_routing(expert_TK: jax.Array, weight_TK: jax.Array, num_experts: int,
+                     capacity: int, drop_order: str = 'position'):
+  """Places token-choice assignments into [E, C] slots; overflow is dropped.
+
+  Returns (Routing, kept) where kept is the number of assignments that found a slot.
+  """
+  num_tokens, top_k = expert_TK.shape
+  order_T = priority_order(weight_TK, drop_order)
+  expert_A = expert_TK[order_T].T.reshape(-1)  # choice-major: [K * T]
+  weight_A = weight_TK[order_T].T.reshape(-1)
+  token_A = jnp.tile(order_T, top_k)
+  pos_A = slot_positions(expert_A, num_experts)
+  keep_A = pos_A < capacity
+  flat_A = jnp.where(keep_A, expert_A * capacity + pos_A, num_experts * capacity)
+  token_EC = jnp.full(num_experts * capacity, num_tokens, jnp.int32)
+  token_EC = token_EC.at[flat_A].set(token_A, mode='drop')
+  weight_EC = jnp.zeros(num_experts * capacity, jnp.float32)
+  weight_EC = weight_EC.at[flat_A].set(weight_A, mode='drop')
+  routing = Routing(token_EC.reshape(num_experts, capacity),
+                    weight_EC.reshape(num_experts, capacity))
+  return routing, jnp.sum(keep_A).astype(jnp.float32)
+
+
+def expert_choice_routing(logits_TE: jax.Array, capacity: int) -> Routing:
+  """Expert choice (Zhou et al. 2022): softmax over experts per token, then each expert
+  takes the `capacity` tokens with the highest probability (ties: lower position). A token
+  may be taken by 0..E experts."""
+  probs_TE = jax.nn.softmax(logits_TE.astype(jnp.float32), axis=-1)
+  weight_EC, token_EC = jax.lax.top_k(probs_TE.T, capacity)
+  return Routing(token_EC.astype(jnp.int32), weight_EC)
+
+
+def soft_routing(logits_TE: jax.Array) -> Routing:
+  """Dense ("soft") MoE: every expert runs on every token, weighted by the softmax."""
+  num_tokens, num_experts = logits_TE.shape
+  probs_TE = jax.nn.softmax(logits_TE.astype(jnp.float32), axis=-1)
+  token_EC = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32),
+                              (num_experts, num_tokens))
+  return Routing(token_EC, probs_TE.T)
+
+
+def assignment_mask(expert_TK: jax.Array, num_experts: int) -> jax.Array:
+  """float32 [T, E]: 1 where the token chose the expert (any of its K choices)."""
+  return jnp.sum(jax.nn.one_hot(expert_TK, num_experts, dtype=jnp.float32), axis=1)
+
+
+def route(logits_TE: jax.Array, *, router: str, top_k: int, capacity: int,
+                       gate: str = 'softmax', softmax_order: str = 'softmax_topk',
+                       renormalize: bool = False, routed_scaling: float = 1.0,
+                       drop_order: str = 'position', bias_E: jax.Array | None = None):
+  """Runs the configured router on one group of tokens.
+
+  Returns (Routing, RouterStats). For expert choice and soft routing `assign_TE` records
+  which experts took each token and nothing is ever dropped.
+  """
+  num_tokens, num_experts = logits_TE.shape
+  logits_TE = logits_TE.astype(jnp.float32)
+  if router == 'token_choice':
+    expert_TK, weight_TK, probs_TE = top_k_gates(
+        logits_TE, top_k, gate=gate, softmax_order=softmax_order, renormalize=renormalize,
+        routed_scaling=routed_scaling, bias_E=bias_E)
+    routing, kept = capacity_routing(expert_TK, weight_TK, num_experts, capacity,
+                                     drop_order)
+    return routing, RouterStats(probs_TE, assignment_mask(expert_TK, num_experts), kept)
+  if router == 'expert_choice':
+    routing = expert_choice_routing(logits_TE, capacity)
+  elif router == 'soft':
+    routing = soft_routing(logits_TE)
+  else:
+    raise ValueError(f'unknown router {router!r}')
+  probs_TE = jax.nn.softmax(logits_TE, axis=-1)
+  taken_TE = jnp.zeros((num_tokens + 1, num_experts), jnp.float32).at[
+      routing.token_EC, jnp.arange(num_experts)[:, None]].set(1.0)[:num_tokens]
+  kept = jnp.sum(taken_TE)
+  return routing, RouterStats(probs_TE, taken_TE, kept)
+
+
+def balance_loss(frac_GE: jax.Array, mean_prob_GE: jax.Array) -> jax.Array:
+  """Switch load-balancing loss E * sum_i f_i * P_i, averaged over groups G.
+
+  frac_GE: fraction of the group's assignments that chose expert i (treated as constant);
+  mean_prob_GE: mean router probability of expert i over the group's tokens. Equals 1 when
+  both are uniform. A group is a micro-batch, the global batch, or one sequence.
+  """
+  num_experts = frac_GE.shape[-1]
+  frac_GE = jax.lax.stop_gradient(frac_GE)
+  return num_experts * jnp.mean(jnp.sum(frac_GE * mean_prob_GE, axis=-1))
+
+
+def z_loss(logits_TE: jax.Array) -> jax.Array:
+  """Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2."""
+  return jnp.mean(jnp.square(jax.nn.logsumexp(logits_TE.astype(jnp.float32), axis=-1)))
+
+
+def router_entropy(probs_TE: jax.Array) -> jax.Array:
+  """Mean over tokens of the entropy (nats) of the router distribution."""
+  return -jnp.mean(jnp.sum(probs_TE * jnp.log(jnp.maximum(probs_TE, 1e-30)), axis=-1))
+
+
+def bias_update(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:
+  """Aux-loss-free balancing step (DeepSeek-V3): bias += rate * sign(mean_load - load)."""
+  return bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E)

@@ -1,0 +1,79 @@
+"""Decoder-only language model: embedding -> N x (attention, dense or MoE FFN) -> logits."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moetrain import config as config_lib
+from moetrain.model.attention import Attention
+from moetrain.model.layers import MLP, RMSNorm, param
+from moetrain.model.moe import MoE
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+  def __init__(self, model_cfg, is_moe: bool, *, rngs: nnx.Rngs, dtype, param_dtype):
+    m = model_cfg
+    self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps, rngs=rngs, param_dtype=param_dtype)
+    self.attn = Attention(m.d_model, m.num_heads, m.num_kv_heads, rope_theta=m.rope_theta,
+                          rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.ffn_norm = RMSNorm(m.d_model, eps=m.norm_eps, rngs=rngs, param_dtype=param_dtype)
+    if is_moe:
+      self.ffn = MoE(m, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    else:
+      self.ffn = MLP(m.d_model, m.d_ff, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.is_moe = is_moe
+
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL, *, train: bool, rng):
+    x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL)
+    h_BLD = self.ffn_norm(x_BLD)
+    if self.is_moe:
+      y_BLD, stats = self.ffn(h_BLD, train=train, rng=rng)
+    else:
+      y_BLD, stats = self.ffn(h_BLD), None
+    return x_BLD + y_BLD.astype(x_BLD.dtype), stats
+
+
+class Transformer(nnx.Module):
+  """tokens [B, L] int32 -> logits [B, L, V] float32, plus one statistics dict per MoE layer."""
+
+  def __init__(self, model_cfg, *, rngs: nnx.Rngs):
+    m = model_cfg
+    dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
+    self.embed = param(rngs, (m.vocab_size, m.d_model), ('vocab', 'embed'), std=m.init_std,
+                       dtype=param_dtype)
+    moe = set(config_lib.moe_layers(m))
+    self.blocks = nnx.List([Block(m, i in moe, rngs=rngs, dtype=dtype,
+                                  param_dtype=param_dtype) for i in range(m.num_layers)])
+    self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, rngs=rngs, param_dtype=param_dtype)
+    self.unembed = None if m.tie_embeddings else param(
+        rngs, (m.d_model, m.vocab_size), ('embed', 'vocab'), fan_in=m.d_model,
+        dtype=param_dtype)
+    self.dtype = dtype
+    self.remat = m.remat
+
+  def __call__(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None,
+               train: bool = False, rng=None):
+    batch, length = tokens_BL.shape
+    if positions_BL is None:
+      positions_BL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    if rng is None:
+      rng = jax.random.key(0)
+    x_BLD = self.embed[...].astype(self.dtype)[tokens_BL]
+    stats = []
+    for i, block in enumerate(self.blocks):
+      call = nnx.remat(type(block).__call__, static_argnames=('train',)) if self.remat \
+          else type(block).__call__
+      x_BLD, block_stats = call(block, x_BLD, positions_BL, segment_ids_BL, train=train,
+                                rng=jax.random.fold_in(rng, i))
+      if block_stats is not None:
+        stats.append(block_stats)
+    x_BLD = self.final_norm(x_BLD)
+    if self.unembed is None:
+      logits = jnp.einsum('bld,vd->blv', x_BLD, self.embed[...].astype(self.dtype))
+    else:
+      logits = jnp.einsum('bld,dv->blv', x_BLD, self.unembed[...].astype(self.dtype))
+    return logits.astype(jnp.float32), stats

@@ -1,0 +1,1 @@
+"""Device meshes and expert-parallel dispatch."""

@@ -1,0 +1,53 @@
+"""Expert-parallel execution of the MoE layer with `jax.shard_map` and all-to-all.
+
+Inside a mesh with an `expert` axis of size ep, each device routes its own tokens into
+capacity buffers [E, C, D] (C from its local token count: the capacity rule holds per
+device group), `jax.lax.all_to_all` sends slot block e to the device that owns expert e,
+each device runs its E/ep experts on [E/ep, ep*C, D], and a second all-to-all brings the
+outputs back for the weighted combine. Without a mesh (or on one device) the same
+function runs directly on the whole batch.
+"""
+
+from __future__ import annotations
+
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from moetrain.model.moe import MoESpec, moe_ffn
+from moetrain.parallel.mesh import BATCH_AXES
+
+
+def current_mesh():
+  """The mesh set with `jax.set_mesh`, or None when there is none or it has one device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return None
+  return mesh
+
+
+def run_moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng, *,
+                spec: MoESpec, seq_len: int, train: bool, dtype):
+  """`moe_ffn` on the current mesh: per device under shard_map, or directly.
+
+  x_TD [T, D] holds the whole batch's tokens (sharded over data x expert under a mesh).
+  Returns y_TD [T, D] and the layer statistics (identical on every device).
+  """
+  mesh = current_mesh()
+  kwargs = dict(spec=spec, seq_len=seq_len, train=train, dtype=dtype)
+  if mesh is None:
+    return moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng, **kwargs)
+
+  expert_axis = 'expert' if mesh.shape['expert'] > 1 else None
+
+  def local(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng):
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(BATCH_AXES))
+    return moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng,
+                   expert_axis=expert_axis, batch_axes=BATCH_AXES, **kwargs)
+
+  tokens, experts = P(BATCH_AXES), P('expert')
+  bias_spec = None if bias_E is None else P()
+  fn = jax.shard_map(local, mesh=mesh,
+                     in_specs=(tokens, P(), experts, experts, experts, bias_spec, P()),
+                     out_specs=(tokens, P()))
+  return fn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng)
