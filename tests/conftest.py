@@ -1,0 +1,52 @@
+"""Test setup: 8 simulated CPU devices (before jax is imported), offline HF, tiny configs."""
+
+import os
+
+_flags = os.environ.get('XLA_FLAGS', '')
+if '--xla_force_host_platform_device_count' not in _flags:
+  os.environ['XLA_FLAGS'] = (_flags + ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('HF_UPDATE_DOWNLOAD_COUNTS', '0')
+
+import pytest  # noqa: E402
+
+from moetrain import config as config_lib  # noqa: E402
+
+
+def tiny_config(**overrides):
+  """A model small enough to compile and step in seconds on CPU.
+
+  overrides: dotted keys, e.g. tiny_config(**{'model.num_experts': 4}).
+  """
+  c = config_lib.default_config()
+  c.model.vocab_size = 0
+  c.model.d_model = 32
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2
+  c.model.d_ff = 64
+  c.model.num_experts = 4
+  c.model.moe.top_k = 2
+  c.data.seq_len = 32
+  c.data.batch_size = 8
+  c.data.max_documents = 40
+  c.data.eval_fraction = 0.25
+  c.train.steps = 6
+  c.train.warmup_steps = 2
+  c.train.log_every = 2
+  c.train.eval_every = 3
+  c.train.eval_batches = 2
+  c.train.progress = False
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture
+def tiny():
+  return tiny_config
