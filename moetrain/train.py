@@ -97,23 +97,28 @@ def update_router_biases(model, stats, rate: float):
       s['bias_norm'] = jnp.linalg.norm(moe.bias[...])
 
 
+def make_loss_fn(graphdef, cfg):
+  """(params, model_state, batch, rng) -> (loss, (loss parts, per-MoE-layer stats))."""
+  def loss_fn(params, model_state, batch, rng):
+    model = nnx.merge(graphdef, params, model_state)
+    logits, stats = model(batch['inputs'], positions_BL=batch.get('positions'),
+                          segment_ids_BL=batch.get('segment_ids'), train=True, rng=rng)
+    loss, parts = objective.total_loss(logits, stats, batch, cfg.model.moe)
+    return loss, (parts, stats)
+
+  return loss_fn
+
+
 def make_train_step(graphdef, tx, cfg):
   """(state, batch) -> (state, metrics). Metrics are device arrays."""
   moe_cfg = cfg.model.moe
   schedule = make_schedule(cfg.train)
   moe_layers = config_lib.moe_layers(cfg.model)
+  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg), has_aux=True)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params, state.model_state)
-      logits, stats = model(batch['inputs'], positions_BL=batch.get('positions'),
-                            segment_ids_BL=batch.get('segment_ids'), train=True, rng=rng)
-      loss, parts = objective.total_loss(logits, stats, batch, moe_cfg)
-      return loss, (parts, stats)
-
-    (loss, (parts, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (parts, stats)), grads = grad_fn(state.params, state.model_state, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     model_state = state.model_state

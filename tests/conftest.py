@@ -1,10 +1,15 @@
-"""Test setup: 8 simulated CPU devices (before jax is imported), offline HF, tiny configs."""
+"""Test setup: 8 simulated CPU devices and fast compiles (set before jax is imported),
+offline HF, tiny configs."""
 
 import os
 
 _flags = os.environ.get('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in _flags:
-  os.environ['XLA_FLAGS'] = (_flags + ' --xla_force_host_platform_device_count=8').strip()
+  _flags += ' --xla_force_host_platform_device_count=8'
+# Tests run tiny models: unoptimized CPU code compiles ~2.5x faster and runs fast enough.
+if '--xla_backend_optimization_level' not in _flags:
+  _flags += ' --xla_backend_optimization_level=0'
+os.environ['XLA_FLAGS'] = _flags.strip()
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('HF_UPDATE_DOWNLOAD_COUNTS', '0')

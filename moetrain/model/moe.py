@@ -167,18 +167,20 @@ def moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, jitter_ke
     if spec.balance_scope == 'micro_batch':  # mean of the per-group losses
       balance = _psum(balance, batch_axes) / _psum(1.0, batch_axes)
 
+  # Metrics only: no gradient flows through them.
+  sg = jax.lax.stop_gradient
   all_counts_E = _psum(counts_E, batch_axes)
   all_tokens = _psum(jnp.float32(num_tokens), batch_axes)
   assignments = jnp.sum(all_counts_E)
+  max_logit = sg(jnp.max(logits_TE))
   out = dict(
       balance_loss=balance,
       z_loss=_psum(routing.z_loss(logits_TE) * num_tokens, batch_axes) / all_tokens,
       load_E=all_counts_E / assignments,
       dropped_frac=1.0 - _psum(stats.kept, batch_axes) / assignments,
-      router_entropy=_psum(routing.router_entropy(stats.probs_TE) * num_tokens,
-                           batch_axes) / all_tokens,
-      max_logit=jax.lax.pmax(jnp.max(logits_TE), batch_axes) if batch_axes
-      else jnp.max(logits_TE),
+      router_entropy=sg(_psum(routing.router_entropy(stats.probs_TE) * num_tokens,
+                              batch_axes) / all_tokens),
+      max_logit=jax.lax.pmax(max_logit, batch_axes) if batch_axes else max_logit,
   )
   return y_TD, out
 

@@ -1,0 +1,187 @@
+"""Expert parallelism: the same config on any (data, expert) mesh of simulated devices."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moetrain import train
+from moetrain.config import ConfigError
+from moetrain.model import moe as moe_lib
+from moetrain.parallel import dispatch, mesh as mesh_lib
+
+from conftest import tiny_config
+
+RNG = np.random.default_rng()
+MESHES = [(1, 1), (1, 2), (2, 2), (1, 4), (2, 4), (1, 8)]
+FAMILIES = {
+    'switch': {'model.moe.top_k': 1},
+    'gshard': {'model.moe.top_k': 2},
+    'mixtral': {'model.moe.softmax_order': 'topk_softmax', 'model.moe.dropless': True},
+    'deepseek': {'model.moe.gate': 'sigmoid', 'model.moe.bias_update_rate': 0.01,
+                 'model.moe.num_shared_experts': 1, 'model.moe.d_expert': 16},
+    'expert_choice': {'model.moe.router': 'expert_choice'},
+    'soft': {'model.moe.router': 'soft'},
+}
+
+
+def equivalence_config(family, data, expert):
+  """Capacity so large nothing drops, and global balancing, so meshes must agree."""
+  return tiny_config(**{
+      'model.vocab_size': 128, 'model.d_model': 16, 'model.num_heads': 2,
+      'model.num_kv_heads': 1, 'model.d_ff': 32, 'model.num_layers': 1,
+      'model.num_experts': 8, 'model.moe.capacity_factor': 8.0,
+      'model.moe.eval_capacity_factor': 8.0, 'model.moe.balance_scope': 'global',
+      'data.seq_len': 8, 'data.batch_size': 8, 'mesh.data': data, 'mesh.expert': expert,
+      **FAMILIES[family]})
+
+
+def random_batches(cfg, n):
+  shape = (cfg.data.batch_size, cfg.data.seq_len)
+  return [dict(inputs=RNG.integers(0, 100, shape).astype(np.int32),
+               targets=RNG.integers(0, 100, shape).astype(np.int32),
+               mask=np.ones(shape, np.float32)) for _ in range(n)]
+
+
+def initial_state(cfg):
+  """The initial train state on one device (resharded onto each mesh by run_steps)."""
+  mesh = mesh_lib.make_mesh(cfg, devices=jax.devices()[:1])
+  return train.init_state(cfg, mesh, train.make_optimizer(cfg.train))[:2]
+
+
+def run_steps(cfg, graphdef, state, batches):
+  """Loss and gradients at the initial params, then the losses of len(batches) steps and
+  the final params and router biases, on the config's mesh (first data*expert devices).
+  One jit: the gradient, then the steps as a scan."""
+  n = cfg.mesh.data * cfg.mesh.expert
+  mesh = mesh_lib.make_mesh(cfg, devices=jax.devices()[:n])
+  tx = train.make_optimizer(cfg.train)
+  grad_fn = jax.value_and_grad(train.make_loss_fn(graphdef, cfg), has_aux=True)
+  step_fn = train.make_train_step(graphdef, tx, cfg)
+
+  @jax.jit
+  def run(state, batches):
+    first = jax.tree.map(lambda x: x[0], batches)
+    (loss0, _), grads = grad_fn(state.params, state.model_state, first, jax.random.key(0))
+    state, metrics = jax.lax.scan(step_fn, state, batches)
+    return loss0, grads, metrics['loss'], state.params, state.model_state
+
+  stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
+  with jax.set_mesh(mesh):
+    out = run(jax.device_put(state, train.state_shardings(state, mesh)),
+              jax.device_put(stacked, NamedSharding(mesh, P(None, mesh_lib.BATCH_AXES))))
+  return jax.tree.map(np.asarray, jax.device_get(out))
+
+
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_meshes_match_single_device(family):
+  cfg = equivalence_config(family, 1, 1)
+  graphdef, state = initial_state(cfg)
+  batches = random_batches(cfg, 3)
+  ref = run_steps(cfg, graphdef, state, batches)
+  for data, expert in MESHES[1:]:
+    got = run_steps(equivalence_config(family, data, expert), graphdef, state, batches)
+    where = f'{family} on mesh data={data} expert={expert}'
+    close = lambda rtol, atol: lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=rtol, atol=atol, err_msg=where)
+    close(1e-5, 0)(got[0], ref[0])  # loss
+    close(1e-5, 0)(got[2], ref[2])  # losses of the 3 steps
+    jax.tree.map(close(1e-4, 1e-6), got[1], ref[1])  # gradients
+    jax.tree.map(close(1e-4, 1e-5), got[3], ref[3])  # params after the steps
+    jax.tree.map(close(0, 1e-6), got[4], ref[4])  # router biases
+
+
+def layer_inputs(t, d, f, e):
+  return (RNG.standard_normal((t, d)).astype(np.float32),
+          RNG.standard_normal((d, e)).astype(np.float32),
+          (RNG.standard_normal((e, d, f)) / np.sqrt(d)).astype(np.float32),
+          (RNG.standard_normal((e, d, f)) / np.sqrt(d)).astype(np.float32),
+          (RNG.standard_normal((e, f, d)) / np.sqrt(f)).astype(np.float32))
+
+
+@pytest.mark.parametrize('router,scope', [('token_choice', 'micro_batch'),
+                                          ('token_choice', 'global'),
+                                          ('token_choice', 'sequence'),
+                                          ('expert_choice', 'micro_batch')])
+@pytest.mark.parametrize('data,expert', [(2, 4), (1, 8), (2, 2)])
+def test_capacity_is_per_device_group(router, scope, data, expert):
+  """With drops, the sharded layer equals the single-device layer run on each device's
+  tokens separately (the documented per-group capacity rule)."""
+  t, d, f, e, seq = 128, 8, 16, 8, 4
+  x, r, wg, wu, wd = layer_inputs(t, d, f, e)
+  spec = moe_lib.MoESpec(e, 2, router, 'softmax', 'softmax_topk', False, 1.0, 0.75, 0.75,
+                         'position', False, 'padded', 0.0, scope)
+  mesh = jax.make_mesh((data, expert), mesh_lib.AXES, devices=jax.devices()[:data * expert],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+  def layer(x, r, wg, wu, wd):
+    return dispatch.run_moe_ffn(x, r, wg, wu, wd, None, jax.random.key(0), spec=spec,
+                                seq_len=seq, train=True, dtype=jnp.float32)
+
+  with jax.set_mesh(mesh):
+    xs = jax.device_put(x, NamedSharding(mesh, P(mesh_lib.BATCH_AXES)))
+    y, stats = jax.jit(layer)(xs, r, wg, wu, wd)
+  groups = data * expert
+  size = t // groups
+  parts = [moe_lib.moe_ffn(x[i * size:(i + 1) * size], r, wg, wu, wd, None,
+                           jax.random.key(0), spec=spec, seq_len=seq, train=True,
+                           dtype=jnp.float32) for i in range(groups)]
+  np.testing.assert_allclose(np.asarray(y), np.concatenate([np.asarray(p[0]) for p in parts]),
+                             rtol=1e-5, atol=1e-6)
+  if router == 'token_choice':
+    assert float(stats['dropped_frac']) > 0
+  dropped = np.mean([float(p[1]['dropped_frac']) for p in parts])
+  np.testing.assert_allclose(float(stats['dropped_frac']), dropped, rtol=1e-5)
+  if scope == 'global':
+    whole = moe_lib.moe_ffn(x, r, wg, wu, wd, None, jax.random.key(0), spec=spec,
+                            seq_len=seq, train=True, dtype=jnp.float32)[1]
+    expected = float(whole['balance_loss'])
+  else:
+    expected = np.mean([float(p[1]['balance_loss']) for p in parts])
+  np.testing.assert_allclose(float(stats['balance_loss']), expected, rtol=1e-5)
+
+
+def compiled_train_step_hlo(data, expert):
+  cfg = equivalence_config('gshard', data, expert)
+  mesh = mesh_lib.make_mesh(cfg, devices=jax.devices()[:data * expert])
+  tx = train.make_optimizer(cfg.train)
+  graphdef, state, shardings = train.init_state(cfg, mesh, tx)
+  batch = jax.device_put(random_batches(cfg, 1)[0], mesh_lib.batch_sharding(mesh))
+  step_fn = jax.jit(train.make_train_step(graphdef, tx, cfg), out_shardings=(shardings, None))
+  with jax.set_mesh(mesh):
+    return step_fn.lower(state, batch).compile().as_text(), cfg
+
+
+def test_train_step_uses_all_to_all_and_never_gathers_expert_weights():
+  hlo, cfg = compiled_train_step_hlo(2, 4)
+  assert 'all-to-all' in hlo
+  m = cfg.model
+  full_expert_shapes = {f'[{m.num_experts},{m.d_model},{m.d_ff}]',
+                        f'[{m.num_experts},{m.d_ff},{m.d_model}]'}
+  gathers = [line for line in hlo.splitlines() if re.search(r'\ball-gather(-start)?\(', line)]
+  for line in gathers:
+    assert not any(shape in line for shape in full_expert_shapes), line
+  local = f'[{m.num_experts // 4},{m.d_model},{m.d_ff}]'
+  assert local in hlo  # experts are stored and computed sharded, 2 of 8 per device.
+
+
+@pytest.mark.parametrize('overrides,message', [
+    ({'model.num_experts': 6, 'mesh.expert': 4, 'mesh.data': 2}, 'not divisible by mesh.expert'),
+    ({'data.batch_size': 6, 'mesh.expert': 4, 'mesh.data': 2}, 'data.batch_size=6'),
+    ({'mesh.expert': 4, 'mesh.data': 4}, '8 are present'),
+    ({'mesh.expert': 3, 'mesh.data': -1}, 'does not divide the 8 devices'),
+    ({'model.num_experts': 0, 'mesh.expert': 2}, 'needs a MoE model'),
+])
+def test_mesh_errors_name_the_key(overrides, message):
+  cfg = tiny_config(**overrides)
+  with pytest.raises(ConfigError, match=message):
+    train.prepare(cfg)
+
+
+def test_fill_axis_takes_the_remaining_devices():
+  cfg = tiny_config(**{'mesh.data': -1, 'mesh.expert': 2})
+  assert mesh_lib.mesh_shape(cfg.mesh, 8) == (4, 2)
+  assert mesh_lib.make_mesh(cfg).shape == {'data': 4, 'expert': 2}

@@ -1,0 +1,185 @@
+"""The MoE layer (dispatch, experts, combine, shared experts) against NumPy loops."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moetrain.model import moe as moe_lib
+from moetrain.model.layers import MLP
+
+from conftest import tiny_config
+
+RNG = np.random.default_rng()
+T, D, F, E = 48, 16, 24, 8
+
+
+def np_expert(x, wg, wu, wd):
+  g = x @ wg
+  return ((g / (1 + np.exp(-g))) * (x @ wu)) @ wd
+
+
+def np_softmax(x):
+  z = np.exp(x - x.max(-1, keepdims=True))
+  return z / z.sum(-1, keepdims=True)
+
+
+def make_inputs(t=T, e=E):
+  x = RNG.standard_normal((t, D)).astype(np.float32)
+  router = (RNG.standard_normal((D, e)) * 0.5).astype(np.float32)
+  wg = (RNG.standard_normal((e, D, F)) / np.sqrt(D)).astype(np.float32)
+  wu = (RNG.standard_normal((e, D, F)) / np.sqrt(D)).astype(np.float32)
+  wd = (RNG.standard_normal((e, F, D)) / np.sqrt(F)).astype(np.float32)
+  return x, router, wg, wu, wd
+
+
+def spec(**kw):
+  base = dict(num_experts=E, top_k=2, router='token_choice', gate='softmax',
+              softmax_order='softmax_topk', renormalize=False, routed_scaling=1.0,
+              capacity_factor=1.0, eval_capacity_factor=1.0, drop_order='position',
+              dropless=False, dropless_impl='padded', jitter=0.0,
+              balance_scope='micro_batch')
+  base.update(kw)
+  return moe_lib.MoESpec(**base)
+
+
+def run(s, x, router, wg, wu, wd, train=True, seq_len=T):
+  return moe_lib.moe_ffn(jnp.asarray(x), jnp.asarray(router), jnp.asarray(wg),
+                         jnp.asarray(wu), jnp.asarray(wd), None, jax.random.key(0), spec=s,
+                         seq_len=seq_len, train=train, dtype=jnp.float32)
+
+
+def reference_from_table(x, token_EC, weight_EC, wg, wu, wd):
+  """y[t] = sum over slots (e, c) holding token t of weight * expert_e(x[t])."""
+  y = np.zeros((x.shape[0], x.shape[1]))
+  for e in range(token_EC.shape[0]):
+    for c in range(token_EC.shape[1]):
+      t = token_EC[e, c]
+      if t < x.shape[0]:
+        y[t] += weight_EC[e, c] * np_expert(x[t], wg[e], wu[e], wd[e])
+  return y
+
+
+def reference_dropless(x, router, wg, wu, wd, k):
+  """Every token through each of its top-k experts, weighted by the softmax probability."""
+  probs = np_softmax(x.astype(np.float64) @ router)
+  y = np.zeros_like(x, dtype=np.float64)
+  for t in range(x.shape[0]):
+    for e in np.argsort(-probs[t], kind='stable')[:k]:
+      y[t] += probs[t, e] * np_expert(x[t], wg[e], wu[e], wd[e])
+  return y
+
+
+@pytest.mark.parametrize('router,k,factor', [('token_choice', 1, 1.0),
+                                             ('token_choice', 2, 0.75),
+                                             ('expert_choice', 2, 1.0), ('soft', 2, 1.0)])
+def test_layer_matches_loop_over_slots(router, k, factor):
+  x, r, wg, wu, wd = make_inputs()
+  s = spec(router=router, top_k=k, capacity_factor=factor)
+  y, stats = run(s, x, r, wg, wu, wd)
+  table, _ = moe_lib.routing.route(jnp.asarray(x) @ jnp.asarray(r), router=router, top_k=k,
+                                   capacity=s.capacity(T, True))
+  ref = reference_from_table(x, np.asarray(table.token_EC), np.asarray(table.weight_EC),
+                             wg, wu, wd)
+  np.testing.assert_allclose(np.asarray(y), ref, rtol=2e-5, atol=2e-5)
+  if router == 'token_choice' and factor < 1:
+    assert float(stats['dropped_frac']) > 0
+
+
+def test_dropped_tokens_get_zero_output():
+  x, r, wg, wu, wd = make_inputs()
+  y, stats = run(spec(top_k=1, capacity_factor=0.25), x, r, wg, wu, wd)
+  zero_rows = np.all(np.asarray(y) == 0, axis=1)
+  assert zero_rows.mean() == pytest.approx(float(stats['dropped_frac']), abs=1e-6)
+
+
+def test_dropless_equals_huge_capacity_and_loop_over_experts():
+  x, r, wg, wu, wd = make_inputs()
+  r = r * 4  # very skewed routing: capacity mode at factor 1 would drop a lot.
+  y_dropless, stats = run(spec(dropless=True), x, r, wg, wu, wd)
+  y_big, big_stats = run(spec(capacity_factor=E), x, r, wg, wu, wd)
+  ref = reference_dropless(x, r, wg, wu, wd, 2)
+  assert float(stats['dropped_frac']) == 0 and float(big_stats['dropped_frac']) == 0
+  np.testing.assert_allclose(np.asarray(y_dropless), ref, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(y_dropless), np.asarray(y_big), rtol=1e-6,
+                             atol=1e-6)
+  _, small_stats = run(spec(capacity_factor=1.0), x, r, wg, wu, wd)
+  assert float(small_stats['dropped_frac']) > 0
+
+
+@pytest.mark.parametrize('gate,order', [('softmax', 'softmax_topk'),
+                                        ('softmax', 'topk_softmax'),
+                                        ('sigmoid', 'softmax_topk')])
+def test_ragged_dropless_equals_padded(gate, order):
+  x, r, wg, wu, wd = make_inputs()
+  padded = spec(dropless=True, dropless_impl='padded', gate=gate, softmax_order=order)
+  ragged = dataclasses.replace(padded, dropless_impl='ragged')
+  assert ragged.use_ragged() and not padded.use_ragged()
+  y_p, s_p = run(padded, x, r, wg, wu, wd)
+  y_r, s_r = run(ragged, x, r, wg, wu, wd)
+  np.testing.assert_allclose(np.asarray(y_r), np.asarray(y_p), rtol=1e-5, atol=1e-5)
+  for key in ('balance_loss', 'z_loss', 'dropped_frac'):
+    np.testing.assert_allclose(float(s_r[key]), float(s_p[key]), rtol=1e-6)
+  grad = lambda s: jax.grad(lambda w: jnp.sum(run(s, x, r, w, wu, wd)[0] ** 2))(
+      jnp.asarray(wg))
+  np.testing.assert_allclose(np.asarray(grad(ragged)), np.asarray(grad(padded)), rtol=1e-4,
+                             atol=1e-5)
+
+
+def test_eval_uses_eval_capacity_factor():
+  s = spec(capacity_factor=0.5, eval_capacity_factor=2.0)
+  assert s.capacity(T, train=True) == 6 and s.capacity(T, train=False) == 24
+
+
+def test_jitter_only_in_training_and_changes_routing_inputs():
+  x, r, wg, wu, wd = make_inputs()
+  s = spec(jitter=0.5)
+  y_eval, _ = run(s, x, r, wg, wu, wd, train=False)
+  y_plain, _ = run(spec(), x, r, wg, wu, wd, train=False)
+  np.testing.assert_array_equal(np.asarray(y_eval), np.asarray(y_plain))
+  _, st_train = run(s, x, r, wg, wu, wd, train=True)
+  _, st_plain = run(spec(), x, r, wg, wu, wd, train=True)
+  assert float(st_train['z_loss']) != float(st_plain['z_loss'])
+
+
+def test_sequence_balance_loss_is_mean_over_sequences():
+  x, r, wg, wu, wd = make_inputs()
+  _, st_seq = run(spec(balance_scope='sequence'), x, r, wg, wu, wd, seq_len=12)
+  per_seq = [float(run(spec(), x[i:i + 12], r, wg, wu, wd, seq_len=12)[1]['balance_loss'])
+             for i in range(0, T, 12)]
+  np.testing.assert_allclose(float(st_seq['balance_loss']), np.mean(per_seq), rtol=1e-6)
+
+
+def test_shared_experts_add_a_dense_swiglu():
+  cfg = tiny_config(**{'model.moe.num_shared_experts': 2, 'model.moe.d_expert': 8,
+                       'model.vocab_size': 128})
+  layer = moe_lib.MoE(cfg.model, rngs=nnx.Rngs(0), dtype=jnp.float32,
+                      param_dtype=jnp.float32)
+  assert layer.shared.w_gate.shape == (32, 16)  # two shared experts of hidden 8.
+  x = jnp.asarray(RNG.standard_normal((2, 8, 32)), jnp.float32)
+  y, _ = layer(x, train=False)
+  shared = layer.shared
+  layer.shared = None
+  y_routed, _ = layer(x, train=False)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y_routed + shared(x)), rtol=1e-6,
+                             atol=1e-6)
+  # Two shared experts of hidden 8 are one SwiGLU of hidden 16: check against two halves.
+  xs = np.asarray(x).reshape(-1, 32)
+  wg, wu, wd = (np.asarray(w[...]) for w in (shared.w_gate, shared.w_up, shared.w_down))
+  halves = sum(np_expert(xs, wg[:, h], wu[:, h], wd[h]) for h in (slice(0, 8), slice(8, 16)))
+  np.testing.assert_allclose(np.asarray(shared(x)).reshape(-1, 32), halves, rtol=1e-5,
+                             atol=1e-5)
+  assert isinstance(shared, MLP)
+
+
+def test_statistics_report_load_and_router_state():
+  x, r, wg, wu, wd = make_inputs()
+  r[:, 0] += 3.0  # expert 0 is everyone's first choice.
+  _, stats = run(spec(top_k=1, capacity_factor=1.0), x, r, wg, wu, wd)
+  load = np.asarray(stats['load_E'])
+  assert load.sum() == pytest.approx(1.0) and load[0] == load.max()
+  assert float(stats['max_logit']) == pytest.approx(float(np.max(x @ r)), rel=1e-5)
+  assert 0 < float(stats['router_entropy']) < np.log(E)
