@@ -126,7 +126,7 @@ def make_train_step(graphdef, tx, cfg):
       model = nnx.merge(graphdef, params, model_state)
       update_router_biases(model, stats, moe_cfg.bias_update_rate)
       model_state = split_model(model)[2]
-    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(state.step),
+    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
                    **parts, **metrics_lib.routing_metrics(stats, moe_layers))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               model_state=model_state)
