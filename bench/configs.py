@@ -1,0 +1,57 @@
+"""Bench configs: one function per config, each returning a validated ConfigDict.
+
+All share the non-FFN part (d_model 256, 2 layers, 4 query / 2 key-value heads of size 64,
+vocab 2048, seq 256, batch 8 = 2048 tokens per step, float32) so that step-time ratios
+isolate the feed-forward. The MoE configs use k=2 experts of hidden size 512, so a token's
+active expert parameters equal the dense FFN's (d_ff = k * d_expert = 1024).
+Capacity factor 1.0: R4 is defined at 1.0, and at 1.0 the padded expert compute equals the
+dense FFN's (at 1.25 the experts do 25% more matmul work by construction).
+"""
+
+from __future__ import annotations
+
+from moetrain import config as config_lib
+
+VOCAB = 2048
+
+
+def base(**overrides):
+  c = config_lib.default_config()
+  m = c.model
+  m.vocab_size = VOCAB
+  m.d_model = 256
+  m.num_layers = 2
+  m.num_heads = 4
+  m.num_kv_heads = 2
+  m.d_ff = 1024
+  m.num_experts = 0
+  m.moe.top_k = 2
+  m.moe.d_expert = 512
+  m.moe.capacity_factor = 1.0
+  c.data.seq_len = 256
+  c.data.batch_size = 8
+  c.train.steps = 1000
+  c.train.warmup_steps = 10
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config_lib.validate(c)
+
+
+def dense():
+  """Dense SwiGLU FFN with d_ff = k * d_expert: the same active parameters as moe8/moe64."""
+  return base()
+
+
+def moe8():
+  return base(**{'model.num_experts': 8})
+
+
+def moe64():
+  return base(**{'model.num_experts': 64})
+
+
+CONFIGS = {'dense': dense, 'moe8': moe8, 'moe64': moe64}

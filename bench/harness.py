@@ -1,0 +1,227 @@
+"""Pieces of the performance harness: machine matmul rate, analytic model FLOPs, timing a
+compiled train step, all-to-all bytes from compiled HLO, and the JSON / table output.
+
+Model FLOPs (what MFU counts; the same formula as `moetrain.counting`, PaLM appendix B):
+
+  flops_per_step = tokens * (6 * N + 12 * num_layers * seq_len * d_model)
+
+  N = matmul parameters a token uses, summed over layers:
+      attention  d_model * (num_heads + 2 * num_kv_heads) * head_dim + num_heads * head_dim * d_model
+      dense FFN  3 * d_model * d_ff                     (SwiGLU: gate, up, down)
+      MoE FFN    d_model * E (router) + k * 3 * d_model * d_expert (+ shared experts 3 * d_model * d_expert * S)
+    + lm head    d_model * vocab (the output projection; the input embedding is a lookup and
+                 norm scales are elementwise, so neither counts)
+  6 = 2 (multiply-add) * 3 (forward, backward w.r.t. activations, backward w.r.t. weights).
+  12 * L * S * D: the attention score (QK^T) and value (PV) products, forward and backward,
+  not halved for the causal mask. Padded capacity slots and dropped tokens are not counted:
+  MFU counts useful work only (k experts per token, token choice).
+
+MFU = flops_per_step / median step seconds / measured matmul rate (the same machine, the
+same run, the compute dtype's rate: float32 on CPU, bfloat16 on GPU/TPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import re
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moetrain import config as config_lib
+
+
+# ---------------------------------------------------------------- machine matmul rate
+
+def matmul_rate(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
+  """FLOP/s of one jitted n x n x n matmul (2 n^3 FLOPs), median of `repeats`."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a, b).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / statistics.median(times)
+
+
+def default_matmul_dtype():
+  return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
+
+
+# ---------------------------------------------------------------- analytic FLOPs
+
+def matmul_params(model_cfg) -> int:
+  """N above: the matmul parameters one token uses (lm head included, embedding not)."""
+  m = model_cfg
+  head_dim = m.d_model // m.num_heads
+  attn = m.d_model * (m.num_heads + 2 * m.num_kv_heads) * head_dim + \
+      m.num_heads * head_dim * m.d_model
+  dense_ffn = 3 * m.d_model * m.d_ff
+  moe = set(config_lib.moe_layers(m))
+  n = 0
+  for i in range(m.num_layers):
+    n += attn
+    if i in moe:
+      e = m.moe
+      f = e.d_expert or m.d_ff
+      per_token = {'token_choice': e.top_k, 'expert_choice': e.top_k * e.capacity_factor,
+                   'soft': m.num_experts}[e.router]
+      n += m.d_model * m.num_experts + round(per_token * 3 * m.d_model * f)
+      n += 3 * m.d_model * f * e.num_shared_experts
+    else:
+      n += dense_ffn
+  return n + m.d_model * m.vocab_size
+
+
+def flops_per_token(cfg) -> float:
+  m = cfg.model
+  return 6.0 * matmul_params(m) + 12.0 * m.num_layers * cfg.data.seq_len * m.d_model
+
+
+def flops_per_step(cfg) -> float:
+  return flops_per_token(cfg) * cfg.data.batch_size * cfg.data.seq_len
+
+
+# ---------------------------------------------------------------- all-to-all bytes in HLO
+
+DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2,
+               's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8,
+               'c128': 16}
+_SHAPE = re.compile(r'\b(' + '|'.join(DTYPE_BYTES) + r')\[([0-9,]*)\]')
+_A2A = re.compile(r'=\s*(.*?)\s+all-to-all(-start)?\(')
+
+
+def shape_bytes(text: str) -> int:
+  """Bytes of every array shape written in `text`, e.g. 'f32[8,16]' -> 512."""
+  total = 0
+  for dtype, dims in _SHAPE.findall(text):
+    total += DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(',') if d)
+  return total
+
+
+def all_to_all_bytes(hlo_text: str) -> tuple[int, int]:
+  """(number of all-to-all ops, sum of their operand bytes) in one device's HLO program.
+
+  An all-to-all's result has the operand's shapes (array or tuple form), so the result
+  type is read. The async form's `all-to-all-start` result holds operands and outputs,
+  so half of it is counted; `-done` is skipped.
+  """
+  count, total = 0, 0
+  for line in hlo_text.splitlines():
+    match = _A2A.search(line)
+    if not match:
+      continue
+    b = shape_bytes(match.group(1))
+    count += 1
+    total += b // 2 if match.group(2) else b
+  return count, total
+
+
+def min_all_to_all_bytes(cfg, num_devices: int, expert_parallel: int,
+                         itemsize: int = 4) -> int:
+  """Least per-device all-to-all operand bytes a train step needs: per MoE layer, each of
+  the device's T_local tokens sends k rows of d_model to their experts and gets k back
+  (forward, 2 directions) and the backward pass moves the same two cotangents (2 more):
+  4 * T_local * k * d_model * itemsize per layer. Of every operand, the block addressed to
+  the device itself (1/ep) does not cross the wire; both sides of the ratio include it."""
+  del expert_parallel
+  m = cfg.model
+  tokens_local = cfg.data.batch_size * cfg.data.seq_len // num_devices
+  layers = len(config_lib.moe_layers(m))
+  return 4 * layers * tokens_local * m.moe.top_k * m.d_model * itemsize
+
+
+# ---------------------------------------------------------------- timing a train step
+
+def random_batch(cfg, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  b, l = cfg.data.batch_size, cfg.data.seq_len
+  tokens = rng.integers(0, cfg.model.vocab_size, (b, l + 1), dtype=np.int32)
+  return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], mask=np.ones((b, l), np.float32))
+
+
+class StepBench:
+  """A compiled train step of one config with its state and batch, ready to be timed."""
+
+  def __init__(self, name: str, cfg, devices=None):
+    from moetrain import train as train_lib
+    from moetrain.parallel import mesh as mesh_lib
+    self.name, self.cfg = name, cfg
+    self.mesh = mesh_lib.make_mesh(cfg, devices)
+    tx = train_lib.make_optimizer(cfg.train)
+    graphdef, self.state, shardings = train_lib.init_state(cfg, self.mesh, tx)
+    self.batch = jax.device_put(random_batch(cfg), mesh_lib.batch_sharding(self.mesh))
+    step = jax.jit(train_lib.make_train_step(graphdef, tx, cfg), donate_argnums=0,
+                   out_shardings=(shardings, None))
+    t0 = time.perf_counter()
+    with jax.set_mesh(self.mesh):
+      self.compiled = step.lower(self.state, self.batch).compile()
+    self.compile_s = time.perf_counter() - t0
+    self.times: list[float] = []
+
+  def hlo_text(self) -> str:
+    return self.compiled.as_text()
+
+  def run(self, steps: int, record: bool = True):
+    """Runs `steps` steps, blocking on each; records each step's seconds."""
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      self.state, metrics = self.compiled(self.state, self.batch)
+      jax.block_until_ready((self.state, metrics))
+      if record:
+        self.times.append(time.perf_counter() - t0)
+    return metrics
+
+  def result(self, matmul_flops_per_s: float) -> dict:
+    tokens = self.cfg.data.batch_size * self.cfg.data.seq_len
+    step_s = statistics.median(self.times)
+    flops = flops_per_step(self.cfg)
+    return dict(config=self.name, compile_s=self.compile_s, step_s=step_s,
+                step_s_all=self.times, tokens_per_step=tokens, tokens_per_s=tokens / step_s,
+                model_flops_per_step=flops, model_flops_per_s=flops / step_s,
+                mfu=flops / step_s / matmul_flops_per_s)
+
+
+# ---------------------------------------------------------------- output
+
+def table(result: dict) -> str:
+  """Plain-text table of a bench result (the dict written as JSON)."""
+  rate = result['matmul']
+  lines = [f"machine: {result['backend']} x{result['devices']}, matmul {rate['n']}^3 "
+           f"{rate['dtype']}: {rate['flops_per_s'] / 1e9:.1f} GFLOP/s (median of "
+           f"{len(rate['all'])})", '',
+           f"{'config':<10}{'compile s':>10}{'step ms':>10}{'tokens/s':>11}"
+           f"{'GFLOP/step':>12}{'GFLOP/s':>9}{'MFU':>7}"]
+  for r in result['configs']:
+    lines.append(f"{r['config']:<10}{r['compile_s']:>10.1f}{r['step_s'] * 1e3:>10.1f}"
+                 f"{r['tokens_per_s']:>11,.0f}{r['model_flops_per_step'] / 1e9:>12.2f}"
+                 f"{r['model_flops_per_s'] / 1e9:>9.1f}{r['mfu']:>7.2f}")
+  lines.append('')
+  for key, r in result['ratios'].items():
+    ok = {True: 'ok', False: 'MISSED', None: 'n/a'}[r.get('ok')]
+    value = 'n/a' if r['value'] is None else f"{r['value']:.3f}"
+    lines.append(f"{key}  {r['what']:<48} {value:>7}  target {r['target']:<7} {ok}")
+  return '\n'.join(lines)
+
+
+def ratio(what: str, value, target: str) -> dict:
+  if value is None:
+    return dict(what=what, value=None, target=target, ok=None)
+  op, bound = target[:2], float(target[2:])
+  return dict(what=what, value=value, target=target,
+              ok=bool(value <= bound if op == '<=' else value >= bound))
+
+
+def write_json(result: dict, path) -> pathlib.Path:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(result, indent=2, sort_keys=True))
+  return path
