@@ -39,19 +39,37 @@ class Attention(nnx.Module):
   def __call__(self, x_BLD, positions_BL, segment_ids_BL=None):
     cast = lambda w: w[...].astype(self.dtype)
     x_BLD = x_BLD.astype(self.dtype)
-    batch, length, _ = x_BLD.shape
-    q_BLHK = rope(jnp.einsum('bld,dhk->blhk', x_BLD, cast(self.w_q)), positions_BL,
-                  self.rope_theta)
-    k_BLGK = rope(jnp.einsum('bld,dgk->blgk', x_BLD, cast(self.w_k)), positions_BL,
-                  self.rope_theta)
-    v_BLGK = jnp.einsum('bld,dgk->blgk', x_BLD, cast(self.w_v))
+    batch, length, d_model = x_BLD.shape
+    # Projections as GEMMs over flattened tokens [B*L, D]: XLA:CPU runs the weight
+    # gradient of a [B, L, D] einsum 2-3x slower (bench/NOTES.md).
+    x_TD = x_BLD.reshape(batch * length, d_model)
+
+    def project(w_DHK):
+      w = cast(w_DHK)
+      return (x_TD @ w.reshape(d_model, -1)).reshape(batch, length, *w.shape[1:])
+
+    q_BLHK = rope(project(self.w_q), positions_BL, self.rope_theta)
+    k_BLGK = rope(project(self.w_k), positions_BL, self.rope_theta)
+    v_BLGK = project(self.w_v)
     group = self.num_heads // self.num_kv_heads
-    q_BLGRK = q_BLHK.reshape(batch, length, self.num_kv_heads, group, self.head_dim)
-    scores = jnp.einsum('blgrk,bmgk->bgrlm', q_BLGRK, k_BLGK).astype(jnp.float32)
+    # Heads-major layout: the R = H / G queries sharing a key-value head are stacked along
+    # the query axis, so scores and outputs are plain batched GEMMs over [B, G]
+    # ([R*L, K] x [K, L]); the 5-d einsum form ran 2x slower on XLA:CPU (bench/NOTES.md).
+    q_BGQK = q_BLHK.reshape(batch, length, self.num_kv_heads, group, self.head_dim) \
+        .transpose(0, 2, 3, 1, 4).reshape(batch, self.num_kv_heads, group * length,
+                                           self.head_dim)
+    k_BGLK = k_BLGK.transpose(0, 2, 1, 3)
+    v_BGLK = v_BLGK.transpose(0, 2, 1, 3)
+    scores = jnp.einsum('bgqk,bgmk->bgqm', q_BGQK, k_BGLK).astype(jnp.float32)
     scores = scores * self.head_dim ** -0.5
-    mask = attention_mask(segment_ids_BL, length)
+    mask = attention_mask(segment_ids_BL, length)  # [B or 1, 1, 1, L, L]
+    mask = jnp.broadcast_to(mask, (mask.shape[0], 1, group, length, length)).reshape(
+        mask.shape[0], 1, group * length, length)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out_BLGRK = jnp.einsum('bgrlm,bmgk->blgrk', probs, v_BLGK)
-    out_BLHK = out_BLGRK.reshape(batch, length, self.num_heads, self.head_dim)
-    return jnp.einsum('blhk,hkd->bld', out_BLHK, cast(self.w_o))
+    out_BGQK = jnp.einsum('bgqm,bgmk->bgqk', probs, v_BGLK)
+    out_BLGRK = out_BGQK.reshape(batch, self.num_kv_heads, group, length, self.head_dim) \
+        .transpose(0, 3, 1, 2, 4)
+    out_TM = out_BLGRK.reshape(batch * length, self.num_heads * self.head_dim)
+    w_o = cast(self.w_o).reshape(self.num_heads * self.head_dim, d_model)
+    return (out_TM @ w_o).reshape(batch, length, d_model)

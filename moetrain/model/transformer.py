@@ -71,9 +71,9 @@ class Transformer(nnx.Module):
                                 rng=jax.random.fold_in(rng, i))
       if block_stats is not None:
         stats.append(block_stats)
-    x_BLD = self.final_norm(x_BLD)
+    x_TD = self.final_norm(x_BLD).reshape(batch * length, -1)  # one GEMM (bench/NOTES.md)
     if self.unembed is None:
-      logits = jnp.einsum('bld,vd->blv', x_BLD, self.embed[...].astype(self.dtype))
+      logits = jnp.einsum('td,vd->tv', x_TD, self.embed[...].astype(self.dtype))
     else:
-      logits = jnp.einsum('bld,dv->blv', x_BLD, self.unembed[...].astype(self.dtype))
-    return logits.astype(jnp.float32), stats
+      logits = x_TD @ self.unembed[...].astype(self.dtype)
+    return logits.reshape(batch, length, -1).astype(jnp.float32), stats
