@@ -166,6 +166,7 @@ class StepBench:
       self.compiled = step.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - t0
     self.times: list[float] = []
+    self.rounds: list[dict] = []
 
   def hlo_text(self) -> str:
     return self.compiled.as_text()
@@ -180,14 +181,31 @@ class StepBench:
         self.times.append(time.perf_counter() - t0)
     return metrics
 
-  def result(self, matmul_flops_per_s: float) -> dict:
+  def run_round(self, steps: int, matmul_flops_per_s: float):
+    """One round: `steps` timed steps, paired with the matmul rate measured just before."""
+    start = len(self.times)
+    self.run(steps)
+    self.rounds.append(dict(step_s=statistics.median(self.times[start:]),
+                            matmul_flops_per_s=matmul_flops_per_s))
+
+  def result(self) -> dict:
+    """Medians over all steps (step_s) and over rounds (mfu: each round's step time against
+    the matmul rate measured right before it, which cancels most of the machine's load)."""
     tokens = self.cfg.data.batch_size * self.cfg.data.seq_len
     step_s = statistics.median(self.times)
     flops = flops_per_step(self.cfg)
+    mfu = statistics.median(flops / r['step_s'] / r['matmul_flops_per_s']
+                            for r in self.rounds)
     return dict(config=self.name, compile_s=self.compile_s, step_s=step_s,
-                step_s_all=self.times, tokens_per_step=tokens, tokens_per_s=tokens / step_s,
-                model_flops_per_step=flops, model_flops_per_s=flops / step_s,
-                mfu=flops / step_s / matmul_flops_per_s)
+                step_s_all=self.times, rounds=self.rounds, tokens_per_step=tokens,
+                tokens_per_s=tokens / step_s, model_flops_per_step=flops,
+                model_flops_per_s=flops / step_s, mfu=mfu)
+
+
+def paired_ratio(a: dict, b: dict) -> float:
+  """Median over rounds of step(a) / step(b), both from the same round."""
+  return statistics.median(ra['step_s'] / rb['step_s']
+                           for ra, rb in zip(a['rounds'], b['rounds']))
 
 
 # ---------------------------------------------------------------- output

@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 
@@ -90,17 +91,16 @@ def main(argv=None):
   dtype = harness.default_matmul_dtype()
   rates = []
   for r in range(args.rounds):
-    rates.append(harness.matmul_rate(args.matmul_n, dtype, repeats=3))
     order = names[r % len(names):] + names[:r % len(names)]
     for name in order:
-      benches[name].run(args.steps)
+      rates.append(harness.matmul_rate(args.matmul_n, dtype, repeats=3))
+      benches[name].run_round(args.steps, rates[-1])
     print(f'round {r + 1}/{args.rounds}: ' + ', '.join(
-        f'{n} {benches[n].times[-1] * 1e3:.0f} ms' for n in names), flush=True)
-  rate = sorted(rates)[len(rates) // 2]
-  results = [benches[n].result(rate) for n in names]
+        f"{n} {benches[n].rounds[-1]['step_s'] * 1e3:.0f} ms" for n in names), flush=True)
+  rate = statistics.median(rates)
+  results = [benches[n].result() for n in names]
   by = {r['config']: r for r in results}
-  step = lambda n: by[n]['step_s'] if n in by else None
-  div = lambda a, b: None if a is None or b is None else a / b
+  div = lambda a, b: harness.paired_ratio(by[a], by[b]) if a in by and b in by else None
 
   a2a = None if args.no_a2a else a2a_subprocess()
   result = dict(
@@ -113,9 +113,9 @@ def main(argv=None):
       all_to_all=a2a,
       ratios=dict(
           R1=harness.ratio('step(moe8, E=8 k=2) / step(dense, same active)',
-                           div(step('moe8'), step('dense')), '<=1.25'),
+                           div('moe8', 'dense'), '<=1.25'),
           R2=harness.ratio('step(moe64) / step(moe8), same k and expert size',
-                           div(step('moe64'), step('moe8')), '<=1.3'),
+                           div('moe64', 'moe8'), '<=1.3'),
           R3=harness.ratio('MFU of moe8', by['moe8']['mfu'] if 'moe8' in by else None,
                            '>=0.5'),
           R4=harness.ratio('all-to-all bytes / minimum, ep=8, cf=1.0',
