@@ -15,18 +15,21 @@ from moetrain import config as config_lib
 VOCAB = 2048
 
 
+D_MODEL = 256  # bench/run.py --d-model changes it; heads of 64, d_ff = 4 d, d_expert = 2 d.
+
+
 def base(**overrides):
   c = config_lib.default_config()
   m = c.model
   m.vocab_size = VOCAB
-  m.d_model = 256
+  m.d_model = D_MODEL
   m.num_layers = 2
-  m.num_heads = 4
-  m.num_kv_heads = 2
-  m.d_ff = 1024
+  m.num_heads = D_MODEL // 64
+  m.num_kv_heads = D_MODEL // 128
+  m.d_ff = 4 * D_MODEL
   m.num_experts = 0
   m.moe.top_k = 2
-  m.moe.d_expert = 512
+  m.moe.d_expert = 2 * D_MODEL
   m.moe.capacity_factor = 1.0
   c.data.seq_len = 256
   c.data.batch_size = 8

@@ -1,0 +1,134 @@
+"""The performance harness's pieces on tiny configs: the FLOP formula against
+moetrain.counting, the HLO all-to-all byte parser against programs of known size, a timed
+train step, and the JSON / table output. Behaviour only, never wall-clock values."""
+
+import json
+import math
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from bench import configs, harness  # noqa: E402
+from moetrain import counting  # noqa: E402
+
+from conftest import tiny_config  # noqa: E402
+
+
+def resolved(**kw):
+  cfg = tiny_config(**kw)
+  cfg.model.vocab_size = 256
+  return cfg
+
+
+@pytest.mark.parametrize('overrides', [
+    {}, {'model.num_experts': 0}, {'model.tie_embeddings': False},
+    {'model.moe.num_shared_experts': 1, 'model.moe.d_expert': 48},
+    {'model.moe.router': 'expert_choice', 'model.moe.capacity_factor': 1.5},
+    {'model.moe.router': 'soft'}, {'model.first_k_dense': 1},
+])
+def test_flops_formula_matches_counting(overrides):
+  cfg = resolved(**overrides)
+  assert harness.flops_per_token(cfg) == counting.count(cfg).flops_per_token
+  tokens = cfg.data.batch_size * cfg.data.seq_len
+  assert harness.flops_per_step(cfg) == tokens * harness.flops_per_token(cfg)
+
+
+def test_flops_formula_by_hand():
+  """d=32, 2 layers of 4 heads / 2 kv heads of 8, E=4 k=2 experts of 64, vocab 256."""
+  cfg = resolved()
+  attn = 32 * (4 + 2 * 2) * 8 + 4 * 8 * 32
+  moe = 32 * 4 + 2 * 3 * 32 * 64
+  n = 2 * (attn + moe) + 32 * 256
+  assert harness.matmul_params(cfg.model) == n
+  assert harness.flops_per_token(cfg) == 6 * n + 12 * 2 * 32 * 32
+
+
+def test_bench_configs_share_active_parameters():
+  dense, moe8, moe64 = (f() for f in (configs.dense, configs.moe8, configs.moe64))
+  assert dense.model.d_model >= 256
+  ffn = lambda c: harness.matmul_params(c.model) - c.model.num_layers * c.model.d_model * \
+      c.model.num_experts
+  assert ffn(dense) == ffn(moe8) == ffn(moe64)
+
+
+def test_shape_bytes_and_hlo_line_forms():
+  assert harness.shape_bytes('f32[8,16]{1,0}') == 512
+  assert harness.shape_bytes('(bf16[4,2]{1,0}, s32[3]{0})') == 16 + 12
+  assert harness.shape_bytes('f32[]') == 4
+  text = '\n'.join([
+      '  %a = f32[8,4,16]{2,1,0} all-to-all(f32[8,4,16]{2,1,0} %x), dimensions={0}',
+      '  %b = (bf16[2,3]{1,0}, bf16[2,3]{1,0}) all-to-all(%y, %z), replica_groups={}',
+      '  %c = ((f32[4]{0}), f32[4]{0}) all-to-all-start(f32[4]{0} %w)',
+      '  %d = f32[4]{0} all-to-all-done(%c)',
+      '  %e = f32[8,4,16]{2,1,0} all-gather(%x), dimensions={0}',
+  ])
+  count, total = harness.all_to_all_bytes(text)
+  assert count == 3
+  assert total == 8 * 4 * 16 * 4 + 2 * 2 * 3 * 2 + 16
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_all_to_all_bytes_of_a_compiled_program(dtype):
+  mesh = jax.make_mesh((8,), ('expert',), axis_types=(jax.sharding.AxisType.Explicit,))
+  x = jax.device_put(jnp.ones((64, 4, 16), dtype), NamedSharding(mesh, P('expert')))
+
+  def local(x):  # local [8, 4, 16]: there and back again.
+    y = jax.lax.all_to_all(x, 'expert', 0, 1, tiled=True)
+    return jax.lax.all_to_all(y * 2, 'expert', 1, 0, tiled=True)
+
+  f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P('expert'), out_specs=P('expert')))
+  count, total = harness.all_to_all_bytes(f.lower(x).compile().as_text())
+  assert count == 2
+  # XLA:CPU widens bf16 all-to-all to f32 (convert before and after): the parser reports
+  # the bytes the compiled program moves, not the source dtype's.
+  itemsize = 4 if jax.default_backend() == 'cpu' else jnp.dtype(dtype).itemsize
+  assert total == 2 * 8 * 4 * 16 * itemsize
+
+
+def test_train_step_all_to_all_is_the_minimum_at_capacity_one():
+  """4 experts over mesh expert=4 (x data=2), capacity factor 1: every buffer row is one
+  token's assignment, forward and backward."""
+  cfg = resolved(**{'model.moe.capacity_factor': 1.0, 'mesh.expert': 4})
+  b = harness.StepBench('tiny_ep4', cfg)
+  count, total = harness.all_to_all_bytes(b.hlo_text())
+  assert count == 4 * cfg.model.num_layers
+  assert total == harness.min_all_to_all_bytes(cfg, 8, 4)
+  tokens_local = cfg.data.batch_size * cfg.data.seq_len // 8
+  assert total == 4 * 2 * tokens_local * 2 * cfg.model.d_model * 4
+
+
+def test_step_bench_result_and_output(tmp_path):
+  cfg = resolved()
+  b = harness.StepBench('tiny', cfg, devices=jax.devices()[:1])
+  metrics = b.run(1, record=False)
+  assert np.isfinite(float(metrics['loss']))
+  for _ in range(2):
+    b.run_round(2, matmul_flops_per_s=1e9)
+  r = b.result()
+  assert len(r['step_s_all']) == 4 and len(r['rounds']) == 2
+  assert r['tokens_per_step'] == cfg.data.batch_size * cfg.data.seq_len
+  assert r['model_flops_per_step'] == harness.flops_per_step(cfg)
+  assert r['mfu'] > 0 and math.isclose(r['tokens_per_s'], r['tokens_per_step'] / r['step_s'])
+  assert harness.paired_ratio(r, r) == 1.0
+
+  result = dict(backend='cpu', devices=1,
+                matmul=dict(n=64, dtype='float32', flops_per_s=1e9, all=[1e9]),
+                configs=[r], all_to_all=None,
+                ratios=dict(R1=harness.ratio('a', 1.1, '<=1.25'),
+                            R3=harness.ratio('b', 0.4, '>=0.5'),
+                            R4=harness.ratio('c', None, '<=1.25')))
+  assert [v['ok'] for v in result['ratios'].values()] == [True, False, None]
+  path = harness.write_json(result, tmp_path / 'sub' / 'r.json')
+  assert json.loads(path.read_text()) == json.loads(json.dumps(result))
+  text = harness.table(result)
+  assert 'tiny' in text and '1.0 GFLOP/s' in text
+  lines = {line.split()[0]: line for line in text.splitlines() if line[:2] in ('R1', 'R3', 'R4')}
+  assert lines['R1'].endswith('ok') and lines['R3'].endswith('MISSED')
+  assert lines['R4'].endswith('n/a')
