@@ -16,6 +16,7 @@ VOCAB = 2048
 
 
 D_MODEL = 256  # bench/run.py --d-model changes it; heads of 64, d_ff = 4 d, d_expert = 2 d.
+BATCH_SIZE = 8  # bench/run.py --batch-size changes it (sequences of 256 tokens).
 
 
 def base(**overrides):
@@ -32,7 +33,7 @@ def base(**overrides):
   m.moe.d_expert = 2 * D_MODEL
   m.moe.capacity_factor = 1.0
   c.data.seq_len = 256
-  c.data.batch_size = 8
+  c.data.batch_size = BATCH_SIZE
   c.train.steps = 1000
   c.train.warmup_steps = 10
   for key, value in overrides.items():

@@ -215,7 +215,11 @@ def table(result: dict) -> str:
   rate = result['matmul']
   lines = [f"machine: {result['backend']} x{result['devices']}, matmul {rate['n']}^3 "
            f"{rate['dtype']}: {rate['flops_per_s'] / 1e9:.1f} GFLOP/s (median of "
-           f"{len(rate['all'])})", '',
+           f"{len(rate['all'])})"]
+  if 'd_model' in result:
+    lines.append(f"configs: d_model {result['d_model']}, batch {result['batch_size']} x 256 "
+                 'tokens; MFU and R1/R2 are medians over rounds of same-round pairs')
+  lines += ['',
            f"{'config':<10}{'compile s':>10}{'step ms':>10}{'tokens/s':>11}"
            f"{'GFLOP/step':>12}{'GFLOP/s':>9}{'MFU':>7}"]
   for r in result['configs']:

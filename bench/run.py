@@ -33,6 +33,7 @@ def parse_args(argv=None):
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--d-model', type=int, default=256,
                  help='width of every bench config (heads of 64, d_ff 4x, d_expert 2x)')
+  p.add_argument('--batch-size', type=int, default=8, help='sequences of 256 tokens per step')
   p.add_argument('--matmul-n', type=int, default=2048)
   p.add_argument('--out', default=None, help='JSON path (default bench/results/<time>.json)')
   p.add_argument('--no-a2a', action='store_true', help='skip R4')
@@ -64,13 +65,14 @@ def a2a_measure() -> dict:
               ratio=op_bytes / minimum, compile_s=b.compile_s)
 
 
-def a2a_subprocess(d_model: int) -> dict:
+def a2a_subprocess(d_model: int, batch_size: int) -> dict:
   env = dict(os.environ)
   flags = env.get('XLA_FLAGS', '')
   env['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={A2A_DEVICES}'.strip()
   env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(ROOT), env.get('PYTHONPATH')]))
   out = subprocess.run([sys.executable, '-m', 'bench.run', '--a2a-only',
-                        f'--d-model={d_model}'], cwd=ROOT, env=env,
+                        f'--d-model={d_model}', f'--batch-size={batch_size}'],
+                       cwd=ROOT, env=env,
                        capture_output=True, text=True, check=False)
   if out.returncode:
     raise RuntimeError(f'R4 subprocess failed:\n{out.stderr[-3000:]}')
@@ -81,13 +83,13 @@ def main(argv=None):
   args = parse_args(argv)
   if args.a2a_only:
     from bench import configs
-    configs.D_MODEL = args.d_model
+    configs.D_MODEL, configs.BATCH_SIZE = args.d_model, args.batch_size
     print(json.dumps(a2a_measure()))
     return
   import jax
   from bench import configs, harness
 
-  configs.D_MODEL = args.d_model
+  configs.D_MODEL, configs.BATCH_SIZE = args.d_model, args.batch_size
   names = args.configs.split(',')
   benches = {}
   for name in names:
@@ -108,11 +110,12 @@ def main(argv=None):
   by = {r['config']: r for r in results}
   div = lambda a, b: harness.paired_ratio(by[a], by[b]) if a in by and b in by else None
 
-  a2a = None if args.no_a2a else a2a_subprocess(args.d_model)
+  a2a = None if args.no_a2a else a2a_subprocess(args.d_model, args.batch_size)
   result = dict(
       time=datetime.datetime.now().isoformat(timespec='seconds'),
       backend=jax.default_backend(), devices=jax.device_count(),
       command=' '.join(sys.argv), jax_version=jax.__version__,
+      d_model=args.d_model, batch_size=args.batch_size,
       matmul=dict(n=args.matmul_n, dtype=str(jax.numpy.dtype(dtype)), flops_per_s=rate,
                   all=rates),
       configs=results,
