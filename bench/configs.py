@@ -1,9 +1,11 @@
 """Bench configs: one function per config, each returning a validated ConfigDict.
 
-All share the non-FFN part (d_model 256, 2 layers, 4 query / 2 key-value heads of size 64,
-vocab 2048, seq 256, batch 8 = 2048 tokens per step, float32) so that step-time ratios
-isolate the feed-forward. The MoE configs use k=2 experts of hidden size 512, so a token's
-active expert parameters equal the dense FFN's (d_ff = k * d_expert = 1024).
+All share the non-FFN part (2 layers, heads of 64 with 2 query heads per key-value head,
+vocab 2048, sequences of 256 tokens, float32) so that step-time ratios isolate the
+feed-forward. Default width d_model 512 and batch 32 (8192 tokens per step); `bench/run.py
+--d-model=256 --batch-size=8` is the quick small variant (see NOTES.md for both).
+The MoE configs use k=2 experts of hidden size 2 d_model, so a token's active expert
+parameters equal the dense FFN's (d_ff = k * d_expert = 4 d_model).
 Capacity factor 1.0: R4 is defined at 1.0, and at 1.0 the padded expert compute equals the
 dense FFN's (at 1.25 the experts do 25% more matmul work by construction).
 """
@@ -15,8 +17,8 @@ from moetrain import config as config_lib
 VOCAB = 2048
 
 
-D_MODEL = 256  # bench/run.py --d-model changes it; heads of 64, d_ff = 4 d, d_expert = 2 d.
-BATCH_SIZE = 8  # bench/run.py --batch-size changes it (sequences of 256 tokens).
+D_MODEL = 512  # bench/run.py --d-model changes it; heads of 64, d_ff = 4 d, d_expert = 2 d.
+BATCH_SIZE = 32  # bench/run.py --batch-size changes it (sequences of 256 tokens).
 
 
 def base(**overrides):

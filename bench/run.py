@@ -1,8 +1,8 @@
 """Performance harness: matmul rate, per-config compile / step time / tokens/s / MFU, the
 speed ratios R1-R4, as JSON and a table.
 
-  PYTHONPATH=. python bench/run.py                 # everything, ~3-4 min on 2 CPU cores
-  PYTHONPATH=. python bench/run.py --rounds=3      # quicker, noisier
+  PYTHONPATH=. python bench/run.py                 # everything, ~3-4 min on 2 busy CPU cores
+  PYTHONPATH=. python bench/run.py --d-model=256 --batch-size=8 --steps=3   # small, ~1 min
   PYTHONPATH=. python bench/run.py --a2a-only      # R4 alone (8 simulated devices)
 
 Timings are interleaved: each round measures the matmul rate once and runs every config for
@@ -29,11 +29,11 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--configs', default='dense,moe8,moe64')
   p.add_argument('--rounds', type=int, default=5)
-  p.add_argument('--steps', type=int, default=3, help='timed steps per config per round')
+  p.add_argument('--steps', type=int, default=2, help='timed steps per config per round')
   p.add_argument('--warmup', type=int, default=2)
-  p.add_argument('--d-model', type=int, default=256,
+  p.add_argument('--d-model', type=int, default=512,
                  help='width of every bench config (heads of 64, d_ff 4x, d_expert 2x)')
-  p.add_argument('--batch-size', type=int, default=8, help='sequences of 256 tokens per step')
+  p.add_argument('--batch-size', type=int, default=32, help='sequences of 256 tokens per step')
   p.add_argument('--matmul-n', type=int, default=2048)
   p.add_argument('--out', default=None, help='JSON path (default bench/results/<time>.json)')
   p.add_argument('--no-a2a', action='store_true', help='skip R4')
