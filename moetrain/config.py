@@ -240,12 +240,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(t.warmup_steps <= t.steps, f'train.warmup_steps={t.warmup_steps} exceeds '
            f'train.steps={t.steps}; lower warmup_steps.')
   _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1,
-           'train.b1 and train.b2 must lie in [0, 1); use e.g. 0.9 and 0.95.')
+           f'train.b1={t.b1} and train.b2={t.b2} must lie in [0, 1); use e.g. 0.9 and 0.95.')
 
   positive('checkpoint.every_steps', cfg.checkpoint.every_steps, allow_zero=True)
   positive('checkpoint.keep', cfg.checkpoint.keep)
   for name in ('data', 'expert'):
     value = cfg.mesh[name]
     _require(value == -1 or value > 0,
-             f'mesh.{name}={value} must be a positive size or -1 (fill the rest).')
+             f'mesh.{name}={value} must be a positive size or -1; set it to -1 to use the '
+             'devices the other axes leave.')
   return cfg
