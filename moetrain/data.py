@@ -204,6 +204,25 @@ def log_replacements(before: int, where: str):
     log.warning('replaced %d undecodable (non-UTF-8) bytes in %s with U+FFFD', replaced, where)
 
 
+def count_undecodable(path: str, chunk_bytes: int = 1 << 24) -> int:
+  """Bytes of a file (gzip/bz2/xz decompressed; other compressions are not scanned) that
+  are not valid UTF-8, counted in chunks."""
+  import bz2
+  import gzip
+  import lzma
+  opener = {'.gz': gzip.open, '.bz2': bz2.open, '.xz': lzma.open}.get(
+      pathlib.Path(path).suffix.lower(), open)
+  if path.lower().endswith(('.zst', '.lz4')):
+    return 0
+  before = _REPLACED.count
+  decoder = codecs.getincrementaldecoder('utf-8')(errors=REPLACE_ERRORS)
+  with opener(path, 'rb') as f:
+    while chunk := f.read(chunk_bytes):
+      decoder.decode(chunk)
+  decoder.decode(b'', final=True)
+  return _REPLACED.count - before
+
+
 def set_offline():
   """Sets HF's offline switches (environment and, if already imported, the libraries' own
   constants), so loading local data makes no network request."""
@@ -290,11 +309,13 @@ def file_documents(d) -> list[str]:
   fmt = file_format(files, d.format)
   kwargs = {}
   if fmt in ('text', 'json'):
-    # 'utf_8' (not 'utf-8') makes the json builder decode in Python, with our error handler.
-    kwargs = dict(encoding='utf_8', encoding_errors=REPLACE_ERRORS)
+    # 'utf_8' (not 'utf-8') makes the json builder decode in Python, replacing bad bytes.
+    kwargs = dict(encoding='utf_8', encoding_errors='replace')
+    for f in files:
+      if replaced := count_undecodable(f):
+        log.warning('replaced %d undecodable (non-UTF-8) bytes in %s with U+FFFD', replaced, f)
   if fmt == 'text':
     kwargs['sample_by'] = d.sample_by
-  before = _REPLACED.count
   try:
     ds = load_dataset(fmt, data_files=files, split='train', streaming=True, **kwargs)
     texts = []
@@ -307,7 +328,6 @@ def file_documents(d) -> list[str]:
   except Exception as e:  # malformed files: pyarrow / json errors of many types.
     raise ConfigError(f'data.paths={d.paths!r} could not be read as {fmt} ({type(e).__name__}:'
                       f' {e}); fix the files or set data.format.') from e
-  log_replacements(before, f'data.paths={d.paths!r}')
   return texts[:d.max_documents] if d.max_documents else texts
 
 
@@ -575,19 +595,18 @@ def make_data(cfg, process_index: int | None = None, process_count: int | None =
   encode = lambda idx: tokenizer.encode_batch([texts[i] for i in idx])
   train_rows = pack(encode(train_idx), tokenizer.eod_id, d.seq_len)
   eval_rows = pack(encode(eval_idx), tokenizer.eod_id, d.seq_len)
-  need = cfg.train.eval_batches * d.batch_size
-  if len(eval_rows) < d.batch_size:
-    raise ConfigError(f'the eval split has {len(eval_rows)} rows, fewer than '
-                      f'data.batch_size={d.batch_size}; raise data.eval_fraction.')
-  eval_rows = eval_rows[:need]
-  local = process_slice(d.batch_size, process_index, process_count)
-  global_eval = [eval_rows[i:i + d.batch_size]
-                 for i in range(0, len(eval_rows) - d.batch_size + 1, d.batch_size)]
-  eval_batches = [to_batch(rows[local], tokenizer.eod_id, d.document_mask)
-                  for rows in global_eval]
-  targets = np.concatenate([rows[:, 1:] for rows in global_eval])
   batches = Batches(train_rows, d.batch_size, cfg.seed, eod_id=tokenizer.eod_id,
                     document_mask=d.document_mask, process_index=process_index,
                     process_count=process_count)
+  if len(eval_rows) < d.batch_size:
+    raise ConfigError(f'the eval split has {len(eval_rows)} rows, fewer than '
+                      f'data.batch_size={d.batch_size}; raise data.eval_fraction, lower '
+                      'batch_size or add documents.')
+  eval_rows = eval_rows[:cfg.train.eval_batches * d.batch_size]
+  global_eval = [eval_rows[i:i + d.batch_size]
+                 for i in range(0, len(eval_rows) - d.batch_size + 1, d.batch_size)]
+  eval_batches = [to_batch(rows[batches.local], tokenizer.eod_id, d.document_mask)
+                  for rows in global_eval]
+  targets = np.concatenate([rows[:, 1:] for rows in global_eval])
   return Data(Prefetch(batches, d.prefetch), eval_batches, tokenizer,
               unigram_entropy(targets), train_rows[:, 1:].size)
