@@ -19,7 +19,7 @@ from moetrain import config as config_lib
 COMMANDS = {
     'train': 'train a model: --config=FILE --workdir=DIR',
     'params': 'print total and active parameters and training FLOPs per token',
-    'tokenizer': 'tokenizer train: train a byte-level BPE on the configured corpus: '
+    'tokenizer': "'tokenizer train': fit a byte-level BPE on the configured corpus: "
                  '--vocab_size=N --output=PATH',
 }
 SUBCOMMANDS = {'tokenizer': ('train',)}
