@@ -397,3 +397,22 @@ def test_validate_checks_data_keys(tiny):
   for overrides, start in bad:
     with pytest.raises(ConfigError, match='^' + start.replace('.', r'\.')):
       config_lib.validate(tiny(**overrides))
+
+
+def test_real_processes_build_the_global_batch_from_their_slices():
+  """2 local jax processes (2 CPU devices each): to_global of each process's slice gathers
+  to the 1-process global batch."""
+  import socket
+  import subprocess
+  import sys
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  worker = os.path.join(os.path.dirname(__file__), 'data_multiprocess_worker.py')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  procs = [subprocess.Popen([sys.executable, worker, str(port), '2', str(i)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=240)[0] for p in procs]
+  for i, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0 and f'process {i} ok' in out, out[-2000:]
