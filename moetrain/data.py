@@ -28,6 +28,7 @@ import math
 import os
 import pathlib
 import queue
+import sys
 import sysconfig
 import threading
 
@@ -226,7 +227,6 @@ def count_undecodable(path: str, chunk_bytes: int = 1 << 24) -> int:
 def set_offline():
   """Sets HF's offline switches (environment and, if already imported, the libraries' own
   constants), so loading local data makes no network request."""
-  import sys
   os.environ['HF_DATASETS_OFFLINE'] = '1'
   os.environ['HF_HUB_OFFLINE'] = '1'
   os.environ['HF_UPDATE_DOWNLOAD_COUNTS'] = '0'

@@ -5,7 +5,6 @@ import json
 import logging
 import os
 
-import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
