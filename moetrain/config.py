@@ -69,7 +69,17 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   d = c.data
-  d.source = 'stdlib'  # the Python standard library's own source, always present.
+  d.source = 'stdlib'  # stdlib (the Python standard library's source) | files | hub
+  d.paths = ''  # source=files: comma-separated globs of local files.
+  d.format = 'auto'  # source=files: auto (from the suffix) | text | json | parquet
+  d.text_field = 'text'  # the column holding the text (files in json/parquet, hub).
+  d.sample_by = 'line'  # format=text: one document per line | paragraph | document (file).
+  d.hub_name = ''  # source=hub: dataset name on the HF hub (streamed; needs a network).
+  d.hub_config = ''  # source=hub: the dataset's config name, '' for its default.
+  d.hub_split = 'train'  # source=hub: the split to read.
+  d.tokenizer = 'byte'  # byte | path to a HF tokenizers .json | a sentencepiece .model
+  d.document_mask = False  # attention and positions restart at each document.
+  d.prefetch = 2  # batches built ahead in a background thread; 0: none.
   d.seq_len = 128
   d.batch_size = 16  # global batch, in sequences.
   d.eval_fraction = 0.05  # share of documents held out for eval.
@@ -230,6 +240,20 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for name in ('seq_len', 'batch_size'):
     positive(f'data.{name}', d[name])
   positive('data.max_documents', d.max_documents, allow_zero=True)
+  positive('data.prefetch', d.prefetch, allow_zero=True)
+  for key, allowed in (('source', ('stdlib', 'files', 'hub')),
+                       ('format', ('auto', 'text', 'json', 'parquet')),
+                       ('sample_by', ('line', 'paragraph', 'document'))):
+    _require(d[key] in allowed, f'data.{key}={d[key]!r} is not known; use one of '
+             f'{", ".join(allowed)}.')
+  _require(d.source != 'files' or d.paths.strip(), "data.source='files' needs data.paths; "
+           'set it to comma-separated file globs, e.g. data.paths=corpus/*.jsonl.')
+  _require(d.source != 'hub' or d.hub_name, "data.source='hub' needs data.hub_name; set it "
+           'to a dataset name on the HF hub.')
+  _require(isinstance(d.document_mask, bool), f'data.document_mask={d.document_mask!r} must '
+           'be True or False.')
+  _require(bool(d.tokenizer), "data.tokenizer is empty; use 'byte' or the path of a "
+           'tokenizer file.')
   _require(0 < d.eval_fraction < 1, f'data.eval_fraction={d.eval_fraction} must lie in '
            '(0, 1); set a share such as 0.05.')
 
