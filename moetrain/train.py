@@ -344,6 +344,7 @@ def train(cfg, workdir, *, log=print) -> Summary:
       f'{dict(mesh.shape)}; {data.num_train_tokens:,} training tokens')
   bar = tqdm(initial=first, total=t.steps,
              disable=not t.progress or jax.process_index() != 0, dynamic_ncols=True)
+  note = log if bar.disable else bar.write  # messages between progress-bar updates.
   start = last_time = time.perf_counter()
   last_step, saved_step, step = first, first, first
   loss, eval_loss, records = float('nan'), float('nan'), []
@@ -355,7 +356,7 @@ def train(cfg, workdir, *, log=print) -> Summary:
         bar.update(1)
         records.append((step, metrics['nonfinite'], metrics['loss'], metrics['grad_norm']))
         if step % t.log_every == 0 or step == t.steps:
-          check_finite(records, t.skip_nonfinite, saved_step, log=bar.write)
+          check_finite(records, t.skip_nonfinite, saved_step, log=note)
           records = []
           metrics = jax.device_get(metrics)
           now = time.perf_counter()
@@ -367,10 +368,10 @@ def train(cfg, workdir, *, log=print) -> Summary:
         if step % t.eval_every == 0 or step == t.steps:
           eval_loss = evaluate(eval_fn, state, data.eval_batches, put)
           writer.write(step, {'eval/loss': eval_loss})
-          bar.write(f'step {step}: eval loss {eval_loss:.4f}')
+          note(f'step {step}: eval loss {eval_loss:.4f}')
         preempted = stop.stop_requested()
         if (every and step % every == 0) or step == t.steps or preempted:
-          check_finite(records, t.skip_nonfinite, saved_step, log=bar.write)
+          check_finite(records, t.skip_nonfinite, saved_step, log=note)
           records = []
           checkpointer.save(step, state, checkpoint_meta(cfg, data), force=True)
           saved_step = step
