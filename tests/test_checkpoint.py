@@ -77,16 +77,27 @@ cli.main(['moetrain'] + sys.argv[1:])
 '''
 
 
-def run_cli(workdir, *, signal_after_step=None, sig=signal.SIGKILL, slow_finalize_step=None,
-            timeout=300):
+@pytest.fixture(scope='module')
+def cli_env(tmp_path_factory):
+  """Environment of the CLI runs: this checkout first on PYTHONPATH, and one persistent
+  compilation cache so that only the first run compiles."""
+  paths = [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + paths))
+  env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  env.pop('SLOW_FINALIZE_STEP', None)
+  return env
+
+
+def run_cli(env, workdir, *, signal_after_step=None, sig=signal.SIGKILL,
+            slow_finalize_step=None, timeout=300):
   """Runs `moetrain train` on `workdir`; if `signal_after_step`, sends `sig` once this run
   has logged that step (or, with `slow_finalize_step`, once that save is being committed).
   Returns (exit code, output)."""
   driver = pathlib.Path(workdir).parent / 'driver.py'
   driver.write_text(DRIVER)
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [str(REPO)] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
-  env.pop('SLOW_FINALIZE_STEP', None)
+  env = dict(env)  # the caller's stays without SLOW_FINALIZE_STEP.
   if slow_finalize_step is not None:
     env['SLOW_FINALIZE_STEP'] = str(slow_finalize_step)
   args = [sys.executable, str(driver), 'train', f'--config={REPO / "configs/tiny.py"}',
@@ -120,10 +131,10 @@ def run_cli(workdir, *, signal_after_step=None, sig=signal.SIGKILL, slow_finaliz
 
 
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, cli_env):
   """An uninterrupted run: its per-step losses and final arrays."""
   workdir = tmp_path_factory.mktemp('reference') / 'run'
-  rc, out = run_cli(workdir)
+  rc, out = run_cli(cli_env, workdir)
   assert rc == 0, out
   return losses(workdir), final_arrays(workdir, RUN_STEPS)
 
@@ -138,36 +149,36 @@ def assert_same_run(workdir, reference):
     np.testing.assert_array_equal(arrays[name], ref_arrays[name], err_msg=name)
 
 
-def test_sigkill_at_several_points_and_mid_save_resumes_exactly(tmp_path, reference):
+def test_sigkill_at_several_points_and_mid_save_resumes_exactly(tmp_path, reference, cli_env):
   workdir = tmp_path / 'run'
-  rc, out = run_cli(workdir, signal_after_step=3)  # between saves (step 2 is saved)
+  rc, out = run_cli(cli_env, workdir, signal_after_step=3)  # between saves (step 2 is saved)
   assert rc == -signal.SIGKILL, out
-  rc, out = run_cli(workdir, slow_finalize_step=6)  # during the async save of step 6
+  rc, out = run_cli(cli_env, workdir, slow_finalize_step=6)  # during the async save of step 6
   assert rc == -signal.SIGKILL, out
   ckpts = workdir / 'checkpoints'
   assert not (ckpts / '6').exists()
   assert any(p.name.startswith('6.orbax-checkpoint-tmp') for p in ckpts.iterdir())
-  rc, out = run_cli(workdir, signal_after_step=7)  # right after a resumed step
+  rc, out = run_cli(cli_env, workdir, signal_after_step=7)  # right after a resumed step
   assert rc == -signal.SIGKILL, out
   assert 'resuming from the checkpoint at step' in out
-  rc, out = run_cli(workdir)
+  rc, out = run_cli(cli_env, workdir)
   assert rc == 0, out
   assert 'resuming from the checkpoint at step' in out
   assert_same_run(workdir, reference)
 
 
-def test_sigterm_and_sigint_save_and_exit_zero(tmp_path, reference):
+def test_sigterm_and_sigint_save_and_exit_zero(tmp_path, reference, cli_env):
   workdir = tmp_path / 'run'
   stopped = None
   for sig, after in ((signal.SIGINT, 1), (signal.SIGTERM, 5)):
-    rc, out = run_cli(workdir, signal_after_step=after, sig=sig)
+    rc, out = run_cli(cli_env, workdir, signal_after_step=after, sig=sig)
     assert rc == 0, out
     assert f'{signal.Signals(sig).name} received' in out
     stopped = int(re.search(r'stopped by a signal at step (\d+)', out).group(1))
     assert after <= stopped < RUN_STEPS
     assert max(checkpoint_lib.Checkpointer(workdir).steps()) == stopped
     assert max(losses(workdir)) == stopped
-  rc, out = run_cli(workdir)
+  rc, out = run_cli(cli_env, workdir)
   assert rc == 0, out
   assert f'resuming from the checkpoint at step {stopped}' in out
   assert_same_run(workdir, reference)
@@ -308,22 +319,26 @@ def test_shape_mismatch_names_the_keys_before_compiling(saved_run, tmp_path, mon
 # --------------------------------------------------------------------------------------
 # Restore onto another mesh.
 
-def next_loss(base, workdir, expert):
-  """Resumes a copy of `base` for one step on a mesh with `expert` devices on that axis."""
+def resumed_loss(base, workdir, expert):
+  """Step 3's loss when a copy of `base` (checkpoints at steps 2 and 3) loses its step-3
+  checkpoint and resumes from step 2 on a mesh with `expert` devices on that axis."""
   shutil.copytree(base, workdir)
-  cfg = small_config(**{'train.steps': 3, 'mesh.expert': expert})
-  train_lib.train(cfg, workdir, log=lambda _: None)
+  shutil.rmtree(workdir / 'checkpoints' / '3')
+  logs = []
+  train_lib.train(small_config(**{'train.steps': 3, 'mesh.expert': expert}), workdir,
+                  log=logs.append)
+  assert 'resuming from the checkpoint at step 2' in logs
   return losses(workdir)[3]
 
 
 @pytest.mark.parametrize('saved_expert,resume_experts', [(4, (2, 1)), (1, (4,))])
 def test_restore_onto_another_mesh(tmp_path, saved_expert, resume_experts):
   base = tmp_path / 'base'
-  train_lib.train(small_config(**{'train.steps': 2, 'mesh.expert': saved_expert}), base,
-                  log=lambda _: None)
-  expected = next_loss(base, tmp_path / 'same', saved_expert)
+  train_lib.train(small_config(**{'train.steps': 3, 'checkpoint.every_steps': 2,
+                                  'mesh.expert': saved_expert}), base, log=lambda _: None)
+  expected = losses(base)[3]
   for expert in resume_experts:
-    got = next_loss(base, tmp_path / f'expert{expert}', expert)
+    got = resumed_loss(base, tmp_path / f'expert{expert}', expert)
     np.testing.assert_allclose(got, expected, rtol=2e-6, err_msg=f'mesh.expert={expert}')
 
 
