@@ -191,15 +191,19 @@ class Checkpointer:
         'to start afresh, or repair it, since resuming from scratch would discard them.')
 
   def quarantine(self, step: int) -> pathlib.Path:
-    """Moves the folder of `step` to `checkpoints.damaged/` (never deletes it)."""
-    source = self.directory / str(step)
-    self.damaged_directory.mkdir(parents=True, exist_ok=True)
+    """Moves the folder of `step` to `checkpoints.damaged/` (never deletes it); process 0
+    moves it while the others wait."""
     dest, n = self.damaged_directory / str(step), 1
     while dest.exists():
       dest, n = self.damaged_directory / f'{step}.{n}', n + 1
     self.manager.wait_until_finished()
     self.manager.close()
-    os.rename(source, dest)
+    if jax.process_index() == 0:
+      self.damaged_directory.mkdir(parents=True, exist_ok=True)
+      os.rename(self.directory / str(step), dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f'moetrain_quarantine_{step}')
     self.manager = self._open()
     return dest
 

@@ -248,15 +248,14 @@ def check_finite(records, skip: bool, checkpoint_step: int, log=print) -> list[i
 class PreemptionHandler:
   """Context manager that turns SIGTERM and SIGINT into a stop request.
 
-  The loop polls `stop_requested()` after each step, saves and returns. A second signal
-  raises KeyboardInterrupt. The previous handlers come back on exit. Outside the main
-  thread (where Python cannot install handlers) it never requests a stop.
+  The loop polls `stop_requested()` after each step, then saves and returns. A second
+  signal raises KeyboardInterrupt. The previous handlers come back on exit. Outside the
+  main thread (where Python cannot install handlers) it never requests a stop.
   """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def __init__(self, log=print):
-    self.log = log
+  def __init__(self):
     self.signum = None
     self._previous = {}
 
@@ -273,11 +272,10 @@ class PreemptionHandler:
     return False
 
   def _handle(self, signum, frame):
+    # Only records the signal: printing here could re-enter a print in progress.
     if self.signum is not None:
       raise KeyboardInterrupt(f'second {signal.Signals(signum).name}')
     self.signum = signum
-    self.log(f'{signal.Signals(signum).name} received: finishing this step, saving a '
-             'checkpoint and exiting (send it again to stop at once).')
 
   def stop_requested(self) -> bool:
     """True once any process got a signal (all processes agree, so all save together)."""
@@ -286,6 +284,12 @@ class PreemptionHandler:
       from jax.experimental import multihost_utils
       requested = bool(np.any(multihost_utils.process_allgather(np.int32(requested))))
     return requested
+
+  def describe(self, step: int) -> str:
+    """The log line for a stop at `step`."""
+    name = signal.Signals(self.signum).name if self.signum else 'a stop request'
+    return (f'{name} received: saving a checkpoint at step {step} and exiting (send it '
+            'again to stop at once).')
 
 
 def checkpoint_meta(cfg, data) -> dict:
@@ -349,7 +353,7 @@ def train(cfg, workdir, *, log=print) -> Summary:
   last_step, saved_step, step = first, first, first
   loss, eval_loss, records = float('nan'), float('nan'), []
   try:
-    with jax.set_mesh(mesh), PreemptionHandler(log=log) as stop:
+    with jax.set_mesh(mesh), PreemptionHandler() as stop:
       while step < t.steps:
         state, metrics = step_fn(state, put(next(data.train)))
         step += 1
@@ -370,6 +374,8 @@ def train(cfg, workdir, *, log=print) -> Summary:
           writer.write(step, {'eval/loss': eval_loss})
           note(f'step {step}: eval loss {eval_loss:.4f}')
         preempted = stop.stop_requested()
+        if preempted:
+          note(stop.describe(step))
         if (every and step % every == 0) or step == t.steps or preempted:
           check_finite(records, t.skip_nonfinite, saved_step, log=note)
           records = []

@@ -186,7 +186,7 @@ def test_sigterm_and_sigint_save_and_exit_zero(tmp_path, reference, cli_env):
 
 def test_preemption_handler_restores_previous_handlers():
   before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-  with train_lib.PreemptionHandler(log=lambda _: None) as stop:
+  with train_lib.PreemptionHandler() as stop:
     assert not stop.stop_requested()
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.01)
