@@ -1,4 +1,5 @@
-"""The `moetrain` command: `moetrain train|params --config=configs/x.py [--config.a.b=v]`.
+"""The `moetrain` command: `moetrain train|params|tokenizer train --config=configs/x.py
+[--config.a.b=v]`.
 
 Config files are read with ml_collections `config_flags`, so any key can be overridden on
 the command line; unknown keys and bad values stop the command with one sentence before
@@ -18,11 +19,16 @@ from moetrain import config as config_lib
 COMMANDS = {
     'train': 'train a model: --config=FILE --workdir=DIR',
     'params': 'print total and active parameters and training FLOPs per token',
+    'tokenizer': "'tokenizer train': fit a byte-level BPE on the configured corpus: "
+                 '--vocab_size=N --output=PATH',
 }
+SUBCOMMANDS = {'tokenizer': ('train',)}
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for logs and checkpoints.')
+_VOCAB_SIZE = flags.DEFINE_integer('vocab_size', None, 'tokenizer train: vocabulary size.')
+_OUTPUT = flags.DEFINE_string('output', None, 'tokenizer train: path of the .json to write.')
 
 
 def _train(_):
@@ -39,7 +45,18 @@ def _params(_):
     print(line)
 
 
-RUNNERS = {'train': _train, 'params': _params}
+def _tokenizer_train(_):
+  from moetrain import data
+  if not _VOCAB_SIZE.value or not _OUTPUT.value:
+    raise config_lib.ConfigError('tokenizer train needs --vocab_size=N and --output=PATH; '
+                                 'pass both.')
+  cfg = config_lib.validate(_CONFIG.value)
+  tokenizer = data.train_tokenizer(cfg, _VOCAB_SIZE.value, _OUTPUT.value)
+  print(f'wrote {_OUTPUT.value}: {tokenizer.vocab_size} tokens, end of document id '
+        f'{tokenizer.eod_id}; use it with --config.data.tokenizer={_OUTPUT.value}')
+
+
+RUNNERS = {'train': _train, 'params': _params, 'tokenizer train': _tokenizer_train}
 
 
 def _runtime_errors() -> tuple:
@@ -52,7 +69,7 @@ def _runtime_errors() -> tuple:
 
 def _usage() -> str:
   lines = ['usage: moetrain COMMAND --config=configs/FILE.py [--config.KEY=VALUE ...]', '']
-  lines += [f'  {name:<8} {help_}' for name, help_ in COMMANDS.items()]
+  lines += [f'  {name:<9} {help_}' for name, help_ in COMMANDS.items()]
   return '\n'.join(lines)
 
 
@@ -70,10 +87,16 @@ def _check_args(argv):
 
 def main(argv=None):
   argv = list(sys.argv if argv is None else argv)
-  if len(argv) < 2 or argv[1] not in RUNNERS:
+  if len(argv) < 2 or argv[1] not in COMMANDS:
     print(_usage(), file=sys.stderr)
     sys.exit(2)
   command = argv.pop(1)
+  if command in SUBCOMMANDS:
+    if len(argv) < 2 or argv[1] not in SUBCOMMANDS[command]:
+      print(f'usage: moetrain {command} {"|".join(SUBCOMMANDS[command])} ...\n\n'
+            f'  {command:<9} {COMMANDS[command]}', file=sys.stderr)
+      sys.exit(2)
+    command = f'{command} {argv.pop(1)}'
   try:
     _check_args(argv)
     args = flags.FLAGS(argv)

@@ -43,12 +43,13 @@ class Counts:
     return out
 
 
-def _group(path: tuple) -> str:
+def _group(path: tuple, ndim: int) -> str:
+  """The parameter group of a weight; routed expert weights are the [E, ...] stacks."""
   names = [str(p) for p in path]
   if names[0] in ('embed', 'unembed', 'final_norm'):
     return names[0]
   if 'ffn' in names:
-    if names[-1] in EXPERT_WEIGHTS and 'shared' not in names:
+    if names[-1] in EXPERT_WEIGHTS and 'shared' not in names and ndim == 3:
       return 'routed_experts'
     if 'shared' in names:
       return 'shared_experts'
@@ -77,8 +78,9 @@ def count(cfg, seq_len: int | None = None) -> Counts:
   params = nnx.state(model, nnx.Param)
   by_group: dict[str, int] = {}
   for path, leaf in nnx.to_flat_state(params):
-    size = int(np.prod(leaf.get_value().shape))
-    by_group[_group(path)] = by_group.get(_group(path), 0) + size
+    shape = leaf.get_value().shape
+    group = _group(path, len(shape))
+    by_group[group] = by_group.get(group, 0) + int(np.prod(shape))
   total = sum(by_group.values())
   routed = by_group.get('routed_experts', 0)
   active = total - routed

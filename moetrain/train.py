@@ -333,7 +333,7 @@ def train(cfg, workdir, *, log=print) -> Summary:
   tx = make_optimizer(cfg.train)
   graphdef, state, shardings = restore_or_init(cfg, checkpointer, data, mesh, tx, log=log)
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  put = lambda batch: jax.device_put(batch, batch_sharding)
+  put = lambda batch: data_lib.to_global(batch, batch_sharding)
   step_fn = jax.jit(make_train_step(graphdef, tx, cfg), donate_argnums=0,
                     out_shardings=(shardings, None))
   eval_fn = jax.jit(make_eval_step(graphdef))
