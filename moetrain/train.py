@@ -390,6 +390,7 @@ def train(cfg, workdir, *, log=print) -> Summary:
   finally:
     checkpointer.close()
     writer.close()
+    data.train.close()
   if step == first and first == t.steps:
     log(f'the checkpoint is already at train.steps={t.steps}; nothing to train.')
   summary = Summary(step, loss, eval_loss, data.eval_unigram_entropy,
