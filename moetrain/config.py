@@ -103,8 +103,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.skip_nonfinite = False  # True: skip updates with a NaN/Inf loss or gradient norm.
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 0  # 0: only the final save.
-  c.checkpoint.keep = 3
+  c.checkpoint.every_steps = 0  # async saves; 0: only the final one (and on SIGTERM/SIGINT).
+  c.checkpoint.keep = 3  # newest checkpoints kept; older ones go once the newest reads back.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes.

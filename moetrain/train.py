@@ -394,7 +394,7 @@ def train(cfg, workdir, *, log=print) -> Summary:
   if step == first and first == t.steps:
     log(f'the checkpoint is already at train.steps={t.steps}; nothing to train.')
   summary = Summary(step, loss, eval_loss, data.eval_unigram_entropy,
-                    (step - first) * tokens_per_step / seconds, seconds, preempted)
+                    (step - first) * tokens_per_step / max(seconds, 1e-9), seconds, preempted)
   for line in summary.lines():
     log(line)
   return summary
