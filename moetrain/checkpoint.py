@@ -78,17 +78,19 @@ def check_compatible(meta: dict, config: dict, shapes: dict, step: int):
   """Raises CheckpointError (one sentence naming the config keys) when the arrays that
   `config` (a JSON dict) builds, with `shapes` as from `shapes_of`, differ from the ones
   saved at `step` with `meta`."""
-  saved_shapes = meta.get('shapes', {})
+  saved_shapes = meta.get('shapes')  # absent in checkpoints of older versions.
   if saved_shapes == shapes:
     return
   old, new = _flat_config(meta.get('config', {})), _flat_config(config)
   keys = [k for k in SHAPE_KEYS if old.get(k) != new.get(k)]
+  if saved_shapes is None and not keys:
+    return
   if keys:
     diff = ', '.join(f'{k}={old.get(k)!r} (config has {new.get(k)!r})' for k in keys)
     raise CheckpointError(
         f'the checkpoint at step {step} was saved with {diff}, so its arrays do not fit '
         'this config; set these keys back to the saved values or choose a new --workdir.')
-  names = sorted(k for k in set(saved_shapes) | set(shapes)
+  names = sorted(k for k in set(saved_shapes or {}) | set(shapes)
                  if saved_shapes.get(k) != shapes.get(k))
   raise CheckpointError(
       f'the checkpoint at step {step} holds arrays that this config builds differently '

@@ -316,6 +316,16 @@ def test_shape_mismatch_names_the_keys_before_compiling(saved_run, tmp_path, mon
   assert checkpoint_lib.Checkpointer(workdir).steps() == [2, 4]
 
 
+def test_shape_check_names_arrays_when_no_shape_key_differs():
+  saved = {'config': {'model': {'d_model': 16}}, 'shapes': {'params.w': [[4, 16], 'float32']}}
+  new_shapes = {'params.w': [[4, 8], 'float32']}
+  with pytest.raises(checkpoint_lib.CheckpointError,
+                     match=r'^the checkpoint at step 7 holds arrays that this config builds '
+                           r'differently \(params.w\); use the config'):
+    checkpoint_lib.check_compatible(saved, {'model': {'d_model': 16}}, new_shapes, 7)
+  checkpoint_lib.check_compatible(saved, {'model': {'d_model': 99}}, saved['shapes'], 7)
+
+
 # --------------------------------------------------------------------------------------
 # Restore onto another mesh.
 
