@@ -138,6 +138,19 @@ def _flatten(cfg, prefix=''):
   return out
 
 
+def from_dict(values: dict) -> ml_collections.ConfigDict:
+  """The default config updated with a nested dict, such as a run's saved config.json."""
+  cfg = default_config()
+  for key, value in _flatten(ml_collections.ConfigDict(values)).items():
+    check_key(key)
+    *parents, leaf = key.split('.')
+    node = cfg
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return cfg
+
+
 def check_key(key: str):
   """Raises ConfigError for a dotted key that no config has."""
   known = _flatten(default_config())
