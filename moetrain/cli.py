@@ -100,6 +100,14 @@ def _tokenizer_train(_):
 RUNNERS = {'train': _train, 'sweep': _sweep, 'report': _report, 'params': _params, 'tokenizer train': _tokenizer_train}
 
 
+def _runtime_errors() -> tuple:
+  """Errors that stop a command with one sentence (exit 1) instead of a traceback: a
+  checkpoint folder that cannot be resumed, a non-finite loss (from modules already
+  imported, so `params` never imports jax for this)."""
+  names = (('moetrain.checkpoint', 'CheckpointError'), ('moetrain.train', 'NonFiniteError'))
+  return tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
+
+
 def _usage() -> str:
   lines = ['usage: moetrain COMMAND --config=configs/FILE.py [--config.KEY=VALUE ...]', '']
   lines += [f'  {name:<9} {help_}' for name, help_ in COMMANDS.items()]
@@ -139,6 +147,11 @@ def main(argv=None):
   except (config_lib.ConfigError, flags.Error) as e:
     print(f'moetrain: {e}', file=sys.stderr)
     sys.exit(2)
+  except Exception as e:  # noqa: BLE001 -- re-raised unless it is a one-sentence error.
+    if not isinstance(e, _runtime_errors()):
+      raise
+    print(f'moetrain: {e}', file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == '__main__':

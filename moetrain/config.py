@@ -100,10 +100,11 @@ def default_config() -> ml_collections.ConfigDict:
   t.eval_every = 100
   t.eval_batches = 8
   t.progress = True
+  t.skip_nonfinite = False  # True: skip updates with a NaN/Inf loss or gradient norm.
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 0  # 0: only the final save.
-  c.checkpoint.keep = 3
+  c.checkpoint.every_steps = 0  # async saves; 0: only the final one (and on SIGTERM/SIGINT).
+  c.checkpoint.keep = 3  # newest checkpoints kept; older ones go once the newest reads back.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes.
@@ -278,6 +279,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f'train.steps={t.steps}; lower warmup_steps.')
   _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1,
            f'train.b1={t.b1} and train.b2={t.b2} must lie in [0, 1); use e.g. 0.9 and 0.95.')
+
+  _require(isinstance(t.skip_nonfinite, bool), f'train.skip_nonfinite='
+           f'{t.skip_nonfinite!r} must be True or False; set it to a bool.')
 
   positive('checkpoint.every_steps', cfg.checkpoint.every_steps, allow_zero=True)
   positive('checkpoint.keep', cfg.checkpoint.keep)
