@@ -4,7 +4,7 @@ plots of the results.
 `moetrain sweep --config=configs/tiny.py --workdir=runs/experts \
     --sweep=model.num_experts=4,8,16 --sweep=model.moe.top_k=1,2`
 trains the 6 combinations into `runs/experts/<name>/` and writes `results.md`,
-`results.csv`, `eval_loss.png` and `final_eval_loss.png` beside them. A run that already
+`results.csv`, `loss_curves.png` and `final_eval_loss.png` beside them. A run that already
 finished (its `summary.json` exists) is read, not retrained, so a sweep interrupted half
 way continues where it stopped; `moetrain report --workdir=DIR` only rebuilds the table.
 """
@@ -16,6 +16,7 @@ import dataclasses
 import itertools
 import json
 import pathlib
+import re
 
 from moetrain import config as config_lib
 from moetrain import metrics as metrics_lib
@@ -126,12 +127,17 @@ def _row(run_dir: pathlib.Path) -> dict:
               dropped_frac=sum(dropped) / len(dropped) if dropped else float('nan'))
 
 
+def _natural(name: str) -> list:
+  """Sort key that orders 'num_experts=4' before 'num_experts=16'."""
+  return [int(part) if part.isdigit() else part for part in re.split(r'(\d+)', name)]
+
+
 def report(workdir, names: list[str] | None = None, *, log=print) -> list[dict]:
   """Writes results.csv, results.md and the two plots for the finished runs in `workdir`
   (all of them, or `names` in that order). Returns the rows."""
   workdir = pathlib.Path(workdir)
   if names is None:
-    names = sorted(p.parent.name for p in workdir.glob(f'*/{SUMMARY}'))
+    names = sorted((p.parent.name for p in workdir.glob(f'*/{SUMMARY}')), key=_natural)
   rows = [_row(workdir / n) for n in names if (workdir / n / SUMMARY).is_file()]
   if not rows:
     raise config_lib.ConfigError(f'{workdir} holds no finished runs (no */{SUMMARY}); run '
@@ -160,26 +166,35 @@ def markdown_table(rows: list[dict]) -> list[str]:
   return lines
 
 
+def _curves(path: pathlib.Path, key: str) -> tuple[list[int], list[float]]:
+  """(steps, values) of one scalar in a metrics.jsonl; the last record of a step wins
+  (a resumed run logs some steps again)."""
+  by_step = {r['step']: r[key] for r in metrics_lib.read_jsonl(path) if key in r}
+  steps = sorted(by_step)
+  return steps, [by_step[s] for s in steps]
+
+
 def _plot(workdir: pathlib.Path, names: list[str]):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
   finals = []
   for name in names:
-    evals = [r for r in metrics_lib.read_jsonl(workdir / name / 'metrics.jsonl')
-             if 'eval/loss' in r]
-    by_step = {r['step']: r['eval/loss'] for r in evals}  # a resumed run logs again.
-    steps = sorted(by_step)
-    ax.plot(steps, [by_step[s] for s in steps], marker='o', label=name)
-    finals.append(by_step[steps[-1]])
-  ax.set(xlabel='step', ylabel='eval loss (nats/token)', title='eval loss')
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+    path = workdir / name / 'metrics.jsonl'
+    train_ax.plot(*_curves(path, 'loss'), label=name, alpha=0.8)
+    steps, evals = _curves(path, 'eval/loss')
+    eval_ax.plot(steps, evals, marker='o', label=name)
+    finals.append(evals[-1])
+  train_ax.set(xlabel='step', ylabel='train loss (nats/token)', title='train loss')
+  eval_ax.set(xlabel='step', ylabel='eval loss (nats/token)', title='eval loss')
+  for ax in (train_ax, eval_ax):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(workdir / 'eval_loss.png', dpi=120)
+  fig.savefig(workdir / 'loss_curves.png', dpi=120)
   plt.close(fig)
-  fig, ax = plt.subplots(figsize=(7, 0.5 + 0.4 * len(names)))
+  fig, ax = plt.subplots(figsize=(7, 0.8 + 0.4 * len(names)))
   ax.barh(names, finals)
   ax.set(xlabel='final eval loss (nats/token)', xlim=(min(finals) * 0.98, max(finals) * 1.01))
   fig.tight_layout()

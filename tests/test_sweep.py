@@ -72,7 +72,7 @@ def test_sweep_trains_each_run_and_writes_table_and_plots(swept):
   md = (workdir / 'results.md').read_text().splitlines()
   assert md[0].startswith('| run |') and len(md) == 2 + len(rows)
   assert md == lines[-len(md):]
-  for png in ('eval_loss.png', 'final_eval_loss.png'):
+  for png in ('loss_curves.png', 'final_eval_loss.png'):
     assert (workdir / png).read_bytes()[:4] == b'\x89PNG'
 
 
