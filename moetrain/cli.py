@@ -60,7 +60,13 @@ def _train(_):
   _require_workdir('train')
   config_lib.validate(_CONFIG.value)
   _initialize_processes()
-  train.train(_CONFIG.value, _WORKDIR.value)
+  train.train(_CONFIG.value, _WORKDIR.value, log=_process_zero_print())
+
+
+def _process_zero_print():
+  """print on process 0; the other processes of a multi-process run stay quiet."""
+  import jax
+  return print if jax.process_index() == 0 else (lambda *args, **kwargs: None)
 
 
 def _sweep(_):
@@ -70,7 +76,7 @@ def _sweep(_):
     raise config_lib.ConfigError('sweep needs at least one --sweep=KEY=V1,V2; e.g. '
                                  '--sweep=model.num_experts=4,8,16.')
   _initialize_processes()
-  sweep.sweep(_CONFIG.value, _SWEEP.value, _WORKDIR.value)
+  sweep.sweep(_CONFIG.value, _SWEEP.value, _WORKDIR.value, log=_process_zero_print())
 
 
 def _report(_):
