@@ -1,12 +1,42 @@
 """Checkpoints with orbax: the train state as a flat dict of arrays, plus JSON metadata
-(config, data iterator position)."""
+(config, data iterator position, array shapes).
+
+Guarantees:
+- saves are async and atomic (orbax writes a temporary folder and renames it when done;
+  a save cut short leaves only an ignored `*.orbax-checkpoint-tmp-*` folder);
+- a damaged checkpoint is never deleted: `restore_latest` moves damaged steps newer than
+  the one it restores to `checkpoints.damaged/` and says so with a warning;
+- retention (`keep`) is ours, not orbax's `max_to_keep`: old steps are deleted only after
+  the newest one has been read back in full, so the only valid checkpoint is never lost.
+"""
 
 from __future__ import annotations
 
+import os
 import pathlib
+import warnings
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import SingleDeviceSharding
+
+# Config keys that decide the shapes (or dtypes) of the saved arrays.
+SHAPE_KEYS = (
+    'model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
+    'model.num_kv_heads', 'model.d_ff', 'model.num_experts', 'model.moe_every',
+    'model.first_k_dense', 'model.tie_embeddings', 'model.param_dtype',
+    'model.moe.router', 'model.moe.d_expert', 'model.moe.num_shared_experts',
+    'model.moe.bias_update_rate', 'model.moe.gate',
+)
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint folder that cannot be resumed from; the message says what to do."""
+
+
+class DamagedCheckpointWarning(UserWarning):
+  """A checkpoint step that could not be read; it is kept aside, never deleted."""
 
 
 def flatten(tree) -> dict:
@@ -29,22 +59,85 @@ def _key(k) -> str:
   return str(k)
 
 
+def shapes_of(tree) -> dict:
+  """{flat key: [shape list, dtype name]} of a pytree of arrays or ShapeDtypeStructs."""
+  return {k: [list(v.shape), np.dtype(v.dtype).name] for k, v in flatten(tree).items()}
+
+
+def _flat_config(config: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, dict):
+      out.update(_flat_config(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def check_compatible(meta: dict, config: dict, shapes: dict, step: int):
+  """Raises CheckpointError (one sentence naming the config keys) when the arrays that
+  `config` (a JSON dict) builds, with `shapes` as from `shapes_of`, differ from the ones
+  saved at `step` with `meta`."""
+  saved_shapes = meta.get('shapes')  # absent in checkpoints of older versions.
+  if saved_shapes == shapes:
+    return
+  old, new = _flat_config(meta.get('config', {})), _flat_config(config)
+  keys = [k for k in SHAPE_KEYS if old.get(k) != new.get(k)]
+  if saved_shapes is None and not keys:
+    return
+  if keys:
+    diff = ', '.join(f'{k}={old.get(k)!r} (config has {new.get(k)!r})' for k in keys)
+    raise CheckpointError(
+        f'the checkpoint at step {step} was saved with {diff}, so its arrays do not fit '
+        'this config; set these keys back to the saved values or choose a new --workdir.')
+  names = sorted(k for k in set(saved_shapes or {}) | set(shapes)
+                 if saved_shapes.get(k) != shapes.get(k))
+  raise CheckpointError(
+      f'the checkpoint at step {step} holds arrays that this config builds differently '
+      f'({", ".join(names[:5])}{", ..." if len(names) > 5 else ""}); use the config it '
+      'was saved with (config.json in the workdir) or choose a new --workdir.')
+
+
 class Checkpointer:
-  """An orbax CheckpointManager in `workdir/checkpoints`."""
+  """An orbax CheckpointManager in `workdir/checkpoints` with fallback and safe retention.
+
+  A checkpoint has two items: `state` (flat dict of arrays) and `meta` (JSON: config,
+  data iterator position, array shapes).
+  """
 
   def __init__(self, workdir, keep: int = 3):
-    self.directory = pathlib.Path(workdir).absolute() / 'checkpoints'
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    self.workdir = pathlib.Path(workdir).absolute()
+    self.directory = self.workdir / 'checkpoints'
+    self.damaged_directory = self.workdir / 'checkpoints.damaged'
+    self.keep = keep
+    self.manager = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
+    # max_to_keep=None: orbax never deletes; `prune` does, after a read-back check.
+    return ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True))
 
   def steps(self) -> list[int]:
-    return list(self.manager.all_steps())
+    """Committed steps, ascending (damaged ones included: damage shows only on read)."""
+    return sorted(self.manager.all_steps())
 
   def save(self, step: int, state, meta: dict, force: bool = False):
-    """Starts an async save of `state` (a pytree of arrays) and `meta` (JSON-able)."""
+    """Starts an async save of `state` (a pytree of arrays) and `meta` (JSON-able).
+
+    Waits for the previous save and prunes old steps first. The arrays are copied to
+    host memory before this returns, so the caller may then donate them.
+    """
+    self.manager.wait_until_finished()
+    self.prune()
+    meta = dict(meta, shapes=shapes_of(state))
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(flatten(state)), meta=ocp.args.JsonSave(meta)),
         force=force)
+
+  def read_meta(self, step: int) -> dict:
+    """The JSON metadata saved at `step`."""
+    return self.manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))['meta']
 
   def restore(self, step: int, target):
     """Restores the state at `step` into the structure (and shardings) of `target`, whose
@@ -55,9 +148,96 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return unflatten_like(target, out['state']), out['meta']
 
+  def read_arrays(self, step: int) -> dict:
+    """The arrays saved at `step` as a flat dict of NumPy arrays (any mesh, one host)."""
+    meta = self.read_meta(step)
+    device = SingleDeviceSharding(jax.local_devices()[0])
+    abstract = {k: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=device)
+                for k, (shape, dtype) in meta['shapes'].items()}
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))['state']
+    return {k: np.asarray(v) for k, v in out.items()}
+
+  def restore_latest(self, target, check=None, warn=True):
+    """Restores the newest step that reads back, falling back past damaged ones.
+
+    `check(meta, step)` may raise to reject a readable checkpoint (e.g. a config whose
+    shapes differ); its error propagates. Damaged steps newer than the restored one are
+    moved to `checkpoints.damaged/` with a DamagedCheckpointWarning naming step and cause.
+    Returns (step, state, meta); raises CheckpointError when no step reads back.
+    """
+    damaged = []
+    for step in reversed(self.steps()):
+      try:
+        meta = self.read_meta(step)
+      except Exception as e:  # noqa: BLE001 -- any failure to read means damage.
+        damaged.append((step, e))
+        continue
+      if check is not None:
+        check(meta, step)
+      try:
+        state, meta = self.restore(step, target)
+      except Exception as e:  # noqa: BLE001
+        damaged.append((step, e))
+        continue
+      for bad, cause in damaged:
+        where = self.quarantine(bad)
+        if warn:
+          warnings.warn(DamagedCheckpointWarning(
+              f'checkpoint at step {bad} is damaged ({_cause(cause)}); moved it to {where} '
+              f'and resuming from step {step}.'), stacklevel=2)
+      return step, state, meta
+    causes = '; '.join(f'step {s}: {_cause(e)}' for s, e in damaged)
+    raise CheckpointError(
+        f'no checkpoint in {self.directory} can be read ({causes}); move the folder aside '
+        'to start afresh, or repair it, since resuming from scratch would discard them.')
+
+  def quarantine(self, step: int) -> pathlib.Path:
+    """Moves the folder of `step` to `checkpoints.damaged/` (never deletes it); process 0
+    moves it while the others wait."""
+    dest, n = self.damaged_directory / str(step), 1
+    while dest.exists():
+      dest, n = self.damaged_directory / f'{step}.{n}', n + 1
+    self.manager.wait_until_finished()
+    self.manager.close()
+    if jax.process_index() == 0:
+      self.damaged_directory.mkdir(parents=True, exist_ok=True)
+      os.rename(self.directory / str(step), dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f'moetrain_quarantine_{step}')
+    self.manager = self._open()
+    return dest
+
+  def prune(self):
+    """Deletes all but the newest `keep` steps, but only once the newest one reads back
+    in full; otherwise deletes nothing."""
+    steps = self.steps()
+    if len(steps) <= self.keep:
+      return
+    try:
+      self.read_arrays(steps[-1])
+    except Exception as e:  # noqa: BLE001
+      warnings.warn(DamagedCheckpointWarning(
+          f'checkpoint at step {steps[-1]} does not read back ({_cause(e)}); keeping all '
+          f'older checkpoints.'), stacklevel=2)
+      return
+    for step in steps[:-self.keep]:
+      self.manager.delete(step)
+
   def wait(self):
+    """Blocks until the async save in flight (if any) is committed."""
     self.manager.wait_until_finished()
 
   def close(self):
+    """Waits for the save in flight, applies retention and releases the manager."""
     self.manager.wait_until_finished()
+    self.prune()
     self.manager.close()
+
+
+def _cause(error: Exception) -> str:
+  """A one-line description of why a checkpoint did not read back."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ''
+  text = text[:200]
+  return f'{type(error).__name__}: {text}' if text else type(error).__name__

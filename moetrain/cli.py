@@ -1,4 +1,5 @@
-"""The `moetrain` command: `moetrain train|params --config=configs/x.py [--config.a.b=v]`.
+"""The `moetrain` command: `moetrain train|sweep|report|params|tokenizer train
+--config=configs/x.py [--config.a.b=v]`.
 
 Config files are read with ml_collections `config_flags`, so any key can be overridden on
 the command line; unknown keys and bad values stop the command with one sentence before
@@ -17,19 +18,71 @@ from moetrain import config as config_lib
 
 COMMANDS = {
     'train': 'train a model: --config=FILE --workdir=DIR',
+    'sweep': 'train a grid of overrides, then a table and plots: --config=FILE '
+             '--workdir=DIR --sweep=KEY=V1,V2 [--sweep=...]',
+    'report': 'rebuild the table and plots of a sweep: --workdir=DIR',
     'params': 'print total and active parameters and training FLOPs per token',
+    'tokenizer': "'tokenizer train': fit a byte-level BPE on the configured corpus: "
+                 '--vocab_size=N --output=PATH',
 }
+SUBCOMMANDS = {'tokenizer': ('train',)}
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for logs and checkpoints.')
+_VOCAB_SIZE = flags.DEFINE_integer('vocab_size', None, 'tokenizer train: vocabulary size.')
+_OUTPUT = flags.DEFINE_string('output', None, 'tokenizer train: path of the .json to write.')
+_SWEEP = flags.DEFINE_multi_string('sweep', [], 'sweep: KEY=V1,V2,... (repeat for a grid).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'multi-process: HOST:PORT of process 0 (with '
+    '--num_processes and --process_id); not needed on TPU pods and SLURM.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'multi-process: process count.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'multi-process: this process index.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'multi-process with the cluster detected by JAX (Cloud TPU pod '
+    'slices, SLURM, Open MPI).')
+
+
+def _require_workdir(command: str):
+  if not _WORKDIR.value:
+    raise config_lib.ConfigError(f'--workdir is required for {command}; pass --workdir=DIR.')
+
+
+def _initialize_processes():
+  """Joins the other processes of a multi-process run before jax touches a device."""
+  from moetrain.parallel import distributed
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         auto=_DISTRIBUTED.value)
 
 
 def _train(_):
   from moetrain import train
-  if not _WORKDIR.value:
-    raise config_lib.ConfigError('--workdir is required for train; pass --workdir=DIR.')
-  train.train(_CONFIG.value, _WORKDIR.value)
+  _require_workdir('train')
+  config_lib.validate(_CONFIG.value)
+  _initialize_processes()
+  train.train(_CONFIG.value, _WORKDIR.value, log=_process_zero_print())
+
+
+def _process_zero_print():
+  """print on process 0; the other processes of a multi-process run stay quiet."""
+  import jax
+  return print if jax.process_index() == 0 else (lambda *args, **kwargs: None)
+
+
+def _sweep(_):
+  from moetrain import sweep
+  _require_workdir('sweep')
+  if not _SWEEP.value:
+    raise config_lib.ConfigError('sweep needs at least one --sweep=KEY=V1,V2; e.g. '
+                                 '--sweep=model.num_experts=4,8,16.')
+  _initialize_processes()
+  sweep.sweep(_CONFIG.value, _SWEEP.value, _WORKDIR.value, log=_process_zero_print())
+
+
+def _report(_):
+  from moetrain import sweep
+  _require_workdir('report')
+  sweep.report(_WORKDIR.value)
 
 
 def _params(_):
@@ -39,12 +92,31 @@ def _params(_):
     print(line)
 
 
-RUNNERS = {'train': _train, 'params': _params}
+def _tokenizer_train(_):
+  from moetrain import data
+  if not _VOCAB_SIZE.value or not _OUTPUT.value:
+    raise config_lib.ConfigError('tokenizer train needs --vocab_size=N and --output=PATH; '
+                                 'pass both.')
+  cfg = config_lib.validate(_CONFIG.value)
+  tokenizer = data.train_tokenizer(cfg, _VOCAB_SIZE.value, _OUTPUT.value)
+  print(f'wrote {_OUTPUT.value}: {tokenizer.vocab_size} tokens, end of document id '
+        f'{tokenizer.eod_id}; use it with --config.data.tokenizer={_OUTPUT.value}')
+
+
+RUNNERS = {'train': _train, 'sweep': _sweep, 'report': _report, 'params': _params, 'tokenizer train': _tokenizer_train}
+
+
+def _runtime_errors() -> tuple:
+  """Errors that stop a command with one sentence (exit 1) instead of a traceback: a
+  checkpoint folder that cannot be resumed, a non-finite loss (from modules already
+  imported, so `params` never imports jax for this)."""
+  names = (('moetrain.checkpoint', 'CheckpointError'), ('moetrain.train', 'NonFiniteError'))
+  return tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
 
 
 def _usage() -> str:
   lines = ['usage: moetrain COMMAND --config=configs/FILE.py [--config.KEY=VALUE ...]', '']
-  lines += [f'  {name:<8} {help_}' for name, help_ in COMMANDS.items()]
+  lines += [f'  {name:<9} {help_}' for name, help_ in COMMANDS.items()]
   return '\n'.join(lines)
 
 
@@ -62,19 +134,30 @@ def _check_args(argv):
 
 def main(argv=None):
   argv = list(sys.argv if argv is None else argv)
-  if len(argv) < 2 or argv[1] not in RUNNERS:
+  if len(argv) < 2 or argv[1] not in COMMANDS:
     print(_usage(), file=sys.stderr)
     sys.exit(2)
   command = argv.pop(1)
+  if command in SUBCOMMANDS:
+    if len(argv) < 2 or argv[1] not in SUBCOMMANDS[command]:
+      print(f'usage: moetrain {command} {"|".join(SUBCOMMANDS[command])} ...\n\n'
+            f'  {command:<9} {COMMANDS[command]}', file=sys.stderr)
+      sys.exit(2)
+    command = f'{command} {argv.pop(1)}'
   try:
     _check_args(argv)
     args = flags.FLAGS(argv)
-    if _CONFIG.value is None:
+    if _CONFIG.value is None and command != 'report':
       raise config_lib.ConfigError('--config is required; pass e.g. --config=configs/tiny.py.')
     RUNNERS[command](args)
   except (config_lib.ConfigError, flags.Error) as e:
     print(f'moetrain: {e}', file=sys.stderr)
     sys.exit(2)
+  except Exception as e:  # noqa: BLE001 -- re-raised unless it is a one-sentence error.
+    if not isinstance(e, _runtime_errors()):
+      raise
+    print(f'moetrain: {e}', file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == '__main__':

@@ -69,7 +69,17 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   d = c.data
-  d.source = 'stdlib'  # the Python standard library's own source, always present.
+  d.source = 'stdlib'  # stdlib (the Python standard library's source) | files | hub
+  d.paths = ''  # source=files: comma-separated globs of local files.
+  d.format = 'auto'  # source=files: auto (from the suffix) | text | json | parquet
+  d.text_field = 'text'  # the column holding the text (files in json/parquet, hub).
+  d.sample_by = 'line'  # format=text: one document per line | paragraph | document (file).
+  d.hub_name = ''  # source=hub: dataset name on the HF hub (streamed; needs a network).
+  d.hub_config = ''  # source=hub: the dataset's config name, '' for its default.
+  d.hub_split = 'train'  # source=hub: the split to read.
+  d.tokenizer = 'byte'  # byte | path to a HF tokenizers .json | a sentencepiece .model
+  d.document_mask = False  # attention and positions restart at each document.
+  d.prefetch = 2  # batches built ahead in a background thread; 0: none.
   d.seq_len = 128
   d.batch_size = 16  # global batch, in sequences.
   d.eval_fraction = 0.05  # share of documents held out for eval.
@@ -90,10 +100,11 @@ def default_config() -> ml_collections.ConfigDict:
   t.eval_every = 100
   t.eval_batches = 8
   t.progress = True
+  t.skip_nonfinite = False  # True: skip updates with a NaN/Inf loss or gradient norm.
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 0  # 0: only the final save.
-  c.checkpoint.keep = 3
+  c.checkpoint.every_steps = 0  # async saves; 0: only the final one (and on SIGTERM/SIGINT).
+  c.checkpoint.keep = 3  # newest checkpoints kept; older ones go once the newest reads back.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes.
@@ -125,6 +136,19 @@ def _flatten(cfg, prefix=''):
     else:
       out[name] = value
   return out
+
+
+def from_dict(values: dict) -> ml_collections.ConfigDict:
+  """The default config updated with a nested dict, such as a run's saved config.json."""
+  cfg = default_config()
+  for key, value in _flatten(ml_collections.ConfigDict(values)).items():
+    check_key(key)
+    *parents, leaf = key.split('.')
+    node = cfg
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return cfg
 
 
 def check_key(key: str):
@@ -230,6 +254,20 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for name in ('seq_len', 'batch_size'):
     positive(f'data.{name}', d[name])
   positive('data.max_documents', d.max_documents, allow_zero=True)
+  positive('data.prefetch', d.prefetch, allow_zero=True)
+  for key, allowed in (('source', ('stdlib', 'files', 'hub')),
+                       ('format', ('auto', 'text', 'json', 'parquet')),
+                       ('sample_by', ('line', 'paragraph', 'document'))):
+    _require(d[key] in allowed, f'data.{key}={d[key]!r} is not known; use one of '
+             f'{", ".join(allowed)}.')
+  _require(d.source != 'files' or d.paths.strip(), "data.source='files' needs data.paths; "
+           'set it to comma-separated file globs, e.g. data.paths=corpus/*.jsonl.')
+  _require(d.source != 'hub' or d.hub_name, "data.source='hub' needs data.hub_name; set it "
+           'to a dataset name on the HF hub.')
+  _require(isinstance(d.document_mask, bool), f'data.document_mask={d.document_mask!r} must '
+           'be True or False.')
+  _require(bool(d.tokenizer), "data.tokenizer is empty; use 'byte' or the path of a "
+           'tokenizer file.')
   _require(0 < d.eval_fraction < 1, f'data.eval_fraction={d.eval_fraction} must lie in '
            '(0, 1); set a share such as 0.05.')
 
@@ -240,12 +278,16 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(t.warmup_steps <= t.steps, f'train.warmup_steps={t.warmup_steps} exceeds '
            f'train.steps={t.steps}; lower warmup_steps.')
   _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1,
-           'train.b1 and train.b2 must lie in [0, 1); use e.g. 0.9 and 0.95.')
+           f'train.b1={t.b1} and train.b2={t.b2} must lie in [0, 1); use e.g. 0.9 and 0.95.')
+
+  _require(isinstance(t.skip_nonfinite, bool), f'train.skip_nonfinite='
+           f'{t.skip_nonfinite!r} must be True or False; set it to a bool.')
 
   positive('checkpoint.every_steps', cfg.checkpoint.every_steps, allow_zero=True)
   positive('checkpoint.keep', cfg.checkpoint.keep)
   for name in ('data', 'expert'):
     value = cfg.mesh[name]
     _require(value == -1 or value > 0,
-             f'mesh.{name}={value} must be a positive size or -1 (fill the rest).')
+             f'mesh.{name}={value} must be a positive size or -1; set it to -1 to use the '
+             'devices the other axes leave.')
   return cfg

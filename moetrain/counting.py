@@ -35,20 +35,28 @@ class Counts:
   by_group: dict
 
   def lines(self) -> list[str]:
-    out = [f'total parameters        {self.total:>18,}  ({self.total / 1e9:.3f}B)',
-           f'active per token        {self.active:>18,}  ({self.active / 1e9:.3f}B)',
+    out = [f'total parameters        {self.total:>18,}  ({_short(self.total)})',
+           f'active per token        {self.active:>18,}  ({_short(self.active)})',
            f'training FLOPs / token  {self.flops_per_token:>18,.0f}  '
-           f'({self.flops_per_token / 1e9:.3f} GFLOP)']
+           f'({_short(self.flops_per_token)} FLOP)']
     out += [f'  {name:<21} {n:>18,}' for name, n in sorted(self.by_group.items())]
     return out
 
 
+def _short(n: float) -> str:
+  """46702792704 -> '46.703B', 6542464 -> '6.542M'."""
+  for unit, size in (('T', 1e12), ('B', 1e9), ('M', 1e6), ('K', 1e3)):
+    if n >= size:
+      return f'{n / size:.3f}{unit}'
+  return f'{n:.0f}'
+
+
 def _group(path: tuple, ndim: int) -> str:
+  """The parameter group of a weight; routed expert weights are the [E, ...] stacks."""
   names = [str(p) for p in path]
   if names[0] in ('embed', 'unembed', 'final_norm'):
     return names[0]
   if 'ffn' in names:
-    # A dense FFN's weights have the experts' names; routed experts are [E, ., .].
     if names[-1] in EXPERT_WEIGHTS and 'shared' not in names and ndim == 3:
       return 'routed_experts'
     if 'shared' in names:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import time
 
 import jax
 import numpy as np
@@ -47,7 +48,9 @@ class MetricWriter:
     if self.enabled:
       from tensorboardX import SummaryWriter
       self.workdir.mkdir(parents=True, exist_ok=True)
-      self._tb = SummaryWriter(str(self.workdir / 'tb'))
+      # A unique suffix: a run resumed within the same second must not reuse (and truncate)
+      # the previous run's event file.
+      self._tb = SummaryWriter(str(self.workdir / 'tb'), filename_suffix=f'.{time.time_ns()}')
       self._jsonl = open(self.workdir / 'metrics.jsonl', 'a')
 
   def write(self, step: int, metrics: dict):

@@ -1,11 +1,19 @@
 """The training loop: one jitted step that optimizes router and experts jointly, periodic
-eval on the held-out split, logging, and an orbax checkpoint at the end."""
+eval on the held-out split, logging, and orbax checkpoints that never lose work.
+
+A run on a workdir with checkpoints resumes from the newest one that reads back (the
+train state, RNG, step and data position are all saved, so the resumed run is exact);
+SIGTERM/SIGINT finish the current step, save and return; a NaN/Inf loss or gradient norm
+stops training before it can reach a checkpoint (or skips that update with
+`train.skip_nonfinite=True`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import pathlib
+import signal
+import threading
 import time
 
 import flax
@@ -74,23 +82,36 @@ def split_model(model):
   return nnx.split(model, nnx.Param, ...)
 
 
-def init_state(cfg, mesh, tx):
-  """Creates the model and optimizer state directly in their shardings on `mesh`.
-
-  Returns (graphdef, state, state_shardings).
-  """
+def _create_fn(cfg, tx):
+  """() -> a fresh TrainState (to be traced by eval_shape or jit)."""
   def create():
     model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
     _, params, model_state = split_model(model)
     rng = jax.random.key_data(jax.random.key(cfg.seed + 1))
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), model_state, rng)
 
-  abstract = jax.eval_shape(create)
+  return create
+
+
+def abstract_state(cfg, mesh, tx):
+  """Shapes, dtypes and shardings of the train state, without computing or compiling.
+
+  Returns (graphdef, abstract TrainState of ShapeDtypeStructs, state_shardings).
+  """
+  abstract = jax.eval_shape(_create_fn(cfg, tx))
   graphdef = split_model(nnx.eval_shape(lambda: Transformer(cfg.model,
                                                              rngs=nnx.Rngs(0))))[0]
-  shardings = state_shardings(abstract, mesh)
+  return graphdef, abstract, state_shardings(abstract, mesh)
+
+
+def init_state(cfg, mesh, tx):
+  """Creates the model and optimizer state directly in their shardings on `mesh`.
+
+  Returns (graphdef, state, state_shardings).
+  """
+  graphdef, _, shardings = abstract_state(cfg, mesh, tx)
   with jax.set_mesh(mesh):
-    state = jax.jit(create, out_shardings=shardings)()
+    state = jax.jit(_create_fn(cfg, tx), out_shardings=shardings)()
   return graphdef, state, shardings
 
 
@@ -132,6 +153,7 @@ def make_train_step(graphdef, tx, cfg):
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     (loss, (parts, stats)), grads = grad_fn(state.params, state.model_state, batch, rng)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     model_state = state.model_state
@@ -139,13 +161,24 @@ def make_train_step(graphdef, tx, cfg):
       model = nnx.merge(graphdef, params, model_state)
       update_router_biases(model, stats, moe_cfg.bias_update_rate)
       model_state = split_model(model)[2]
-    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if cfg.train.skip_nonfinite:
+      params, opt_state, model_state = keep_if(
+          finite, (params, opt_state, model_state),
+          (state.params, state.opt_state, state.model_state))
+    metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
+                   nonfinite=1.0 - finite.astype(jnp.float32),
                    **parts, **metrics_lib.routing_metrics(stats, moe_layers))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               model_state=model_state)
     return new_state, metrics
 
   return train_step
+
+
+def keep_if(condition, new, old):
+  """Leafwise `new if condition else old` for two pytrees of the same structure."""
+  return jax.tree.map(lambda n, o: jnp.where(condition, n, o), new, old)
 
 
 def make_eval_step(graphdef):
@@ -179,9 +212,12 @@ class Summary:
   eval_unigram_entropy: float
   tokens_per_second: float
   seconds: float
+  preempted: bool = False  # stopped early by SIGTERM/SIGINT, after saving.
 
   def lines(self) -> list[str]:
-    return [
+    stopped = [f'stopped by a signal at step {self.steps} after saving a checkpoint; run the '
+               'same command again to resume'] if self.preempted else []
+    return stopped + [
         f'final eval loss {self.eval_loss:.4f} nats/token '
         f'({self.eval_loss / np.log(2):.3f} bits)',
         f'unigram entropy of the eval split {self.eval_unigram_entropy:.4f} nats/token '
@@ -197,21 +233,120 @@ def prepare(cfg):
   return cfg
 
 
+class NonFiniteError(RuntimeError):
+  """A NaN or Inf loss or gradient norm; the message names the step and the fix."""
+
+
+def check_finite(records, skip: bool, checkpoint_step: int, log=print) -> list[int]:
+  """Checks the (step, nonfinite, loss, grad_norm) records of steps since the last check.
+
+  Fetches them in one transfer, so steps need not wait for each other. Raises
+  NonFiniteError at the first bad step unless `skip` (the step function then left the
+  state unchanged); returns the skipped steps.
+  """
+  bad = [(step, loss, norm) for step, nonfinite, loss, norm in jax.device_get(records)
+         if nonfinite]
+  if bad and not skip:
+    step, loss, norm = bad[0]
+    raise NonFiniteError(
+        f'step {step} has a non-finite loss ({float(loss)}) or gradient norm ({float(norm)}), '
+        f'so training stopped with the last checkpoint (step {checkpoint_step}) intact; '
+        'lower train.lr or set train.skip_nonfinite=True to skip such updates.')
+  for step, loss, norm in bad:
+    log(f'step {step}: non-finite loss ({float(loss)}) or gradient norm ({float(norm)}); '
+        'update skipped.')
+  return [step for step, _, _ in bad]
+
+
+class PreemptionHandler:
+  """Context manager that turns SIGTERM and SIGINT into a stop request.
+
+  The loop polls `stop_requested()` after each step, then saves and returns. A second
+  signal raises KeyboardInterrupt. The previous handlers come back on exit. Outside the
+  main thread (where Python cannot install handlers) it never requests a stop.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for signum in self.SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+    return False
+
+  def _handle(self, signum, frame):
+    # Only records the signal: printing here could re-enter a print in progress.
+    if self.signum is not None:
+      raise KeyboardInterrupt(f'second {signal.Signals(signum).name}')
+    self.signum = signum
+
+  def stop_requested(self) -> bool:
+    """True once any process got a signal (all processes agree, so all save together)."""
+    requested = self.signum is not None
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      requested = bool(np.any(multihost_utils.process_allgather(np.int32(requested))))
+    return requested
+
+  def describe(self, step: int) -> str:
+    """The log line for a stop at `step`."""
+    name = signal.Signals(self.signum).name if self.signum else 'a stop request'
+    return (f'{name} received: saving a checkpoint at step {step} and exiting (send it '
+            'again to stop at once).')
+
+
+def checkpoint_meta(cfg, data) -> dict:
+  """The JSON saved beside the train state: the config and the data iterator position."""
+  return dict(config=json.loads(cfg.to_json_best_effort()), data=data.train.state())
+
+
+def restore_or_init(cfg, checkpointer, data, mesh, tx, log=print):
+  """The train state to start from: the newest checkpoint that reads back (resharded onto
+  `mesh`, with `data.train` moved to its position) or, when there is none, a fresh one.
+
+  Checks the checkpoint's shapes against `cfg` before anything compiles. Returns
+  (graphdef, state, state_shardings).
+  """
+  if not checkpointer.steps():
+    return init_state(cfg, mesh, tx)
+  graphdef, abstract, shardings = abstract_state(cfg, mesh, tx)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+  config = json.loads(cfg.to_json_best_effort())
+  shapes = checkpoint_lib.shapes_of(abstract)
+  check = lambda meta, step: checkpoint_lib.check_compatible(meta, config, shapes, step)
+  step, state, meta = checkpointer.restore_latest(target, check=check)
+  if step > cfg.train.steps:
+    raise config_lib.ConfigError(
+        f'the checkpoint in {checkpointer.directory} is at step {step}, beyond '
+        f'train.steps={cfg.train.steps}; raise train.steps or choose a new --workdir.')
+  data.train.restore(meta['data'])
+  log(f'resuming from the checkpoint at step {step}')
+  return graphdef, state, shardings
+
+
 def train(cfg, workdir, *, log=print) -> Summary:
-  """Trains `cfg` to train.steps, writing logs and a final checkpoint under `workdir`."""
+  """Trains `cfg` to train.steps under `workdir`: resumes from its checkpoints if any,
+  saves every checkpoint.every_steps (async) and at the end, and on SIGTERM/SIGINT."""
   cfg = prepare(cfg)
   workdir = pathlib.Path(workdir)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=cfg.checkpoint.keep)
-  if checkpointer.steps():
-    raise config_lib.ConfigError(
-        f'{workdir} already holds checkpoints at steps {checkpointer.steps()}; choose a new '
-        '--workdir (this run would not overwrite them).')
   data = data_lib.make_data(cfg)
   mesh = mesh_lib.make_mesh(cfg)
   tx = make_optimizer(cfg.train)
-  graphdef, state, shardings = init_state(cfg, mesh, tx)
+  graphdef, state, shardings = restore_or_init(cfg, checkpointer, data, mesh, tx, log=log)
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  put = lambda batch: jax.device_put(batch, batch_sharding)
+  put = lambda batch: data_lib.to_global(batch, batch_sharding)
   step_fn = jax.jit(make_train_step(graphdef, tx, cfg), donate_argnums=0,
                     out_shardings=(shardings, None))
   eval_fn = jax.jit(make_eval_step(graphdef))
@@ -219,38 +354,60 @@ def train(cfg, workdir, *, log=print) -> Summary:
   if jax.process_index() == 0:
     (workdir / 'config.json').write_text(cfg.to_json_best_effort(indent=2))
 
-  t = cfg.train
+  t, every = cfg.train, cfg.checkpoint.every_steps
+  first = int(jax.device_get(state.step))
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-  log(f'training {workdir}: {t.steps} steps of {tokens_per_step} tokens on mesh '
+  log(f'training {workdir}: steps {first + 1}..{t.steps} of {tokens_per_step} tokens on mesh '
       f'{dict(mesh.shape)}; {data.num_train_tokens:,} training tokens')
-  bar = tqdm(total=t.steps, disable=not t.progress or jax.process_index() != 0,
-             dynamic_ncols=True)
+  bar = tqdm(initial=first, total=t.steps,
+             disable=not t.progress or jax.process_index() != 0, dynamic_ncols=True)
+  note = log if bar.disable else bar.write  # messages between progress-bar updates.
   start = last_time = time.perf_counter()
-  last_step, loss, eval_loss = 0, float('nan'), float('nan')
-  with jax.set_mesh(mesh):
-    for step in range(1, t.steps + 1):
-      state, metrics = step_fn(state, put(next(data.train)))
-      bar.update(1)
-      if step % t.log_every == 0 or step == t.steps:
-        metrics = jax.device_get(metrics)
-        now = time.perf_counter()
-        metrics['tokens_per_second'] = (step - last_step) * tokens_per_step / (now - last_time)
-        last_step, last_time = step, now
-        loss = float(metrics['loss'])
-        writer.write(step, metrics)
-        bar.set_postfix(loss=f'{loss:.3f}', tok_s=f"{metrics['tokens_per_second']:,.0f}")
-      if step % t.eval_every == 0 or step == t.steps:
-        eval_loss = evaluate(eval_fn, state, data.eval_batches, put)
-        writer.write(step, {'eval/loss': eval_loss})
-        bar.write(f'step {step}: eval loss {eval_loss:.4f}')
-    bar.close()
-    seconds = time.perf_counter() - start
-    checkpointer.save(t.steps, state, dict(config=json.loads(cfg.to_json_best_effort()),
-                                           data=data.train.state()), force=True)
+  last_step, saved_step, step = first, first, first
+  loss, eval_loss, records = float('nan'), float('nan'), []
+  try:
+    with jax.set_mesh(mesh), PreemptionHandler() as stop:
+      while step < t.steps:
+        state, metrics = step_fn(state, put(next(data.train)))
+        step += 1
+        bar.update(1)
+        records.append((step, metrics['nonfinite'], metrics['loss'], metrics['grad_norm']))
+        if step % t.log_every == 0 or step == t.steps:
+          check_finite(records, t.skip_nonfinite, saved_step, log=note)
+          records = []
+          metrics = jax.device_get(metrics)
+          now = time.perf_counter()
+          metrics['tokens_per_second'] = (step - last_step) * tokens_per_step / (now - last_time)
+          last_step, last_time = step, now
+          loss = float(metrics['loss'])
+          writer.write(step, metrics)
+          bar.set_postfix(loss=f'{loss:.3f}', tok_s=f"{metrics['tokens_per_second']:,.0f}")
+        if step % t.eval_every == 0 or step == t.steps:
+          eval_loss = evaluate(eval_fn, state, data.eval_batches, put)
+          writer.write(step, {'eval/loss': eval_loss})
+          note(f'step {step}: eval loss {eval_loss:.4f}')
+        preempted = stop.stop_requested()
+        if preempted:
+          note(stop.describe(step))
+        if (every and step % every == 0) or step == t.steps or preempted:
+          check_finite(records, t.skip_nonfinite, saved_step, log=note)
+          records = []
+          checkpointer.save(step, state, checkpoint_meta(cfg, data), force=True)
+          saved_step = step
+        if preempted:
+          break
+      else:
+        preempted = False
+      bar.close()
+      seconds = time.perf_counter() - start
+  finally:
     checkpointer.close()
-  writer.close()
-  summary = Summary(t.steps, loss, eval_loss, data.eval_unigram_entropy,
-                    t.steps * tokens_per_step / seconds, seconds)
+    writer.close()
+    data.train.close()
+  if step == first and first == t.steps:
+    log(f'the checkpoint is already at train.steps={t.steps}; nothing to train.')
+  summary = Summary(step, loss, eval_loss, data.eval_unigram_entropy,
+                    (step - first) * tokens_per_step / max(seconds, 1e-9), seconds, preempted)
   for line in summary.lines():
     log(line)
   return summary

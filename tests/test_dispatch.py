@@ -185,3 +185,19 @@ def test_fill_axis_takes_the_remaining_devices():
   cfg = tiny_config(**{'mesh.data': -1, 'mesh.expert': 2})
   assert mesh_lib.mesh_shape(cfg.mesh, 8) == (4, 2)
   assert mesh_lib.make_mesh(cfg).shape == {'data': 4, 'expert': 2}
+
+
+def test_dropless_under_expert_parallelism_says_padded_once(caplog):
+  t, d, f, e = 32, 8, 16, 8
+  spec = moe_lib.MoESpec(e, 2, 'token_choice', 'softmax', 'topk_softmax', False, 1.0, 1.0,
+                         1.0, 'position', True, 'auto', 0.0, 'micro_batch')
+  mesh = jax.make_mesh((1, 2), mesh_lib.AXES, devices=jax.devices()[:2],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  dispatch.log_dropless_choice.cache_clear()
+  layer = lambda *a: dispatch.run_moe_ffn(*a, None, jax.random.key(0), spec=spec, seq_len=4,
+                                          train=True, dtype=jnp.float32)
+  with jax.set_mesh(mesh):
+    for _ in range(2):
+      jax.eval_shape(layer, *layer_inputs(t, d, f, e))
+  messages = [r.getMessage() for r in caplog.records if 'dropless' in r.getMessage()]
+  assert len(messages) == 1 and 'padded all-to-all' in messages[0]

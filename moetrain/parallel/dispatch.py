@@ -10,6 +10,8 @@ function runs directly on the whole batch.
 
 from __future__ import annotations
 
+import functools
+import logging
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -26,6 +28,19 @@ def current_mesh():
   return mesh
 
 
+@functools.cache
+def log_dropless_choice(expert_parallel: bool, ragged: bool):
+  """Says once per process which dropless implementation the layers use."""
+  if expert_parallel:
+    logging.warning(
+        'dropless MoE under expert parallelism: padded all-to-all (capacity buffers sized '
+        'for the worst case, every local token to one expert); ragged_all_to_all is not '
+        'used (unimplemented on CPU, not yet wired for GPU/TPU).')
+  else:
+    logging.warning('dropless MoE: %s', 'ragged_dot grouped matmuls' if ragged else
+                    'padded batched experts (capacity = local tokens)')
+
+
 def run_moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng, *,
                 spec: MoESpec, seq_len: int, train: bool, dtype):
   """`moe_ffn` on the current mesh: per device under shard_map, or directly.
@@ -35,6 +50,8 @@ def run_moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng, 
   """
   mesh = current_mesh()
   kwargs = dict(spec=spec, seq_len=seq_len, train=train, dtype=dtype)
+  if spec.router == 'token_choice' and spec.dropless:
+    log_dropless_choice(mesh is not None and mesh.shape['expert'] > 1, spec.use_ragged())
   if mesh is None:
     return moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng, **kwargs)
 

@@ -1,0 +1,202 @@
+"""Ablation sweeps: a grid of config overrides trained one after another, then a table and
+plots of the results.
+
+`moetrain sweep --config=configs/tiny.py --workdir=runs/experts \
+    --sweep=model.num_experts=4,8,16 --sweep=model.moe.top_k=1,2`
+trains the 6 combinations into `runs/experts/<name>/` and writes `results.md`,
+`results.csv`, `loss_curves.png` and `final_eval_loss.png` beside them. A run that already
+finished (its `summary.json` exists) is read, not retrained, so a sweep interrupted half
+way continues where it stopped; `moetrain report --workdir=DIR` only rebuilds the table.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import pathlib
+import re
+
+from moetrain import config as config_lib
+from moetrain import metrics as metrics_lib
+
+SUMMARY = 'summary.json'
+
+
+def parse_axis(spec: str, base) -> tuple[str, list]:
+  """'model.num_experts=4,8,16' -> ('model.num_experts', [4, 8, 16]); each value takes the
+  type of the key's current value in `base`."""
+  if '=' not in spec:
+    raise config_lib.ConfigError(f'--sweep={spec!r} has no values; write '
+                                 '--sweep=KEY=V1,V2 (e.g. model.num_experts=4,8).')
+  key, values = spec.split('=', 1)
+  config_lib.check_key(key)
+  current = _get(base, key)
+  return key, [_parse(key, v.strip(), current) for v in values.split(',') if v.strip()]
+
+
+def _parse(key: str, text: str, current):
+  if isinstance(current, bool):
+    if text.lower() not in ('true', 'false'):
+      raise config_lib.ConfigError(f'--sweep value {text!r} for {key} is not a bool; use '
+                                   'true or false.')
+    return text.lower() == 'true'
+  try:
+    return type(current)(text) if isinstance(current, (int, float)) else text
+  except ValueError:
+    raise config_lib.ConfigError(f'--sweep value {text!r} for {key} is not a '
+                                 f'{type(current).__name__}; give numbers like '
+                                 f'{current!r}.') from None
+
+
+def _get(cfg, key: str):
+  node = cfg
+  for part in key.split('.'):
+    node = node[part]
+  return node
+
+
+def _set(cfg, key: str, value):
+  *parents, leaf = key.split('.')
+  node = cfg
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
+def run_name(overrides: dict) -> str:
+  """{'model.num_experts': 8, 'model.moe.top_k': 2} -> 'num_experts=8,top_k=2'."""
+  return ','.join(f'{k.rsplit(".", 1)[-1]}={v}' for k, v in overrides.items())
+
+
+def grid(base, axes: list[str]) -> list[tuple[str, object]]:
+  """(run name, validated config) for every combination of the sweep axes, in order.
+
+  Every config is checked (values, mesh, vocabulary) before the first run starts, so a bad
+  combination stops the sweep before anything trains."""
+  from moetrain import train
+  parsed = [parse_axis(a, base) for a in axes]
+  if len({k for k, _ in parsed}) != len(parsed):
+    raise config_lib.ConfigError('a --sweep key appears twice; give each key once with all '
+                                 'its values.')
+  runs = []
+  for values in itertools.product(*(v for _, v in parsed)):
+    overrides = dict(zip((k for k, _ in parsed), values))
+    cfg = base.copy_and_resolve_references()
+    with cfg.unlocked():
+      for key, value in overrides.items():
+        _set(cfg, key, value)
+    try:
+      train.prepare(cfg)
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f'sweep run {run_name(overrides)}: {e}') from None
+    runs.append((run_name(overrides), cfg))
+  return runs
+
+
+def sweep(base, axes: list[str], workdir, *, log=print) -> list[dict]:
+  """Trains every grid point not yet finished, then writes the report. Returns its rows."""
+  from moetrain import train
+  workdir = pathlib.Path(workdir)
+  runs = grid(base, axes)
+  for i, (name, cfg) in enumerate(runs):
+    run_dir = workdir / name
+    if (run_dir / SUMMARY).is_file():
+      log(f'[{i + 1}/{len(runs)}] {name}: finished earlier, kept')
+      continue
+    log(f'[{i + 1}/{len(runs)}] {name}')
+    summary = train.train(cfg, run_dir, log=log)
+    (run_dir / SUMMARY).write_text(json.dumps(dataclasses.asdict(summary), indent=2))
+  return report(workdir, [name for name, _ in runs], log=log)
+
+
+def _row(run_dir: pathlib.Path) -> dict:
+  from moetrain import counting, data
+  summary = json.loads((run_dir / SUMMARY).read_text())
+  cfg = config_lib.from_dict(json.loads((run_dir / 'config.json').read_text()))
+  counts = counting.count(data.resolve_vocab(cfg))
+  records = metrics_lib.read_jsonl(run_dir / 'metrics.jsonl')
+  last = [r for r in records if 'loss' in r][-1]
+  loads = [v for k, v in last.items() if k.endswith('load_max_over_mean')]
+  dropped = [v for k, v in last.items() if k.endswith('dropped_frac')]
+  return dict(run=run_dir.name, total_params=counts.total, active_params=counts.active,
+              train_loss=summary['final_loss'], eval_loss=summary['eval_loss'],
+              tokens_per_second=summary['tokens_per_second'],
+              max_over_mean_load=max(loads) if loads else float('nan'),
+              dropped_frac=sum(dropped) / len(dropped) if dropped else float('nan'))
+
+
+def _natural(name: str) -> list:
+  """Sort key that orders 'num_experts=4' before 'num_experts=16'."""
+  return [int(part) if part.isdigit() else part for part in re.split(r'(\d+)', name)]
+
+
+def report(workdir, names: list[str] | None = None, *, log=print) -> list[dict]:
+  """Writes results.csv, results.md and the two plots for the finished runs in `workdir`
+  (all of them, or `names` in that order). Returns the rows."""
+  workdir = pathlib.Path(workdir)
+  if names is None:
+    names = sorted((p.parent.name for p in workdir.glob(f'*/{SUMMARY}')), key=_natural)
+  rows = [_row(workdir / n) for n in names if (workdir / n / SUMMARY).is_file()]
+  if not rows:
+    raise config_lib.ConfigError(f'{workdir} holds no finished runs (no */{SUMMARY}); run '
+                                 '`moetrain sweep` first.')
+  with open(workdir / 'results.csv', 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  (workdir / 'results.md').write_text('\n'.join(markdown_table(rows)) + '\n')
+  _plot(workdir, [r['run'] for r in rows])
+  for line in markdown_table(rows):
+    log(line)
+  return rows
+
+
+def markdown_table(rows: list[dict]) -> list[str]:
+  """The rows as a Markdown table, best eval loss first."""
+  header = ['run', 'total params', 'active params', 'train loss', 'eval loss', 'tokens/s',
+            'max/mean load', 'dropped']
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for r in sorted(rows, key=lambda r: r['eval_loss']):
+    lines.append(f"| {r['run']} | {r['total_params']:,} | {r['active_params']:,} | "
+                 f"{r['train_loss']:.4f} | {r['eval_loss']:.4f} | "
+                 f"{r['tokens_per_second']:,.0f} | {r['max_over_mean_load']:.2f} | "
+                 f"{r['dropped_frac']:.3f} |")
+  return lines
+
+
+def _curves(path: pathlib.Path, key: str) -> tuple[list[int], list[float]]:
+  """(steps, values) of one scalar in a metrics.jsonl; the last record of a step wins
+  (a resumed run logs some steps again)."""
+  by_step = {r['step']: r[key] for r in metrics_lib.read_jsonl(path) if key in r}
+  steps = sorted(by_step)
+  return steps, [by_step[s] for s in steps]
+
+
+def _plot(workdir: pathlib.Path, names: list[str]):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+  finals = []
+  for name in names:
+    path = workdir / name / 'metrics.jsonl'
+    train_ax.plot(*_curves(path, 'loss'), label=name, alpha=0.8)
+    steps, evals = _curves(path, 'eval/loss')
+    eval_ax.plot(steps, evals, marker='o', label=name)
+    finals.append(evals[-1])
+  train_ax.set(xlabel='step', ylabel='train loss (nats/token)', title='train loss')
+  eval_ax.set(xlabel='step', ylabel='eval loss (nats/token)', title='eval loss')
+  for ax in (train_ax, eval_ax):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(workdir / 'loss_curves.png', dpi=120)
+  plt.close(fig)
+  fig, ax = plt.subplots(figsize=(7, 0.8 + 0.4 * len(names)))
+  ax.barh(names, finals)
+  ax.set(xlabel='final eval loss (nats/token)', xlim=(min(finals) * 0.98, max(finals) * 1.01))
+  fig.tight_layout()
+  fig.savefig(workdir / 'final_eval_loss.png', dpi=120)
+  plt.close(fig)

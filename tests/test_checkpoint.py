@@ -1,0 +1,408 @@
+"""Checkpoints that never lose work: exact resume after SIGKILL (also mid-save), SIGTERM /
+SIGINT preemption, fallback past damaged checkpoints, safe retention, shape mismatches,
+restore onto another mesh, and the non-finite guard."""
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from moetrain import checkpoint as checkpoint_lib
+from moetrain import data as data_lib
+from moetrain import metrics as metrics_lib
+from moetrain import train as train_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# One small model for every test here: cheap to compile, still MoE on a (data, expert) mesh.
+SMALL = {'model.d_model': 16, 'model.num_layers': 1, 'model.num_heads': 2,
+         'model.num_kv_heads': 1, 'model.d_ff': 32, 'data.seq_len': 16,
+         'train.log_every': 1, 'train.eval_every': 100, 'train.eval_batches': 1}
+
+
+def small_config(**overrides):
+  return tiny_config(**{**SMALL, **overrides})
+
+
+def losses(workdir) -> dict:
+  """step -> training loss from metrics.jsonl (appended across resumes: the last wins)."""
+  out = {}
+  for record in metrics_lib.read_jsonl(pathlib.Path(workdir) / 'metrics.jsonl'):
+    if 'loss' in record:
+      out[record['step']] = record['loss']
+  return out
+
+
+def final_arrays(workdir, step) -> dict:
+  return checkpoint_lib.Checkpointer(workdir).read_arrays(step)
+
+
+# --------------------------------------------------------------------------------------
+# Subprocess runs of the CLI, killed or signalled at chosen points.
+
+RUN_STEPS = 8
+CLI_OVERRIDES = {**SMALL, 'model.vocab_size': 0, 'model.num_experts': 4, 'model.moe.top_k': 2,
+                 'data.batch_size': 8, 'data.max_documents': 40, 'data.eval_fraction': 0.25,
+                 'train.steps': RUN_STEPS, 'train.warmup_steps': 2, 'train.progress': False,
+                 'checkpoint.every_steps': 2, 'checkpoint.keep': 2, 'mesh.expert': 2}
+
+# The CLI, optionally with orbax's final rename of one step held back for 60 s, so that a
+# kill is certain to land in the middle of that async save.
+DRIVER = '''
+import asyncio, os, sys
+from orbax.checkpoint._src.path import atomicity
+slow = os.environ.get('SLOW_FINALIZE_STEP')
+if slow:
+  original = atomicity.AtomicRenameTemporaryPath.finalize
+  async def finalize(self, *args, **kwargs):
+    if self.get_final().name == slow:
+      print(f'FINALIZING {slow}', flush=True)
+      await asyncio.sleep(60)
+    return await original(self, *args, **kwargs)
+  atomicity.AtomicRenameTemporaryPath.finalize = finalize
+from moetrain import cli
+cli.main(['moetrain'] + sys.argv[1:])
+'''
+
+
+@pytest.fixture(scope='module')
+def cli_env(tmp_path_factory):
+  """Environment of the CLI runs: this checkout first on PYTHONPATH, and one persistent
+  compilation cache so that only the first run compiles."""
+  paths = [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + paths))
+  env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  env.pop('SLOW_FINALIZE_STEP', None)
+  return env
+
+
+def run_cli(env, workdir, *, signal_after_step=None, sig=signal.SIGKILL,
+            slow_finalize_step=None, timeout=300):
+  """Runs `moetrain train` on `workdir`; if `signal_after_step`, sends `sig` once this run
+  has logged that step (or, with `slow_finalize_step`, once that save is being committed).
+  Returns (exit code, output)."""
+  driver = pathlib.Path(workdir).parent / 'driver.py'
+  driver.write_text(DRIVER)
+  env = dict(env)  # the caller's stays without SLOW_FINALIZE_STEP.
+  if slow_finalize_step is not None:
+    env['SLOW_FINALIZE_STEP'] = str(slow_finalize_step)
+  args = [sys.executable, str(driver), 'train', f'--config={REPO / "configs/tiny.py"}',
+          f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in CLI_OVERRIDES.items()]
+  metrics = pathlib.Path(workdir) / 'metrics.jsonl'
+  seen = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+  proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, cwd=REPO)
+  lines = []
+  reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+  reader.start()
+
+  def reached() -> bool:
+    if slow_finalize_step is not None:
+      return any(f'FINALIZING {slow_finalize_step}' in line for line in lines)
+    if not metrics.exists():
+      return False
+    new = metrics.read_text().splitlines()[seen:]
+    return any(json.loads(l).get('step', 0) >= signal_after_step for l in new if l.strip())
+
+  deadline = time.time() + timeout
+  if signal_after_step is not None or slow_finalize_step is not None:
+    while not reached():
+      assert proc.poll() is None, 'run ended before the signal point:\n' + ''.join(lines)
+      assert time.time() < deadline, 'timed out waiting for the signal point'
+      time.sleep(0.01)
+    proc.send_signal(sig)
+  rc = proc.wait(timeout=max(1, deadline - time.time()))
+  reader.join(timeout=10)
+  return rc, ''.join(lines)
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, cli_env):
+  """An uninterrupted run: its per-step losses and final arrays."""
+  workdir = tmp_path_factory.mktemp('reference') / 'run'
+  rc, out = run_cli(cli_env, workdir)
+  assert rc == 0, out
+  return losses(workdir), final_arrays(workdir, RUN_STEPS)
+
+
+def assert_same_run(workdir, reference):
+  ref_losses, ref_arrays = reference
+  assert losses(workdir) == ref_losses
+  assert sorted(ref_losses) == list(range(1, RUN_STEPS + 1))
+  arrays = final_arrays(workdir, RUN_STEPS)
+  assert arrays.keys() == ref_arrays.keys()
+  for name in arrays:
+    np.testing.assert_array_equal(arrays[name], ref_arrays[name], err_msg=name)
+
+
+def test_sigkill_at_several_points_and_mid_save_resumes_exactly(tmp_path, reference, cli_env):
+  workdir = tmp_path / 'run'
+  rc, out = run_cli(cli_env, workdir, signal_after_step=3)  # between saves (step 2 is saved)
+  assert rc == -signal.SIGKILL, out
+  rc, out = run_cli(cli_env, workdir, slow_finalize_step=6)  # during the async save of step 6
+  assert rc == -signal.SIGKILL, out
+  ckpts = workdir / 'checkpoints'
+  assert not (ckpts / '6').exists()
+  assert any(p.name.startswith('6.orbax-checkpoint-tmp') for p in ckpts.iterdir())
+  rc, out = run_cli(cli_env, workdir, signal_after_step=7)  # right after a resumed step
+  assert rc == -signal.SIGKILL, out
+  assert 'resuming from the checkpoint at step' in out
+  rc, out = run_cli(cli_env, workdir)
+  assert rc == 0, out
+  assert 'resuming from the checkpoint at step' in out
+  assert_same_run(workdir, reference)
+
+
+def test_sigterm_and_sigint_save_and_exit_zero(tmp_path, reference, cli_env):
+  workdir = tmp_path / 'run'
+  stopped = None
+  for sig, after in ((signal.SIGINT, 1), (signal.SIGTERM, 5)):
+    rc, out = run_cli(cli_env, workdir, signal_after_step=after, sig=sig)
+    assert rc == 0, out
+    assert f'{signal.Signals(sig).name} received' in out
+    stopped = int(re.search(r'stopped by a signal at step (\d+)', out).group(1))
+    assert after <= stopped < RUN_STEPS
+    assert max(checkpoint_lib.Checkpointer(workdir).steps()) == stopped
+    assert max(losses(workdir)) == stopped
+  rc, out = run_cli(cli_env, workdir)
+  assert rc == 0, out
+  assert f'resuming from the checkpoint at step {stopped}' in out
+  assert_same_run(workdir, reference)
+
+
+def test_preemption_handler_restores_previous_handlers():
+  before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  with train_lib.PreemptionHandler() as stop:
+    assert not stop.stop_requested()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.01)
+    assert stop.stop_requested()
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.01)
+  assert {s: signal.getsignal(s) for s in before} == before
+
+
+# --------------------------------------------------------------------------------------
+# Damaged checkpoints, retention, shape mismatches (in-process).
+
+@pytest.fixture(scope='module')
+def saved_run(tmp_path_factory):
+  """A 4-step run with checkpoints at steps 2 and 4."""
+  workdir = tmp_path_factory.mktemp('saved') / 'run'
+  cfg = small_config(**{'train.steps': 4, 'checkpoint.every_steps': 2})
+  train_lib.train(cfg, workdir, log=lambda _: None)
+  assert checkpoint_lib.Checkpointer(workdir).steps() == [2, 4]
+  return cfg, workdir
+
+
+def copy_run(saved_run, tmp_path):
+  cfg, workdir = saved_run
+  dest = tmp_path / 'run'
+  shutil.copytree(workdir, dest)
+  return cfg.copy_and_resolve_references(), dest
+
+
+def truncate_state(workdir, step):
+  """Cuts every data file of the `state` item of `step` in half."""
+  files = [p for p in (workdir / 'checkpoints' / str(step) / 'state').rglob('*')
+           if p.is_file() and p.stat().st_size > 64]
+  assert files
+  for p in files:
+    p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+
+
+def delete_item(workdir, step, item='state'):
+  shutil.rmtree(workdir / 'checkpoints' / str(step) / item)
+
+
+def restore_target(cfg):
+  """An abstract TrainState target (and nothing compiled) for Checkpointer.restore_latest."""
+  cfg = train_lib.prepare(cfg)
+  from moetrain.parallel import mesh as mesh_lib
+  mesh = mesh_lib.make_mesh(cfg)
+  _, abstract, shardings = train_lib.abstract_state(cfg, mesh, train_lib.make_optimizer(cfg.train))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def tree(path) -> list[str]:
+  return sorted(str(p.relative_to(path)) for p in path.rglob('*'))
+
+
+@pytest.mark.parametrize('damage', [truncate_state, delete_item,
+                                    lambda w, s: delete_item(w, s, 'meta')],
+                         ids=['truncated', 'missing-state', 'missing-meta'])
+def test_damaged_latest_falls_back_and_is_kept(saved_run, tmp_path, damage):
+  cfg, workdir = copy_run(saved_run, tmp_path)
+  damage(workdir, 4)
+  damaged_files = tree(workdir / 'checkpoints' / '4')
+  checkpointer = checkpoint_lib.Checkpointer(workdir)
+  with pytest.warns(checkpoint_lib.DamagedCheckpointWarning,
+                    match=r'checkpoint at step 4 is damaged \(\w+'):
+    step, state, meta = checkpointer.restore_latest(restore_target(cfg))
+  assert step == 2 and int(state.step) == 2 and meta['data']['index'] > 0
+  assert checkpointer.steps() == [2]
+  assert tree(workdir / 'checkpoints.damaged' / '4') == damaged_files
+
+
+def test_train_resumes_past_damaged_latest_and_keep_1_never_deletes_it(saved_run, tmp_path):
+  cfg, workdir = copy_run(saved_run, tmp_path)
+  truncate_state(workdir, 4)
+  cfg.train.steps, cfg.checkpoint.keep = 6, 1
+  logs = []
+  with pytest.warns(checkpoint_lib.DamagedCheckpointWarning, match='step 4 is damaged'):
+    summary = train_lib.train(cfg, workdir, log=logs.append)
+  assert 'resuming from the checkpoint at step 2' in logs
+  assert summary.steps == 6
+  assert checkpoint_lib.Checkpointer(workdir).steps() == [6]
+  assert (workdir / 'checkpoints.damaged' / '4' / 'state').is_dir()
+  assert sorted(losses(workdir)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_retention_keeps_older_steps_while_newest_is_damaged(saved_run, tmp_path):
+  _, workdir = copy_run(saved_run, tmp_path)
+  truncate_state(workdir, 4)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, keep=1)
+  with pytest.warns(checkpoint_lib.DamagedCheckpointWarning, match='step 4 does not read back'):
+    checkpointer.prune()
+  assert checkpointer.steps() == [2, 4]
+  _, workdir = copy_run(saved_run, tmp_path / 'intact')
+  checkpointer = checkpoint_lib.Checkpointer(workdir, keep=1)
+  checkpointer.prune()
+  assert checkpointer.steps() == [4]
+
+
+def test_no_valid_checkpoint_is_a_clear_error_and_deletes_nothing(saved_run, tmp_path):
+  cfg, workdir = copy_run(saved_run, tmp_path)
+  truncate_state(workdir, 4)
+  delete_item(workdir, 2)
+  before = tree(workdir / 'checkpoints')
+  cfg.train.steps = 6
+  with pytest.raises(checkpoint_lib.CheckpointError,
+                     match=r'no checkpoint in .* can be read \(step 4: .*step 2: .*\); move'):
+    train_lib.train(cfg, workdir, log=lambda _: None)
+  assert tree(workdir / 'checkpoints') == before
+  assert not (workdir / 'checkpoints.damaged').exists()
+
+
+def test_shape_mismatch_names_the_keys_before_compiling(saved_run, tmp_path, monkeypatch):
+  cfg, workdir = copy_run(saved_run, tmp_path)
+  cfg.model.d_model, cfg.model.num_experts, cfg.train.steps = 32, 8, 6
+  compiled = []
+  monkeypatch.setattr(train_lib, 'make_train_step', lambda *a: compiled.append(a))
+  monkeypatch.setattr(train_lib, 'init_state', lambda *a: compiled.append(a))
+  with pytest.raises(checkpoint_lib.CheckpointError) as e:
+    train_lib.train(cfg, workdir, log=lambda _: None)
+  message = str(e.value)
+  assert 'model.d_model=16 (config has 32)' in message
+  assert 'model.num_experts=4 (config has 8)' in message
+  assert 'choose a new --workdir' in message and message.count('. ') == 0
+  assert not compiled
+  assert checkpoint_lib.Checkpointer(workdir).steps() == [2, 4]
+
+
+def test_shape_check_names_arrays_when_no_shape_key_differs():
+  saved = {'config': {'model': {'d_model': 16}}, 'shapes': {'params.w': [[4, 16], 'float32']}}
+  new_shapes = {'params.w': [[4, 8], 'float32']}
+  with pytest.raises(checkpoint_lib.CheckpointError,
+                     match=r'^the checkpoint at step 7 holds arrays that this config builds '
+                           r'differently \(params.w\); use the config'):
+    checkpoint_lib.check_compatible(saved, {'model': {'d_model': 16}}, new_shapes, 7)
+  checkpoint_lib.check_compatible(saved, {'model': {'d_model': 99}}, saved['shapes'], 7)
+
+
+# --------------------------------------------------------------------------------------
+# Restore onto another mesh.
+
+def resumed_loss(base, workdir, expert):
+  """Step 3's loss when a copy of `base` (checkpoints at steps 2 and 3) loses its step-3
+  checkpoint and resumes from step 2 on a mesh with `expert` devices on that axis."""
+  shutil.copytree(base, workdir)
+  shutil.rmtree(workdir / 'checkpoints' / '3')
+  logs = []
+  train_lib.train(small_config(**{'train.steps': 3, 'mesh.expert': expert}), workdir,
+                  log=logs.append)
+  assert 'resuming from the checkpoint at step 2' in logs
+  return losses(workdir)[3]
+
+
+@pytest.mark.parametrize('saved_expert,resume_experts', [(4, (2, 1)), (1, (4,))])
+def test_restore_onto_another_mesh(tmp_path, saved_expert, resume_experts):
+  base = tmp_path / 'base'
+  train_lib.train(small_config(**{'train.steps': 3, 'checkpoint.every_steps': 2,
+                                  'mesh.expert': saved_expert}), base, log=lambda _: None)
+  expected = losses(base)[3]
+  for expert in resume_experts:
+    got = resumed_loss(base, tmp_path / f'expert{expert}', expert)
+    np.testing.assert_allclose(got, expected, rtol=2e-6, err_msg=f'mesh.expert={expert}')
+
+
+# --------------------------------------------------------------------------------------
+# Non-finite guard.
+
+def poison_step(monkeypatch, cfg, bad_step):
+  """Makes the loss (and so the gradients) NaN on exactly the batch of `bad_step`."""
+  rows = data_lib.make_data(train_lib.prepare(cfg.copy_and_resolve_references())).train
+  for _ in range(bad_step):
+    bad_inputs = next(rows)['inputs']
+  make_loss_fn = train_lib.make_loss_fn
+
+  def poisoned(graphdef, cfg):
+    loss_fn = make_loss_fn(graphdef, cfg)
+
+    def fn(params, model_state, batch, rng):
+      loss, aux = loss_fn(params, model_state, batch, rng)
+      poison = jnp.all(batch['inputs'] == bad_inputs)
+      return loss * jnp.where(poison, jnp.nan, 1.0), aux
+
+    return fn
+
+  monkeypatch.setattr(train_lib, 'make_loss_fn', poisoned)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  cfg = small_config(**{'train.steps': 4, 'checkpoint.every_steps': 1})
+  poison_step(monkeypatch, cfg, 3)
+  with pytest.raises(train_lib.NonFiniteError,
+                     match=r'step 3 has a non-finite loss \(nan\).*last checkpoint \(step 2\) '
+                           r'intact; .*train.skip_nonfinite=True'):
+    train_lib.train(cfg, tmp_path, log=lambda _: None)
+  checkpointer = checkpoint_lib.Checkpointer(tmp_path)
+  assert checkpointer.steps() == [1, 2]
+  assert all(np.isfinite(a).all() for a in checkpointer.read_arrays(2).values())
+
+
+def test_skip_nonfinite_skips_only_that_update(tmp_path, monkeypatch):
+  cfg = small_config(**{'train.steps': 4, 'checkpoint.every_steps': 1, 'checkpoint.keep': 4,
+                        'train.skip_nonfinite': True})
+  poison_step(monkeypatch, cfg, 3)
+  logs = []
+  train_lib.train(cfg, tmp_path, log=logs.append)
+  assert any('step 3: non-finite loss (nan)' in line and 'update skipped' in line
+             for line in logs), logs
+  records = {r['step']: r for r in metrics_lib.read_jsonl(tmp_path / 'metrics.jsonl')
+             if 'loss' in r}
+  assert [records[s]['nonfinite'] for s in (1, 2, 3, 4)] == [0, 0, 1, 0]
+  checkpointer = checkpoint_lib.Checkpointer(tmp_path)
+  a2, a3, a4 = (checkpointer.read_arrays(s) for s in (2, 3, 4))
+  for name in a2:
+    if name != 'step':
+      np.testing.assert_array_equal(a3[name], a2[name], err_msg=name)
+  assert int(a3['step']) == 3
+  assert any(not np.array_equal(a4[n], a3[n]) for n in a4 if n.startswith('params'))
+  assert all(np.isfinite(a).all() for a in a4.values())

@@ -1,0 +1,83 @@
+"""Config validation: each bad value gives one sentence naming the key and the fix."""
+
+import pathlib
+
+import pytest
+
+from moetrain import config as config_lib
+from moetrain.config import ConfigError
+
+from conftest import tiny_config
+
+CONFIGS = sorted((pathlib.Path(__file__).parents[1] / 'configs').glob('*.py'))
+
+
+@pytest.mark.parametrize('overrides,message', [
+    ({'model.moe.top_k': 5}, r'model\.moe\.top_k=5 is larger than model\.num_experts=4'),
+    ({'model.d_model': 0}, r'model\.d_model=0 must be positive'),
+    ({'model.num_layers': -1}, r'model\.num_layers=-1 must be positive'),
+    ({'model.num_heads': 3}, r'model\.num_heads=3 does not divide model\.d_model=32'),
+    ({'model.num_kv_heads': 3}, r'model\.num_kv_heads=3 does not divide model\.num_heads=4'),
+    ({'model.num_experts': -2}, r'model\.num_experts=-2 must be non-negative'),
+    ({'model.moe.router': 'hash'}, r"model\.moe\.router='hash' is not known"),
+    ({'model.moe.gate': 'relu'}, r"model\.moe\.gate='relu' is not known"),
+    ({'model.moe.capacity_factor': 0.0}, r'model\.moe\.capacity_factor=0\.0 must be positive'),
+    ({'model.moe.jitter': 1.5}, r'model\.moe\.jitter=1\.5 must lie in \[0, 1\)'),
+    ({'model.moe.router': 'expert_choice', 'model.moe.dropless': True},
+     r'dropless=True needs router=.token_choice.'),
+    ({'model.moe.gate': 'sigmoid', 'model.moe.softmax_order': 'topk_softmax'},
+     r"softmax_order='topk_softmax' needs gate='softmax'"),
+    ({'model.first_k_dense': 2}, r'no layer is a MoE layer'),
+    ({'model.dtype': 'float16'}, r"model\.dtype='float16' is not supported"),
+    ({'data.seq_len': 0}, r'data\.seq_len=0 must be positive'),
+    ({'data.eval_fraction': 1.0}, r'data\.eval_fraction=1\.0 must lie in \(0, 1\)'),
+    ({'train.warmup_steps': 10}, r'train\.warmup_steps=10 exceeds train\.steps=6'),
+    ({'train.lr': 0.0}, r'train\.lr=0\.0 must be positive'),
+    ({'mesh.expert': 0}, r'mesh\.expert=0 must be a positive size or -1'),
+])
+def test_bad_values_raise_one_sentence(overrides, message):
+  with pytest.raises(ConfigError, match=message) as info:
+    config_lib.validate(tiny_config(**overrides))
+  text = str(info.value)
+  assert '\n' not in text and text.count('; ') >= 1  # what is wrong; how to fix it.
+
+
+def test_unknown_key_suggests_the_close_one():
+  cfg = tiny_config()
+  cfg.model.unlock()
+  cfg.model.num_expert = 4
+  with pytest.raises(ConfigError, match=r"unknown config key 'model\.num_expert'; did you "
+                     r"mean 'model\.num_experts'\?"):
+    config_lib.validate(cfg)
+
+
+def test_top_k_equal_to_num_experts_is_valid():
+  config_lib.validate(tiny_config(**{'model.moe.top_k': 4}))
+
+
+def test_capacity_rule():
+  assert config_lib.capacity(64, 8, 2, 1.25) == 20  # ceil(1.25 * 64 * 2 / 8)
+  assert config_lib.capacity(64, 8, 1, 1.0) == 8
+  assert config_lib.capacity(10, 8, 1, 0.01) == 1  # at least one slot
+  assert config_lib.capacity(16, 2, 2, 4.0) == 16  # at most every token
+
+
+def test_moe_layers():
+  cfg = tiny_config(**{'model.num_layers': 6, 'model.first_k_dense': 1,
+                       'model.moe_every': 2})
+  assert config_lib.moe_layers(cfg.model) == [2, 4]
+  assert config_lib.moe_layers(tiny_config(**{'model.num_experts': 0}).model) == []
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_is_valid(path):
+  config_lib.validate(config_lib.load(path))
+
+
+def test_load_errors(tmp_path):
+  with pytest.raises(ConfigError, match='does not exist'):
+    config_lib.load(tmp_path / 'missing.py')
+  empty = tmp_path / 'empty.py'
+  empty.write_text('x = 1\n')
+  with pytest.raises(ConfigError, match=r'has no get_config\(\)'):
+    config_lib.load(empty)

@@ -1,0 +1,172 @@
+"""The training loop: router and experts learn jointly; each model variant trains."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moetrain import config as config_lib
+from moetrain import data as data_lib
+from moetrain import metrics as metrics_lib
+from moetrain import train
+from moetrain.parallel import mesh as mesh_lib
+
+from conftest import tiny_config
+
+RNG = np.random.default_rng()
+ONE_DEVICE = {'mesh.data': 1, 'mesh.expert': 1}
+
+
+def setup(cfg):
+  """(cfg, graphdef, state, optimizer) on one device."""
+  cfg = data_lib.resolve_vocab(config_lib.validate(cfg))
+  mesh = mesh_lib.make_mesh(cfg, devices=jax.devices()[:1])
+  tx = train.make_optimizer(cfg.train)
+  graphdef, state, _ = train.init_state(cfg, mesh, tx)
+  return cfg, graphdef, state, tx
+
+
+def random_batch(cfg, vocab=200):
+  shape = (cfg.data.batch_size, cfg.data.seq_len)
+  tokens = RNG.integers(0, vocab, (shape[0], shape[1] + 1)).astype(np.int32)
+  return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], mask=np.ones(shape, np.float32))
+
+
+def run_steps(cfg, graphdef, state, tx, batch, steps):
+  """`steps` train steps on the same batch in one jitted scan: (state, metrics per step)."""
+  step_fn = train.make_train_step(graphdef, tx, cfg)
+  scan = jax.jit(lambda s, b: jax.lax.scan(lambda s, _: step_fn(s, b), s, length=steps))
+  return scan(state, batch)
+
+
+@pytest.mark.parametrize('name,overrides', [
+    ('dense', {'model.num_experts': 0}),
+    ('switch', {'model.moe.top_k': 1}),
+    ('shared_experts', {'model.moe.num_shared_experts': 1}),
+    ('fine_grained', {'model.num_experts': 8, 'model.moe.d_expert': 16,
+                      'model.moe.top_k': 4}),
+    ('first_k_dense', {'model.num_layers': 3, 'model.first_k_dense': 1}),
+    ('sigmoid_bias', {'model.moe.gate': 'sigmoid', 'model.moe.bias_update_rate': 0.01,
+                      'model.moe.renormalize': True, 'model.moe.balance_coef': 0.0}),
+    ('expert_choice', {'model.moe.router': 'expert_choice'}),
+])
+def test_variant_trains(name, overrides):
+  """Eight steps on one batch: the loss falls (the model fits it) and stays finite."""
+  cfg, graphdef, state, tx = setup(tiny_config(**{**ONE_DEVICE, 'train.lr': 1e-2,
+                                                  'train.steps': 8, **overrides}))
+  state, metrics = run_steps(cfg, graphdef, state, tx, random_batch(cfg), 8)
+  loss = np.asarray(metrics['loss'])
+  assert np.all(np.isfinite(loss)), name
+  assert loss[-1] < loss[0] - 0.3, (name, loss)
+  assert int(state.step) == 8
+  if name == 'sigmoid_bias':
+    assert np.asarray(metrics['moe/layer0/bias_norm']).max() > 0  # the bias moved.
+
+
+@pytest.mark.parametrize('top_k', [1, 2])
+def test_router_gradient_is_nonzero_and_matches_finite_difference(top_k):
+  """d loss / d router kernel (cross-entropy through the combine weights plus both aux
+  losses) against central differences along the gradient direction. The router kernel is
+  drawn large (std 0.3) and the batch small (32 tokens) so that logit gaps are wide and no
+  top-k choice flips inside the difference step; the median over four step sizes absorbs
+  float32 rounding."""
+  cfg, graphdef, state, _ = setup(tiny_config(**{
+      **ONE_DEVICE, 'model.num_layers': 1, 'model.moe.top_k': top_k,
+      'model.moe.capacity_factor': 4.0, 'data.batch_size': 2, 'data.seq_len': 16}))
+  batch = random_batch(cfg)
+  loss_fn = train.make_loss_fn(graphdef, cfg)
+
+  def loss_at(kernel_DE):
+    params = jax.tree.map(lambda x: x, state.params)
+    params['blocks'][0]['ffn']['router'][...] = kernel_DE
+    return loss_fn(params, state.model_state, batch, jax.random.key(0))[0]
+
+  shape = state.params['blocks'][0]['ffn']['router'][...].shape
+  kernel_DE = (0.3 * RNG.standard_normal(shape)).astype(np.float32)
+  grad_DE = np.asarray(jax.jit(jax.grad(loss_at))(kernel_DE))
+  norm = np.linalg.norm(grad_DE)
+  assert norm > 1e-3
+  direction_DE = grad_DE / norm  # the directional derivative along it is |grad|.
+  loss = jax.jit(loss_at)
+  numeric = np.median([(float(loss(kernel_DE + eps * direction_DE)) -
+                        float(loss(kernel_DE - eps * direction_DE))) / (2 * eps)
+                       for eps in (1e-3, 2e-3, 3e-3, 4e-3)])
+  np.testing.assert_allclose(numeric, norm, rtol=0.03)
+
+
+def test_bias_balancing_lowers_load_imbalance_of_a_skewed_router():
+  """Every token embedding leans along a shared direction m and the router kernel's
+  expert-0 column is pushed along m, so expert 0 wins most tokens. With no balance loss
+  (and a learning rate too small to matter) only the aux-loss-free selection bias can
+  bring max/mean load down, and it does; sign updates then hover around balance."""
+  overrides = {**ONE_DEVICE, 'model.num_layers': 1, 'model.moe.gate': 'sigmoid',
+               'model.moe.top_k': 1, 'model.moe.balance_coef': 0.0,
+               'model.moe.z_coef': 0.0, 'model.moe.capacity_factor': 4.0,
+               'train.lr': 1e-6, 'train.steps': 40}
+  m_D = RNG.standard_normal(32).astype(np.float32)
+  m_D /= np.linalg.norm(m_D)
+  batch = None
+  load = {}
+  for rate in (0.0, 0.02):
+    cfg, graphdef, state, tx = setup(tiny_config(**{**overrides,
+                                                    'model.moe.bias_update_rate': rate}))
+    batch = random_batch(cfg) if batch is None else batch
+    embed = state.params['embed']
+    embed[...] = embed[...] + 0.05 * m_D
+    kernel = state.params['blocks'][0]['ffn']['router']
+    kernel[...] = kernel[...].at[:, 0].add(m_D)
+    _, metrics = run_steps(cfg, graphdef, state, tx, batch, 40)
+    load[rate] = np.asarray(metrics['moe/layer0/load_max_over_mean'])
+  assert load[0.0].min() > 2.4  # of at most 4 (one expert takes everything).
+  np.testing.assert_allclose(load[0.02][0], load[0.0][0])  # the bias starts at zero.
+  late = load[0.02][-10:].mean()
+  assert late < 2.0 and late < 0.7 * load[0.02][0], load[0.02]
+
+
+def test_train_end_to_end_writes_logs_and_checkpoint(tmp_path):
+  cfg = tiny_config(**{'mesh.data': 2, 'mesh.expert': 4, 'train.steps': 12, 'train.log_every': 1,
+                       'train.eval_every': 6, 'train.lr': 1e-2})
+  summary = train.train(cfg, tmp_path, log=lambda *_: None)
+  records = metrics_lib.read_jsonl(tmp_path / 'metrics.jsonl')
+  steps = [r for r in records if 'loss' in r]
+  assert [r['step'] for r in steps] == list(range(1, 13))
+  assert steps[-1]['loss'] < steps[0]['loss']
+  for key in ('ce', 'balance_loss', 'z_loss', 'lr', 'grad_norm', 'tokens_per_second',
+              'moe/layer0/dropped_frac', 'moe/layer0/load_max_over_mean',
+              'moe/layer1/router_entropy'):
+    assert key in steps[-1], key
+  assert len(steps[-1]['moe/layer0/load']) == cfg.model.num_experts
+  evals = [r for r in records if 'eval/loss' in r]
+  assert [r['step'] for r in evals] == [6, 12]
+  assert summary.eval_loss == pytest.approx(evals[-1]['eval/loss'])
+  assert summary.eval_unigram_entropy > 0
+  assert list((tmp_path / 'tb').iterdir())
+  assert (tmp_path / 'checkpoints' / '12').is_dir()
+  assert (tmp_path / 'config.json').is_file()
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+  t = tiny_config(**{'train.steps': 100, 'train.warmup_steps': 10, 'train.lr': 1.0,
+                     'train.min_lr_ratio': 0.1}).train
+  schedule = train.make_schedule(t)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(10)) == pytest.approx(1.0)
+  assert float(schedule(5)) == pytest.approx(0.5)
+  assert float(schedule(100)) == pytest.approx(0.1)
+  assert float(schedule(55)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-5)
+
+
+def test_weight_decay_skips_vectors():
+  """With zero gradients the update is the decay alone: matrices shrink, vectors don't."""
+  cfg, graphdef, state, tx = setup(tiny_config(**{**ONE_DEVICE, 'train.weight_decay': 0.5}))
+  zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+  _, opt_state = tx.update(zero_grads, state.opt_state, state.params)  # lr is 0 at step 0.
+  updates, _ = tx.update(zero_grads, opt_state, state.params)
+  flat = nnx.to_flat_state(updates)
+  for path, leaf in flat:
+    value = np.asarray(leaf.get_value())
+    if value.ndim >= 2:
+      assert np.abs(value).max() > 0, path
+    else:
+      assert np.abs(value).max() == 0, path
