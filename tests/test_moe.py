@@ -183,3 +183,21 @@ def test_statistics_report_load_and_router_state():
   assert load.sum() == pytest.approx(1.0) and load[0] == load.max()
   assert float(stats['max_logit']) == pytest.approx(float(np.max(x @ r)), rel=1e-5)
   assert 0 < float(stats['router_entropy']) < np.log(E)
+
+
+@pytest.mark.parametrize('loop_max', [0, E])
+def test_experts_loop_and_batched_forms_agree(monkeypatch, loop_max):
+  """CPU runs up to CPU_EXPERT_LOOP_MAX experts as separate GEMMs, more as one batched
+  einsum: both equal the NumPy experts, values and gradients."""
+  monkeypatch.setattr(moe_lib, 'CPU_EXPERT_LOOP_MAX', loop_max)
+  _, _, wg, wu, wd = make_inputs()
+  x_ECD = RNG.standard_normal((E, 5, D)).astype(np.float32)
+  got = np.asarray(moe_lib.experts(*map(jnp.asarray, (x_ECD, wg, wu, wd))))
+  want = np.stack([np_expert(x_ECD[e], wg[e], wu[e], wd[e]) for e in range(E)])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  loss = lambda *a: jnp.sum(moe_lib.experts(*a) ** 2)
+  grads = jax.grad(loss, argnums=(0, 1, 2, 3))(*map(jnp.asarray, (x_ECD, wg, wu, wd)))
+  monkeypatch.setattr(moe_lib, 'CPU_EXPERT_LOOP_MAX', E - loop_max)  # the other form
+  other = jax.grad(loss, argnums=(0, 1, 2, 3))(*map(jnp.asarray, (x_ECD, wg, wu, wd)))
+  for a, b in zip(grads, other):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
