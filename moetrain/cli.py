@@ -21,6 +21,8 @@ COMMANDS = {
     'sweep': 'train a grid of overrides, then a table and plots: --config=FILE '
              '--workdir=DIR --sweep=KEY=V1,V2 [--sweep=...]',
     'report': 'rebuild the table and plots of a sweep: --workdir=DIR',
+    'sample': 'continue a prompt with a trained run: --workdir=DIR --prompt=TEXT '
+              '[--max_new_tokens=N --temperature=T]',
     'params': 'print total and active parameters and training FLOPs per token',
     'tokenizer': "'tokenizer train': fit a byte-level BPE on the configured corpus: "
                  '--vocab_size=N --output=PATH',
@@ -38,6 +40,9 @@ _COORDINATOR = flags.DEFINE_string(
     '--num_processes and --process_id); not needed on TPU pods and SLURM.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'multi-process: process count.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'multi-process: this process index.')
+_PROMPT = flags.DEFINE_string('prompt', None, 'sample: the text to continue.')
+_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 200, 'sample: tokens to generate.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'sample: 0 is greedy.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'multi-process with the cluster detected by JAX (Cloud TPU pod '
     'slices, SLURM, Open MPI).')
@@ -79,6 +84,16 @@ def _sweep(_):
   sweep.sweep(_CONFIG.value, _SWEEP.value, _WORKDIR.value, log=_process_zero_print())
 
 
+def _sample(_):
+  from moetrain import sample
+  _require_workdir('sample')
+  if not _PROMPT.value:
+    raise config_lib.ConfigError('sample needs --prompt=TEXT; e.g. --prompt="def main(".')
+  text = sample.sample(_WORKDIR.value, _PROMPT.value, max_new_tokens=_MAX_NEW_TOKENS.value,
+                       temperature=_TEMPERATURE.value)
+  print(_PROMPT.value + text)
+
+
 def _report(_):
   from moetrain import sweep
   _require_workdir('report')
@@ -103,7 +118,8 @@ def _tokenizer_train(_):
         f'{tokenizer.eod_id}; use it with --config.data.tokenizer={_OUTPUT.value}')
 
 
-RUNNERS = {'train': _train, 'sweep': _sweep, 'report': _report, 'params': _params, 'tokenizer train': _tokenizer_train}
+RUNNERS = {'train': _train, 'sweep': _sweep, 'report': _report, 'sample': _sample,
+           'params': _params, 'tokenizer train': _tokenizer_train}
 
 
 def _runtime_errors() -> tuple:
@@ -147,7 +163,7 @@ def main(argv=None):
   try:
     _check_args(argv)
     args = flags.FLAGS(argv)
-    if _CONFIG.value is None and command != 'report':
+    if _CONFIG.value is None and command not in ('report', 'sample'):
       raise config_lib.ConfigError('--config is required; pass e.g. --config=configs/tiny.py.')
     RUNNERS[command](args)
   except (config_lib.ConfigError, flags.Error) as e:

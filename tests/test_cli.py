@@ -72,6 +72,20 @@ def test_bad_input_is_one_sentence(args, message, tmp_path):
   assert len(lines) == 1 and message in lines[0], out.stderr
 
 
+@pytest.mark.parametrize('args,message', [
+    (['sample', '--prompt=x'], '--workdir is required for sample'),
+    (['sample', '--workdir=WORKDIR'], 'sample needs --prompt=TEXT'),
+    (['sample', '--workdir=WORKDIR', '--prompt=x'], 'has no config.json'),
+    (['report', '--workdir=WORKDIR'], 'holds no finished runs'),
+    (['sweep', '--config=configs/tiny.py', '--workdir=WORKDIR'], 'at least one --sweep'),
+])
+def test_other_commands_bad_input(args, message, tmp_path):
+  out = moetrain(*[a.replace('WORKDIR', str(tmp_path)) for a in args])
+  assert out.returncode == 2
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and message in lines[0], out.stderr
+
+
 def test_usage_without_command():
   out = moetrain()
   assert out.returncode == 2 and 'usage: moetrain' in out.stderr
