@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -141,3 +142,16 @@ def test_weight_decay_skips_vectors():
       assert np.abs(value).max() > 0, path
     else:
       assert np.abs(value).max() == 0, path
+
+
+@pytest.mark.parametrize('max_norm', [0.5, 1e3])  # clipping and not clipping.
+def test_clip_by_global_norm_equals_optax(max_norm):
+  grads = {'a': RNG.standard_normal((5, 3)).astype(np.float32),
+           'b': RNG.standard_normal((7,)).astype(np.float32)}
+  ours = train.clip_by_global_norm(max_norm)
+  ref = optax.clip_by_global_norm(max_norm)
+  got, _ = ours.update(grads, ours.init(grads))
+  want, _ = ref.update(grads, ref.init(grads))
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6), got, want)
+  norm = float(optax.tree.norm(got))
+  assert norm == pytest.approx(min(max_norm, float(optax.tree.norm(grads))), rel=1e-6)
