@@ -1,4 +1,4 @@
-"""The `moetrain` command: `moetrain train|sweep|report|params|tokenizer train
+"""The `moetrain` command: `moetrain train|sweep|report|sample|params|tokenizer train
 --config=configs/x.py [--config.a.b=v]`.
 
 Config files are read with ml_collections `config_flags`, so any key can be overridden on
