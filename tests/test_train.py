@@ -68,32 +68,37 @@ def test_variant_trains(name, overrides):
 @pytest.mark.parametrize('top_k', [1, 2])
 def test_router_gradient_is_nonzero_and_matches_finite_difference(top_k):
   """d loss / d router kernel (cross-entropy through the combine weights plus both aux
-  losses) against central differences along the gradient direction. The router kernel is
-  drawn large (std 0.3) and the batch small (32 tokens) so that logit gaps are wide and no
-  top-k choice flips inside the difference step; the median over four step sizes absorbs
-  float32 rounding."""
+  losses) against central differences along the gradient direction, whose directional
+  derivative is |grad|. The router kernel is drawn large (std 0.3) and the batch small (32
+  tokens) so logit gaps are wide. Top-k is discontinuous where a token's choice flips; a
+  draw where that happens inside the difference steps shows as differences that disagree
+  with each other, and is redrawn (a few times at most)."""
   cfg, graphdef, state, _ = setup(tiny_config(**{
       **ONE_DEVICE, 'model.num_layers': 1, 'model.moe.top_k': top_k,
       'model.moe.capacity_factor': 4.0, 'data.batch_size': 2, 'data.seq_len': 16}))
-  batch = random_batch(cfg)
   loss_fn = train.make_loss_fn(graphdef, cfg)
 
-  def loss_at(kernel_DE):
+  def loss_at(kernel_DE, batch):
     params = jax.tree.map(lambda x: x, state.params)
     params['blocks'][0]['ffn']['router'][...] = kernel_DE
     return loss_fn(params, state.model_state, batch, jax.random.key(0))[0]
 
+  grad_fn, loss = jax.jit(jax.grad(loss_at)), jax.jit(loss_at)
   shape = state.params['blocks'][0]['ffn']['router'][...].shape
-  kernel_DE = (0.3 * RNG.standard_normal(shape)).astype(np.float32)
-  grad_DE = np.asarray(jax.jit(jax.grad(loss_at))(kernel_DE))
-  norm = np.linalg.norm(grad_DE)
-  assert norm > 1e-3
-  direction_DE = grad_DE / norm  # the directional derivative along it is |grad|.
-  loss = jax.jit(loss_at)
-  numeric = np.median([(float(loss(kernel_DE + eps * direction_DE)) -
-                        float(loss(kernel_DE - eps * direction_DE))) / (2 * eps)
-                       for eps in (1e-3, 2e-3, 3e-3, 4e-3)])
-  np.testing.assert_allclose(numeric, norm, rtol=0.03)
+  for _ in range(5):
+    batch = random_batch(cfg)
+    kernel_DE = (0.3 * RNG.standard_normal(shape)).astype(np.float32)
+    grad_DE = np.asarray(grad_fn(kernel_DE, batch))
+    norm = np.linalg.norm(grad_DE)
+    assert norm > 1e-3
+    direction_DE = grad_DE / norm
+    numeric = np.array([(float(loss(kernel_DE + eps * direction_DE, batch)) -
+                         float(loss(kernel_DE - eps * direction_DE, batch))) / (2 * eps)
+                        for eps in (1e-3, 2e-3, 3e-3, 4e-3)])
+    if np.ptp(numeric) < 0.04 * norm:  # smooth here: no choice flipped.
+      np.testing.assert_allclose(np.median(numeric), norm, rtol=0.03)
+      return
+  pytest.fail(f'every draw had a routing flip inside the difference steps: {numeric}')
 
 
 def test_train_end_to_end_writes_logs_and_checkpoint(tmp_path):
