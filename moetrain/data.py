@@ -11,11 +11,13 @@ For local sources the HF offline switches are set, so no network request is made
 Tokenizers (`data.tokenizer`): 'byte' (UTF-8 bytes), a HF `tokenizers` .json file, or a
 sentencepiece .model file; each has an end-of-document id.
 
-Documents, each followed by the end-of-document id, are joined into one stream and cut into
-rows of `seq_len + 1` tokens (inputs are row[:-1], targets row[1:]). The train/eval split
-(by document) and the shuffle of every epoch are functions of the seed. Every process builds
-only its slice of each global batch, so the global batch does not depend on the number of
-processes, and the iterator state (`state()` / `restore()`) is global too.
+The train/eval split is by document and a function of the seed. Training documents are
+dealt round-robin to data.batch_size row streams (stream j feeds row j of every global batch);
+each stream joins its documents, each followed by the end-of-document id, and cuts the result
+into rows of `seq_len + 1` tokens (inputs are row[:-1], targets row[1:]), visited in a seeded
+order per (seed, stream, epoch). Each process reads, tokenizes and packs only the documents of
+its streams (its slice of the batch rows), so the global batch does not depend on the number
+of processes, and the iterator state (`state()` / `restore()`, the global step) is global too.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import queue
 import sys
 import sysconfig
 import threading
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -165,16 +168,16 @@ def train_tokenizer(cfg, vocab_size: int, output: str) -> HFTokenizer:
   if vocab_size < 257:
     raise ConfigError(f'--vocab_size={vocab_size} is too small for a byte-level BPE (256 '
                       'bytes + the end-of-document token); pass at least 257.')
-  texts = load_documents(cfg.data)
-  train_idx, _ = split_documents(len(texts), cfg.data.eval_fraction, cfg.seed)
+  corpus = open_corpus(cfg.data)
+  train_idx, _ = split_documents(corpus.num_documents, cfg.data.eval_fraction, cfg.seed)
+  train_texts = corpus.read(train_idx)
   tokenizer = tokenizers.Tokenizer(models.BPE())
   tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tokenizer.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOD_TOKEN],
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 show_progress=False)
-  tokenizer.train_from_iterator((texts[i] for i in train_idx), trainer=trainer,
-                                length=len(train_idx))
+  tokenizer.train_from_iterator(train_texts, trainer=trainer, length=len(train_texts))
   pathlib.Path(output).parent.mkdir(parents=True, exist_ok=True)
   tokenizer.save(str(output))
   return HFTokenizer(str(output))
@@ -241,21 +244,32 @@ def stdlib_root() -> pathlib.Path:
   return pathlib.Path(sysconfig.get_paths()['stdlib'])
 
 
-def stdlib_documents(max_documents: int = 0) -> list[tuple[str, str]]:
-  """(relative path, text) of the standard library's .py files, sorted by path.
-
-  Test suites and site-packages are excluded; undecodable bytes become U+FFFD (counted).
-  """
+def stdlib_paths(max_documents: int = 0) -> list[pathlib.Path]:
+  """The standard library's .py files (test suites and site-packages excluded), sorted; the
+  first max_documents when it is set. Lists only: no file is read."""
   root = stdlib_root()
   paths = sorted(p for p in root.rglob('*.py')
                  if not EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1]))
-  if max_documents:
-    paths = paths[:max_documents]
+  return paths[:max_documents] if max_documents else paths
+
+
+def read_text_file(path: pathlib.Path) -> str:
+  """A file's text; undecodable bytes become U+FFFD (counted)."""
+  return path.read_bytes().decode('utf-8', errors=REPLACE_ERRORS)
+
+
+def read_stdlib(paths: list[pathlib.Path]) -> list[str]:
+  """The texts of the given standard library files, in order (replacements logged)."""
   before = _REPLACED.count
-  docs = [(str(p.relative_to(root)), p.read_bytes().decode('utf-8', errors=REPLACE_ERRORS))
-          for p in paths]
-  log_replacements(before, f'the standard library ({root})')
-  return docs
+  texts = [read_text_file(p) for p in paths]
+  log_replacements(before, f'the standard library ({stdlib_root()})')
+  return texts
+
+
+def stdlib_documents(max_documents: int = 0) -> list[tuple[str, str]]:
+  """(relative path, text) of the standard library's .py files, sorted by path."""
+  root, paths = stdlib_root(), stdlib_paths(max_documents)
+  return [(str(p.relative_to(root)), t) for p, t in zip(paths, read_stdlib(paths))]
 
 
 def expand_paths(paths: str) -> list[str]:
@@ -301,10 +315,21 @@ def _text_columns(ds, field: str, where: str):
     yield [t for t in batch[field] if t]
 
 
-def file_documents(d) -> list[str]:
-  """Non-empty texts of the local files in data.paths, in file order (streamed: nothing is
-  cached); undecodable bytes become U+FFFD (counted)."""
-  from datasets import load_dataset
+def _first_texts(ds, d, where: str):
+  """Yields the non-empty texts of a dataset one by one, the first data.max_documents when
+  it is set."""
+  count = 0
+  for column in _text_columns(ds, d.text_field, where):
+    for text in column:
+      yield text
+      count += 1
+      if d.max_documents and count >= d.max_documents:
+        return
+
+
+def file_texts(d):
+  """A function that streams the non-empty texts of the local files in data.paths, in file
+  order (nothing is cached); undecodable bytes become U+FFFD (counted, logged here once)."""
   files = expand_paths(d.paths)
   fmt = file_format(files, d.format)
   kwargs = {}
@@ -316,59 +341,91 @@ def file_documents(d) -> list[str]:
         log.warning('replaced %d undecodable (non-UTF-8) bytes in %s with U+FFFD', replaced, f)
   if fmt == 'text':
     kwargs['sample_by'] = d.sample_by
-  try:
-    ds = load_dataset(fmt, data_files=files, split='train', streaming=True, **kwargs)
-    texts = []
-    for column in _text_columns(ds, d.text_field, f'data.paths={d.paths!r}'):
-      texts += column
-      if d.max_documents and len(texts) >= d.max_documents:
-        break
-  except ConfigError:
-    raise
-  except Exception as e:  # malformed files: pyarrow / json errors of many types.
-    raise ConfigError(f'data.paths={d.paths!r} could not be read as {fmt} ({type(e).__name__}:'
-                      f' {e}); fix the files or set data.format.') from e
-  return texts[:d.max_documents] if d.max_documents else texts
+
+  def texts():
+    from datasets import load_dataset
+    try:
+      ds = load_dataset(fmt, data_files=files, split='train', streaming=True, **kwargs)
+      yield from _first_texts(ds, d, f'data.paths={d.paths!r}')
+    except ConfigError:
+      raise
+    except Exception as e:  # malformed files: pyarrow / json errors of many types.
+      raise ConfigError(f'data.paths={d.paths!r} could not be read as {fmt} '
+                        f'({type(e).__name__}: {e}); fix the files or set data.format.') from e
+
+  return texts
 
 
-def hub_documents(d) -> list[str]:
-  """Non-empty texts of a hub dataset split, streamed (the first data.max_documents when
-  it is set, else the whole split)."""
-  from datasets import load_dataset
+def hub_texts(d):
+  """A function that streams the non-empty texts of a hub dataset split (the first
+  data.max_documents when it is set, else the whole split)."""
   where = f'data.hub_name={d.hub_name!r}'
-  try:
-    ds = load_dataset(d.hub_name, d.hub_config or None, split=d.hub_split, streaming=True)
-    texts = []
-    for column in _text_columns(ds, d.text_field, where):
-      texts += column
-      if d.max_documents and len(texts) >= d.max_documents:
+
+  def texts():
+    from datasets import load_dataset
+    try:
+      ds = load_dataset(d.hub_name, d.hub_config or None, split=d.hub_split, streaming=True)
+      yield from _first_texts(ds, d, where)
+    except ConfigError:
+      raise
+    except Exception as e:  # offline, unknown name/config/split: many exception types.
+      raise ConfigError(f'{where} (config {d.hub_config!r}, split {d.hub_split!r}) could '
+                        f'not be loaded ({type(e).__name__}: {e}); check the name and that '
+                        "this machine is online, or use data.source='files'.") from e
+
+  return texts
+
+
+def select_streamed(texts, indices) -> list[str]:
+  """The texts at `indices` (any order) of the stream `texts()`, in the order of `indices`;
+  only those are kept, and the stream stops after the last one."""
+  wanted = set(int(i) for i in indices)
+  found = {}
+  if wanted:
+    last = max(wanted)
+    for i, text in enumerate(texts()):
+      if i in wanted:
+        found[i] = text
+      if i >= last:
         break
-  except ConfigError:
-    raise
-  except Exception as e:  # offline, unknown name/config/split: many exception types.
-    raise ConfigError(f'{where} (config {d.hub_config!r}, split {d.hub_split!r}) could not '
-                      f'be loaded ({type(e).__name__}: {e}); check the name and that this '
-                      "machine is online, or use data.source='files'.") from e
-  return texts[:d.max_documents] if d.max_documents else texts
+  return [found[int(i)] for i in indices]
 
 
-def load_documents(d) -> list[str]:
-  """The texts of the configured source, in a fixed order."""
+@dataclasses.dataclass
+class Corpus:
+  """The documents of a source: how many there are, and `read(indices)` -> the texts of
+  only those documents (in the order of `indices`)."""
+  num_documents: int
+  read: Callable[[Sequence[int]], list[str]]
+
+
+def open_corpus(d) -> Corpus:
+  """The configured source's documents, counted in a fixed order without keeping texts:
+  stdlib lists its files; files/hub stream the records once to count them (reading then
+  streams them again, keeping only the selected texts)."""
   if d.source == 'stdlib':
     set_offline()
-    texts = [text for _, text in stdlib_documents(d.max_documents)]
-  elif d.source == 'files':
-    set_offline()
-    texts = file_documents(d)
-  elif d.source == 'hub':
-    texts = hub_documents(d)
+    paths = stdlib_paths(d.max_documents)
+    corpus = Corpus(len(paths), lambda indices: read_stdlib([paths[i] for i in indices]))
+  elif d.source in ('files', 'hub'):
+    if d.source == 'files':
+      set_offline()
+    texts = file_texts(d) if d.source == 'files' else hub_texts(d)
+    count = sum(1 for _ in texts())
+    corpus = Corpus(count, lambda indices: select_streamed(texts, indices))
   else:
     raise ConfigError(f"data.source={d.source!r} is not known; use 'stdlib', 'files' or "
                       "'hub'.")
-  if not texts:
+  if not corpus.num_documents:
     raise ConfigError(f'data.source={d.source!r} gave no documents (empty files or text '
                       'column); point data.paths or data.hub_name at non-empty data.')
-  return texts
+  return corpus
+
+
+def load_documents(d) -> list[str]:
+  """All texts of the configured source, in a fixed order."""
+  corpus = open_corpus(d)
+  return corpus.read(range(corpus.num_documents))
 
 
 # ------------------------------------------------------------------------------- packing
@@ -443,52 +500,69 @@ def process_slice(batch_size: int, process_index: int, process_count: int) -> sl
   return slice(process_index * local, (process_index + 1) * local)
 
 
-class Batches:
-  """Endless batches of shuffled rows; the shuffle of each epoch is a function of seed.
+def deal_streams(train_idx: np.ndarray, num_streams: int) -> list[np.ndarray]:
+  """Deals the (sorted) training documents round-robin: stream j owns train_idx[j::S]."""
+  return [train_idx[j::num_streams] for j in range(num_streams)]
 
-  Each call returns this process's slice [batch_size / process_count, L] of the global
-  batch. `state()` / `restore(state)` capture the global position, so a resumed run (with
-  any number of processes) sees exactly the batches the uninterrupted run would have.
+
+def epoch_order(seed: int, stream: int, epoch: int, num_rows: int) -> np.ndarray:
+  """int [n]: the order in which stream `stream` visits its rows in `epoch`."""
+  return np.random.default_rng([seed, stream, epoch]).permutation(num_rows)
+
+
+class Batches:
+  """Endless batches of row streams: row slot j of every global batch is fed by stream j.
+
+  This process holds the rows int32 [n_j, L + 1] of its streams (`stream_ids`, a slice of
+  range(num_streams)). At global step t stream j gives rows_j[order[t % n_j]], with order =
+  epoch_order(seed, j, t // n_j, n_j). Each call returns this process's slice [streams, L]
+  of the global batch; `state()` / `restore(state)` are the global step, so a resumed run
+  (with any number of processes) sees exactly the batches the uninterrupted run would have.
   """
 
-  def __init__(self, rows: np.ndarray, batch_size: int, seed: int, *, eod_id: int | None = None,
-               document_mask: bool = False, process_index: int = 0, process_count: int = 1):
-    if len(rows) < batch_size:
-      raise ConfigError(f'the training split has {len(rows)} rows of data.seq_len tokens, '
-                        f'fewer than data.batch_size={batch_size}; lower batch_size or '
-                        'seq_len, or add documents.')
-    self.rows, self.batch_size, self.seed = rows, batch_size, seed
+  def __init__(self, stream_rows: list[np.ndarray], stream_ids: Sequence[int],
+               num_streams: int, seed: int, *, eod_id: int | None = None,
+               document_mask: bool = False):
+    for j, rows_NR in zip(stream_ids, stream_rows):
+      if not len(rows_NR):
+        raise ConfigError(
+            f'training stream {j} of data.batch_size={num_streams} packs into no row of '
+            f'data.seq_len={rows_NR.shape[1] - 1} tokens (documents are dealt round-robin to '
+            'one stream per batch row); lower data.batch_size or data.seq_len, or add '
+            'documents.')
+    self.stream_rows, self.stream_ids = list(stream_rows), list(stream_ids)
+    self.num_streams, self.seed = num_streams, seed
     self.eod_id, self.document_mask = eod_id, document_mask
-    self.local = process_slice(batch_size, process_index, process_count)
-    self.epoch, self.index = 0, 0
-    self._order_epoch, self._order_N = -1, None
+    self.step = 0
+    self._orders = {}  # stream -> (epoch, order [n_j]) of the last epoch used.
 
-  def _order(self, epoch: int) -> np.ndarray:
-    """int [N]: the row order of an epoch (cached for the current epoch)."""
-    if epoch != self._order_epoch:
-      self._order_N = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
-      self._order_epoch = epoch
-    return self._order_N
+  def _row(self, k: int, step: int) -> np.ndarray:
+    """int32 [L + 1]: the row local stream k gives at global step `step`."""
+    j, rows_NR = self.stream_ids[k], self.stream_rows[k]
+    epoch, index = divmod(step, len(rows_NR))
+    cached_epoch, order = self._orders.get(j, (-1, None))
+    if cached_epoch != epoch:
+      order = epoch_order(self.seed, j, epoch, len(rows_NR))
+      self._orders[j] = (epoch, order)
+    return rows_NR[order[index]]
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    if self.index + self.batch_size > len(self.rows):
-      self.epoch, self.index = self.epoch + 1, 0
-    take = self._order(self.epoch)[self.index:self.index + self.batch_size]
-    self.index += self.batch_size
-    return to_batch(self.rows[take[self.local]], self.eod_id, self.document_mask)
+    rows_BR = np.stack([self._row(k, self.step) for k in range(len(self.stream_rows))])
+    self.step += 1
+    return to_batch(rows_BR, self.eod_id, self.document_mask)
 
   def state(self) -> dict:
-    return dict(epoch=self.epoch, index=self.index, num_rows=len(self.rows))
+    return dict(step=self.step, streams=self.num_streams)
 
   def restore(self, state: dict):
-    if 'num_rows' in state and int(state['num_rows']) != len(self.rows):
-      raise ConfigError(f'the saved data iterator ran over {state["num_rows"]} rows but this '
-                        f'config gives {len(self.rows)}; resume with the data config the run '
-                        'was started with.')
-    self.epoch, self.index = int(state['epoch']), int(state['index'])
+    if 'step' not in state or int(state.get('streams', -1)) != self.num_streams:
+      raise ConfigError(f'the saved data iterator state {state} is not one of '
+                        f'data.batch_size={self.num_streams} row streams; resume with the '
+                        'data config (and code version) the run was started with.')
+    self.step = int(state['step'])
 
 
 class Prefetch:
@@ -575,29 +649,47 @@ class Data:
   train: Prefetch  # endless batches (this process's slice), with state() / restore().
   eval_batches: list  # fixed list of eval batches (dicts), this process's slices.
   tokenizer: ByteTokenizer | HFTokenizer | SentencePieceTokenizer
-  eval_unigram_entropy: float
-  num_train_tokens: int
+  eval_unigram_entropy: float  # of the global eval targets (the same in every process).
+  num_train_tokens: int  # target tokens in the rows of THIS process's streams.
+
+
+def pack_streams(token_lists: dict, streams_docs: list[np.ndarray], eod_id: int,
+                 seq_len: int) -> list[np.ndarray]:
+  """Packs each stream's documents (ids -> token arrays in token_lists) into its rows
+  int32 [n_j, seq_len + 1]."""
+  return [pack([token_lists[int(i)] for i in docs], eod_id, seq_len) for docs in streams_docs]
 
 
 def make_data(cfg, process_index: int | None = None, process_count: int | None = None) -> Data:
   """Builds the training iterator and the fixed eval batches from the config.
 
-  process_index / process_count default to jax's; every process builds the same rows and
-  keeps its slice of each global batch.
+  process_index / process_count default to jax's. Training documents are dealt to
+  data.batch_size row streams; this process reads and tokenizes only the documents of its
+  streams (process_slice of the batch rows). The eval split is small: every process reads
+  all eval documents, packs the global eval rows and keeps its slice of each eval batch.
   """
   if process_index is None or process_count is None:
     import jax
     process_index, process_count = jax.process_index(), jax.process_count()
   d = cfg.data
+  local = process_slice(d.batch_size, process_index, process_count)
   tokenizer = make_tokenizer(d)
-  texts = load_documents(d)
-  train_idx, eval_idx = split_documents(len(texts), d.eval_fraction, cfg.seed)
-  encode = lambda idx: tokenizer.encode_batch([texts[i] for i in idx])
-  train_rows = pack(encode(train_idx), tokenizer.eod_id, d.seq_len)
-  eval_rows = pack(encode(eval_idx), tokenizer.eod_id, d.seq_len)
-  batches = Batches(train_rows, d.batch_size, cfg.seed, eod_id=tokenizer.eod_id,
-                    document_mask=d.document_mask, process_index=process_index,
-                    process_count=process_count)
+  corpus = open_corpus(d)
+  train_idx, eval_idx = split_documents(corpus.num_documents, d.eval_fraction, cfg.seed)
+  if len(train_idx) < d.batch_size:
+    raise ConfigError(f'the training split has {len(train_idx)} documents, fewer than the '
+                      f'data.batch_size={d.batch_size} row streams they are dealt to; lower '
+                      'data.batch_size or add documents.')
+  streams_docs = deal_streams(train_idx, d.batch_size)[local]
+  local_train = np.concatenate(streams_docs)
+  wanted = np.concatenate([local_train, eval_idx])
+  texts = dict(zip(wanted.tolist(), corpus.read(wanted)))
+  encode = lambda idx: dict(zip(idx.tolist(), tokenizer.encode_batch([texts[i] for i in idx])))
+  stream_rows = pack_streams(encode(local_train), streams_docs, tokenizer.eod_id, d.seq_len)
+  batches = Batches(stream_rows, range(d.batch_size)[local], d.batch_size, cfg.seed,
+                    eod_id=tokenizer.eod_id, document_mask=d.document_mask)
+  eval_tokens = encode(eval_idx)
+  eval_rows = pack([eval_tokens[i] for i in eval_idx.tolist()], tokenizer.eod_id, d.seq_len)
   if len(eval_rows) < d.batch_size:
     raise ConfigError(f'the eval split has {len(eval_rows)} rows, fewer than '
                       f'data.batch_size={d.batch_size}; raise data.eval_fraction, lower '
@@ -605,8 +697,8 @@ def make_data(cfg, process_index: int | None = None, process_count: int | None =
   eval_rows = eval_rows[:cfg.train.eval_batches * d.batch_size]
   global_eval = [eval_rows[i:i + d.batch_size]
                  for i in range(0, len(eval_rows) - d.batch_size + 1, d.batch_size)]
-  eval_batches = [to_batch(rows[batches.local], tokenizer.eod_id, d.document_mask)
+  eval_batches = [to_batch(rows[local], tokenizer.eod_id, d.document_mask)
                   for rows in global_eval]
   targets = np.concatenate([rows[:, 1:] for rows in global_eval])
   return Data(Prefetch(batches, d.prefetch), eval_batches, tokenizer,
-              unigram_entropy(targets), train_rows[:, 1:].size)
+              unigram_entropy(targets), sum(rows[:, 1:].size for rows in stream_rows))

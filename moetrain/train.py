@@ -358,7 +358,7 @@ def train(cfg, workdir, *, log=print) -> Summary:
   first = int(jax.device_get(state.step))
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   log(f'training {workdir}: steps {first + 1}..{t.steps} of {tokens_per_step} tokens on mesh '
-      f'{dict(mesh.shape)}; {data.num_train_tokens:,} training tokens')
+      f'{dict(mesh.shape)}; {data.num_train_tokens:,} training tokens in this process\'s streams')
   bar = tqdm(initial=first, total=t.steps,
              disable=not t.progress or jax.process_index() != 0, dynamic_ncols=True)
   note = log if bar.disable else bar.write  # messages between progress-bar updates.

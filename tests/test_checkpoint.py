@@ -255,7 +255,7 @@ def test_damaged_latest_falls_back_and_is_kept(saved_run, tmp_path, damage):
   with pytest.warns(checkpoint_lib.DamagedCheckpointWarning,
                     match=r'checkpoint at step 4 is damaged \(\w+'):
     step, state, meta = checkpointer.restore_latest(restore_target(cfg))
-  assert step == 2 and int(state.step) == 2 and meta['data']['index'] > 0
+  assert step == 2 and int(state.step) == 2 and meta['data']['step'] > 0
   assert checkpointer.steps() == [2]
   assert tree(workdir / 'checkpoints.damaged' / '4') == damaged_files
 

@@ -1,5 +1,5 @@
-"""Data pipeline: sources, tokenizers, packing, segment ids, split, resume, process slices,
-bad inputs; each checked against a plain Python reference."""
+"""Data pipeline: sources, tokenizers, packing, segment ids, split, row streams, resume,
+process slices and shards, bad inputs; each checked against a plain Python reference."""
 
 import json
 import logging
@@ -48,6 +48,30 @@ def packed_reference(token_lists, eod_id, seq_len):
     stream += [int(t) for t in tokens] + [eod_id]
   width = seq_len + 1
   return [stream[i:i + width] for i in range(0, len(stream) - width + 1, width)]
+
+
+def stream_reference(token_lists, num_streams, seed, seq_len, eod_id, steps):
+  """Python loop of the row-stream design: deal the documents round-robin to the streams,
+  pack each stream, visit stream j's rows in the order permutation(seed, j, epoch).
+  Returns (the global batch rows of each step, each stream's rows)."""
+  streams = [[] for _ in range(num_streams)]
+  for k, tokens in enumerate(token_lists):
+    streams[k % num_streams].append(tokens)
+  rows = [packed_reference(docs, eod_id, seq_len) for docs in streams]
+  batches = []
+  for t in range(steps):
+    batch = []
+    for j in range(num_streams):
+      n = len(rows[j])
+      order = np.random.default_rng([seed, j, t // n]).permutation(n)
+      batch.append(rows[j][order[t % n]])
+    batches.append(batch)
+  return batches, rows
+
+
+def batch_rows(batch):
+  """A batch dict -> its rows as lists (inputs + the last target)."""
+  return [i.tolist() + [int(t[-1])] for i, t in zip(batch['inputs'], batch['targets'])]
 
 
 def segments_reference(row, eod_id):
@@ -134,15 +158,24 @@ def test_split_is_a_function_of_the_seed():
   assert sorted(np.concatenate([train_a, eval_a]).tolist()) == list(range(50))
 
 
-def test_batches_follow_the_seeded_epoch_permutations():
-  rows_NR = np.arange(10 * 5, dtype=np.int32).reshape(10, 5)
-  batches = data_lib.Batches(rows_NR, batch_size=4, seed=6)
-  expected = []
-  for epoch in range(3):  # 2 full batches per epoch; the last 2 rows of each epoch wait.
-    order = np.random.default_rng([6, epoch]).permutation(10)
-    expected += [order[0:4], order[4:8]]
-  for take in expected:
-    np.testing.assert_array_equal(next(batches)['inputs'], rows_NR[take][:, :-1])
+def small_streams(num_streams=4, seed=6):
+  """Row streams of 3, 5, 2, ... rows of 5 tokens (distinct values) and their ids."""
+  sizes = [3, 5, 2, 4, 6, 1, 3, 2][:num_streams]
+  starts = np.cumsum([0] + sizes)
+  return [np.arange(starts[j] * 5, starts[j + 1] * 5, dtype=np.int32).reshape(-1, 5)
+          for j in range(num_streams)]
+
+
+def test_batches_follow_the_seeded_stream_permutations():
+  rows = small_streams()
+  batches = data_lib.Batches(rows, range(4), 4, seed=6)
+  for t in range(12):  # every stream wraps at least twice.
+    expected = []
+    for j, rows_NR in enumerate(rows):
+      n = len(rows_NR)
+      expected.append(rows_NR[np.random.default_rng([6, j, t // n]).permutation(n)[t % n]])
+    np.testing.assert_array_equal(next(batches)['inputs'], np.stack(expected)[:, :-1])
+  assert batches.state() == {'step': 12, 'streams': 4}
 
 
 @pytest.mark.parametrize('prefetch', [0, 3])
@@ -151,36 +184,48 @@ def test_resume_sees_the_batches_of_the_uninterrupted_run(tmp_path, tiny, prefet
                      **{'data.prefetch': prefetch, 'data.seq_len': 64,
                         'data.batch_size': 8, 'data.document_mask': True})
   uninterrupted = data_lib.make_data(cfg, 0, 1).train
-  reference = [next(uninterrupted) for _ in range(40)]  # ~10 batches an epoch.
+  reference = [next(uninterrupted) for _ in range(40)]
+  sizes = [len(r) for r in uninterrupted.source.stream_rows]
+  assert min(sizes) < 13 and max(sizes) < 40  # streams wrap before and after the resume.
   first = data_lib.make_data(cfg, 0, 1).train
   for _ in range(13):
     next(first)
   saved = json.loads(json.dumps(first.state()))
+  assert saved == {'step': 13, 'streams': 8}
+  first.close()
   resumed = data_lib.make_data(cfg, 0, 1).train
   resumed.restore(saved)
   for expected in reference[13:]:
     got = next(resumed)
     for key in expected:
       np.testing.assert_array_equal(got[key], expected[key])
-  assert resumed.state()['epoch'] > 0
+  assert resumed.state()['step'] == 40
+  for iterator in (uninterrupted, resumed):
+    iterator.close()
+
+
+def test_restore_rejects_another_stream_layout():
+  batches = data_lib.Batches(small_streams(), range(4), 4, seed=0)
+  for state in ({'step': 3, 'streams': 8}, {'epoch': 1, 'index': 8, 'num_rows': 40}):
+    with pytest.raises(ConfigError, match=r'data\.batch_size=4 row streams'):
+      batches.restore(state)
 
 
 def test_prefetch_state_counts_only_batches_handed_out():
-  rows_NR = np.arange(40 * 3, dtype=np.int32).reshape(40, 3)
-  prefetched = data_lib.Prefetch(data_lib.Batches(rows_NR, 4, seed=0), depth=4)
-  plain = data_lib.Batches(rows_NR, 4, seed=0)
+  rows = small_streams()
+  prefetched = data_lib.Prefetch(data_lib.Batches(rows, range(4), 4, seed=0), depth=4)
+  plain = data_lib.Batches(rows, range(4), 4, seed=0)
   for _ in range(3):
     np.testing.assert_array_equal(next(prefetched)['inputs'], next(plain)['inputs'])
-  assert prefetched.state() == plain.state()
+  assert prefetched.state() == plain.state() == {'step': 3, 'streams': 4}
   prefetched.close()
 
 
-@pytest.mark.parametrize('processes', [1, 2, 4])
-def test_process_slices_concatenate_to_the_global_batch(tiny, processes):
-  cfg = tiny(**{'data.max_documents': 30, 'data.document_mask': True})
+def assert_slices_make_the_global_batches(cfg, processes, steps):
+  """The processes' slices concatenate to the 1-process batches, train and eval."""
   whole = data_lib.make_data(cfg, 0, 1)
   parts = [data_lib.make_data(cfg, p, processes) for p in range(processes)]
-  for _ in range(5):
+  for _ in range(steps):
     expected = next(whole.train)
     slices = [next(part.train) for part in parts]
     for key in expected:
@@ -191,6 +236,69 @@ def test_process_slices_concatenate_to_the_global_batch(tiny, processes):
       np.testing.assert_array_equal(
           np.concatenate([part.eval_batches[i][key] for part in parts]), expected[key])
   assert {part.eval_unigram_entropy for part in parts} == {whole.eval_unigram_entropy}
+  assert sum(part.num_train_tokens for part in parts) == whole.num_train_tokens
+  for data in [whole, *parts]:
+    data.train.close()
+  return whole
+
+
+@pytest.mark.parametrize('processes', [1, 2, 4])
+def test_process_slices_concatenate_to_the_global_batch(tiny, processes):
+  assert_slices_make_the_global_batches(
+      tiny(**{'data.max_documents': 30, 'data.document_mask': True}), processes, steps=5)
+
+
+@pytest.mark.parametrize('processes', [1, 2, 4])
+def test_process_slices_match_across_epoch_boundaries(tmp_path, tiny, processes):
+  cfg = files_config(tiny, write_jsonl(tmp_path / 'd.jsonl', make_texts(40, seed=18)),
+                     **{'data.seq_len': 64, 'data.batch_size': 8, 'data.document_mask': True})
+  whole = assert_slices_make_the_global_batches(cfg, processes, steps=30)
+  assert max(len(r) for r in whole.train.source.stream_rows) < 30  # every stream wraps.
+
+
+def record_encoded(monkeypatch) -> list[str]:
+  """Makes the byte tokenizer record every text it encodes; returns the record."""
+  seen, encode_batch = [], data_lib.ByteTokenizer.encode_batch
+
+  def recording(self, texts):
+    seen.extend(texts)
+    return encode_batch(self, texts)
+
+  monkeypatch.setattr(data_lib.ByteTokenizer, 'encode_batch', recording)
+  return seen
+
+
+def test_each_process_tokenizes_only_its_streams_documents(tmp_path, tiny, monkeypatch):
+  texts = [f'document {i}: ' + t for i, t in enumerate(make_texts(40, seed=19))]
+  cfg = files_config(tiny, write_jsonl(tmp_path / 'd.jsonl', texts),
+                     **{'data.seq_len': 16, 'data.batch_size': 4})
+  train_idx, eval_idx = data_lib.split_documents(40, 0.2, cfg.seed)
+  seen = record_encoded(monkeypatch)
+  touched = []
+  for p in range(2):
+    seen.clear()
+    data_lib.make_data(cfg, p, 2).train.close()
+    touched.append({texts.index(t) for t in seen} - set(eval_idx.tolist()))
+    shard = set(train_idx[p * 2::4].tolist()) | set(train_idx[p * 2 + 1::4].tolist())
+    assert touched[p] == shard  # streams 2p, 2p + 1 of 4.
+  assert not touched[0] & touched[1]
+  assert touched[0] | touched[1] == set(train_idx.tolist())
+
+
+def test_each_process_reads_only_its_streams_stdlib_files(tiny, monkeypatch):
+  cfg = tiny(**{'data.max_documents': 24, 'data.batch_size': 4})
+  paths = data_lib.stdlib_paths(24)
+  train_idx, eval_idx = data_lib.split_documents(24, cfg.data.eval_fraction, cfg.seed)
+  read, read_text_file = [], data_lib.read_text_file
+  monkeypatch.setattr(data_lib, 'read_text_file', lambda p: read.append(p) or read_text_file(p))
+  shards = []
+  for p in range(2):
+    read.clear()
+    data_lib.make_data(cfg, p, 2).train.close()
+    shard = sorted(train_idx[p * 2::4].tolist() + train_idx[p * 2 + 1::4].tolist())
+    assert sorted(read) == sorted([paths[i] for i in shard + eval_idx.tolist()])
+    shards.append(set(shard))
+  assert not shards[0] & shards[1]
 
 
 def test_to_global_equals_device_put(tiny):
@@ -240,18 +348,20 @@ def test_local_sources_switch_hf_offline(tmp_path, tiny, monkeypatch):
   assert datasets.config.HF_HUB_OFFLINE
 
 
-def test_files_source_trains_rows_of_its_documents(tmp_path, tiny):
+def test_global_batches_follow_the_stream_reference(tmp_path, tiny):
   texts = make_texts(40, seed=10)
-  cfg = files_config(tiny, write_jsonl(tmp_path / 'd.jsonl', texts))
+  cfg = files_config(tiny, write_jsonl(tmp_path / 'd.jsonl', texts),
+                     **{'data.prefetch': 0, 'data.seq_len': 64})
   data = data_lib.make_data(cfg, 0, 1)
   train_idx, _ = data_lib.split_documents(40, 0.2, cfg.seed)
   tokens = [list(t.encode()) for t in (texts[i] for i in train_idx)]
-  expected_rows = packed_reference(tokens, 256, 16)
-  assert data.num_train_tokens == len(expected_rows) * 16
-  batch = next(data.train)
-  assert batch['inputs'].shape == (4, 16)
-  for row_in, row_out in zip(batch['inputs'], batch['targets']):
-    assert row_in.tolist() + [row_out[-1]] in expected_rows
+  expected, rows = stream_reference(tokens, 4, cfg.seed, 64, 256, steps=60)
+  assert data.num_train_tokens == sum(len(r) for r in rows) * 64
+  assert max(len(r) for r in rows) < 60  # the loop wraps every stream's epoch.
+  for t, expected_rows in enumerate(expected):
+    batch = next(data.train)
+    assert batch['inputs'].shape == (4, 64)
+    assert batch_rows(batch) == expected_rows, t
 
 
 def test_trained_bpe_round_trips_and_sets_the_vocab(tmp_path, tiny):
@@ -278,12 +388,12 @@ def test_bpe_tokenizer_feeds_packed_rows(tmp_path, tiny):
   data = data_lib.make_data(cfg, 0, 1)
   tokenizer = data.tokenizer
   train_idx, _ = data_lib.split_documents(40, 0.2, cfg.seed)
-  expected_rows = packed_reference([tokenizer.encode(texts[i]) for i in train_idx],
-                                   tokenizer.eod_id, 16)
-  assert data.num_train_tokens == len(expected_rows) * 16
+  expected, rows = stream_reference([tokenizer.encode(texts[i]) for i in train_idx], 4,
+                                    cfg.seed, 16, tokenizer.eod_id, steps=1)
+  assert data.num_train_tokens == sum(len(r) for r in rows) * 16
   batch = next(data.train)
+  assert batch_rows(batch) == expected[0]
   for b in range(4):
-    assert batch['inputs'][b].tolist() + [batch['targets'][b, -1]] in expected_rows
     ids, positions = segments_reference(batch['inputs'][b].tolist(), tokenizer.eod_id)
     assert batch['segment_ids'][b].tolist() == ids
     assert batch['positions'][b].tolist() == positions
@@ -374,7 +484,16 @@ def test_corpus_smaller_than_a_batch_names_the_key(tmp_path, tiny):
   cfg = files_config(tiny, write_jsonl(tmp_path / 'd.jsonl', make_texts(10, max_words=8)),
                      **{'data.batch_size': 64})
   message = error_of(cfg)
-  assert 'data.batch_size=64' in message and 'lower batch_size' in message
+  assert 'data.batch_size=64 row streams' in message and 'lower data.batch_size' in message
+
+
+def test_streams_too_short_for_a_row_name_the_keys(tmp_path, tiny):
+  cfg = files_config(tiny, write_jsonl(tmp_path / 'd.jsonl', make_texts(40, max_words=8)),
+                     **{'data.seq_len': 512, 'data.batch_size': 4})
+  message = error_of(cfg)
+  assert message.startswith('training stream 0 of data.batch_size=4 packs into no row of '
+                            'data.seq_len=512 tokens')
+  assert 'lower data.batch_size or data.seq_len, or add documents' in message
 
 
 def test_bad_tokenizer_and_hub_offline_name_the_key(tmp_path, tiny):
