@@ -660,6 +660,18 @@ def pack_streams(token_lists: dict, streams_docs: list[np.ndarray], eod_id: int,
   return [pack([token_lists[int(i)] for i in docs], eod_id, seq_len) for docs in streams_docs]
 
 
+def agree_on_error(failed_here: bool) -> ConfigError | None:
+  """Multi-process: an error only some processes can see (a stream of theirs packs into no
+  row) must stop every process, or the others would wait for it in a collective."""
+  from jax.experimental import multihost_utils
+  failed_N = multihost_utils.process_allgather(np.int32(failed_here))
+  if failed_here or not failed_N.any():
+    return None
+  return ConfigError(f'process {int(np.argmax(failed_N))} found a training stream with no '
+                     'row (its log names it); lower data.batch_size or data.seq_len, or add '
+                     'documents.')
+
+
 def make_data(cfg, process_index: int | None = None, process_count: int | None = None) -> Data:
   """Builds the training iterator and the fixed eval batches from the config.
 
@@ -668,7 +680,8 @@ def make_data(cfg, process_index: int | None = None, process_count: int | None =
   streams (process_slice of the batch rows). The eval split is small: every process reads
   all eval documents, packs the global eval rows and keeps its slice of each eval batch.
   """
-  if process_index is None or process_count is None:
+  jax_processes = process_index is None or process_count is None
+  if jax_processes:
     import jax
     process_index, process_count = jax.process_index(), jax.process_count()
   d = cfg.data
@@ -686,8 +699,16 @@ def make_data(cfg, process_index: int | None = None, process_count: int | None =
   texts = dict(zip(wanted.tolist(), corpus.read(wanted)))
   encode = lambda idx: dict(zip(idx.tolist(), tokenizer.encode_batch([texts[i] for i in idx])))
   stream_rows = pack_streams(encode(local_train), streams_docs, tokenizer.eod_id, d.seq_len)
-  batches = Batches(stream_rows, range(d.batch_size)[local], d.batch_size, cfg.seed,
-                    eod_id=tokenizer.eod_id, document_mask=d.document_mask)
+  error = None
+  try:
+    batches = Batches(stream_rows, range(d.batch_size)[local], d.batch_size, cfg.seed,
+                      eod_id=tokenizer.eod_id, document_mask=d.document_mask)
+  except ConfigError as e:
+    error = e
+  if jax_processes and process_count > 1:
+    error = error or agree_on_error(error is not None)
+  if error is not None:
+    raise error
   eval_tokens = encode(eval_idx)
   eval_rows = pack([eval_tokens[i] for i in eval_idx.tolist()], tokenizer.eod_id, d.seq_len)
   if len(eval_rows) < d.batch_size:

@@ -534,3 +534,19 @@ def test_real_processes_build_the_global_batch_from_their_slices():
   outputs = [p.communicate(timeout=240)[0] for p in procs]
   for i, (p, out) in enumerate(zip(procs, outputs)):
     assert p.returncode == 0 and f'process {i} ok' in out, out[-2000:]
+
+
+@pytest.mark.parametrize('flags,here,expect', [
+    ([0, 1], False, 'process 1 found a training stream with no row'),
+    ([1, 0], True, None),  # this process raises its own, more precise error.
+    ([0, 0], False, None),
+])
+def test_agree_on_error_stops_every_process(monkeypatch, flags, here, expect):
+  from jax.experimental import multihost_utils
+  monkeypatch.setattr(multihost_utils, 'process_allgather',
+                      lambda x: np.asarray(flags, np.int32))
+  error = data_lib.agree_on_error(here)
+  if expect is None:
+    assert error is None
+  else:
+    assert isinstance(error, ConfigError) and expect in str(error)
