@@ -143,12 +143,22 @@ def from_dict(values: dict) -> ml_collections.ConfigDict:
   cfg = default_config()
   for key, value in _flatten(ml_collections.ConfigDict(values)).items():
     check_key(key)
-    *parents, leaf = key.split('.')
-    node = cfg
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
+    set_key(cfg, key, value)
   return cfg
+
+
+def get_key(cfg, key: str):
+  """The value of a dotted key: get_key(cfg, 'model.moe.top_k')."""
+  node = cfg
+  for part in key.split('.'):
+    node = node[part]
+  return node
+
+
+def set_key(cfg, key: str, value):
+  """Sets a dotted key in place: set_key(cfg, 'model.moe.top_k', 2)."""
+  parent, _, leaf = key.rpartition('.')
+  (get_key(cfg, parent) if parent else cfg)[leaf] = value
 
 
 def check_key(key: str):

@@ -41,9 +41,7 @@ def load(workdir):
   mesh = mesh_lib.make_mesh(cfg, devices=jax.devices()[:1])
   graphdef, abstract, shardings = train_lib.abstract_state(
       cfg, mesh, train_lib.make_optimizer(cfg.train))
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
-  step, state, _ = checkpointer.restore_latest(target)
+  step, state, _ = checkpointer.restore_latest(train_lib.restore_target(abstract, shardings))
   checkpointer.close()
   model = nnx.merge(graphdef, state.params, state.model_state)
   return model, cfg, data_lib.make_tokenizer(cfg.data), step

@@ -32,7 +32,7 @@ def parse_axis(spec: str, base) -> tuple[str, list]:
                                  '--sweep=KEY=V1,V2 (e.g. model.num_experts=4,8).')
   key, values = spec.split('=', 1)
   config_lib.check_key(key)
-  current = _get(base, key)
+  current = config_lib.get_key(base, key)
   return key, [_parse(key, v.strip(), current) for v in values.split(',') if v.strip()]
 
 
@@ -48,21 +48,6 @@ def _parse(key: str, text: str, current):
     raise config_lib.ConfigError(f'--sweep value {text!r} for {key} is not a '
                                  f'{type(current).__name__}; give numbers like '
                                  f'{current!r}.') from None
-
-
-def _get(cfg, key: str):
-  node = cfg
-  for part in key.split('.'):
-    node = node[part]
-  return node
-
-
-def _set(cfg, key: str, value):
-  *parents, leaf = key.split('.')
-  node = cfg
-  for part in parents:
-    node = node[part]
-  node[leaf] = value
 
 
 def run_name(overrides: dict) -> str:
@@ -86,7 +71,7 @@ def grid(base, axes: list[str]) -> list[tuple[str, object]]:
     cfg = base.copy_and_resolve_references()
     with cfg.unlocked():
       for key, value in overrides.items():
-        _set(cfg, key, value)
+        config_lib.set_key(cfg, key, value)
     try:
       train.prepare(cfg)
     except config_lib.ConfigError as e:

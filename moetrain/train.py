@@ -310,6 +310,12 @@ def checkpoint_meta(cfg, data) -> dict:
   return dict(config=json.loads(cfg.to_json_best_effort()), data=data.train.state())
 
 
+def restore_target(abstract, shardings):
+  """The abstract train state with each leaf's sharding: what a checkpoint restores into."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
 def restore_or_init(cfg, checkpointer, data, mesh, tx, log=print):
   """The train state to start from: the newest checkpoint that reads back (resharded onto
   `mesh`, with `data.train` moved to its position) or, when there is none, a fresh one.
@@ -320,8 +326,7 @@ def restore_or_init(cfg, checkpointer, data, mesh, tx, log=print):
   if not checkpointer.steps():
     return init_state(cfg, mesh, tx)
   graphdef, abstract, shardings = abstract_state(cfg, mesh, tx)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
+  target = restore_target(abstract, shardings)
   config = json.loads(cfg.to_json_best_effort())
   shapes = checkpoint_lib.shapes_of(abstract)
   check = lambda meta, step: checkpoint_lib.check_compatible(meta, config, shapes, step)

@@ -44,11 +44,7 @@ def tiny_config(**overrides):
   c.train.eval_batches = 2
   c.train.progress = False
   for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    config_lib.set_key(c, key, value)
   return c
 
 

@@ -81,3 +81,14 @@ def test_load_errors(tmp_path):
   empty.write_text('x = 1\n')
   with pytest.raises(ConfigError, match=r'has no get_config\(\)'):
     config_lib.load(empty)
+
+
+def test_dotted_keys_get_and_set():
+  cfg = config_lib.default_config()
+  config_lib.set_key(cfg, 'model.moe.top_k', 3)
+  config_lib.set_key(cfg, 'seed', 7)
+  assert config_lib.get_key(cfg, 'model.moe.top_k') == 3 == cfg.model.moe.top_k
+  assert config_lib.get_key(cfg, 'seed') == 7
+  saved = config_lib.from_dict({'model': {'num_experts': 16}, 'train': {'lr': 1e-4}})
+  assert saved.model.num_experts == 16 and saved.train.lr == 1e-4
+  assert saved.model.d_model == config_lib.default_config().model.d_model
