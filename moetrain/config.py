@@ -58,7 +58,10 @@ def default_config() -> ml_collections.ConfigDict:
   e.eval_capacity_factor = 2.0
   e.drop_order = 'position'  # position (GShard) | probability (batch-prioritized).
   e.dropless = False
-  e.dropless_impl = 'auto'  # auto (ragged on GPU/TPU, padded on CPU) | padded | ragged
+  # auto | padded | ragged. ragged: ragged_dot grouped matmuls and, under expert
+  # parallelism, a ragged all-to-all (GPU/TPU only). auto: the ragged all-to-all where the
+  # backend has it, ragged_dot on TPU only (slower than padded buffers on an H100).
+  e.dropless_impl = 'auto'
   e.jitter = 0.0  # multiplicative router-input noise, U(1-j, 1+j), training only.
   e.d_expert = 0  # expert hidden size; 0 means model.d_ff.
   e.num_shared_experts = 0

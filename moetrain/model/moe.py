@@ -20,6 +20,7 @@ from flax import nnx
 from moetrain import config as config_lib
 from moetrain.model import routing
 from moetrain.model.layers import MLP, param, swiglu
+from moetrain.parallel import ragged
 
 
 class RouterBias(nnx.Variable):
@@ -53,17 +54,35 @@ class MoESpec:
 
   def capacity(self, num_tokens: int, train: bool) -> int:
     """Slots per expert for a routing group of `num_tokens` tokens."""
-    if self.router == 'soft' or (self.router == 'token_choice' and self.dropless):
+    if self.router == 'soft' or self.dropless_token_choice():
       return num_tokens
     factor = self.capacity_factor if train else self.eval_capacity_factor
     return config_lib.capacity(num_tokens, self.num_experts, self.top_k, factor)
 
+  def dropless_token_choice(self) -> bool:
+    return self.router == 'token_choice' and self.dropless
+
   def use_ragged(self) -> bool:
-    """Dropless through `jax.lax.ragged_dot` (fast on GPU/TPU) instead of padded buffers."""
-    if not (self.router == 'token_choice' and self.dropless):
+    """Dropless experts as `jax.lax.ragged_dot` grouped matmuls instead of padded buffers.
+
+    `auto` takes them on TPU only: on an H100 (jax 0.11.2) XLA's ragged_dot made the
+    train step 1.6-1.8x slower than padded buffers of capacity T per expert, even with 64
+    experts where the padded buffers do 32x the expert FLOPs (bench/NOTES.md).
+    """
+    if not self.dropless_token_choice():
       return False
     if self.dropless_impl == 'auto':
-      return jax.default_backend() in ('gpu', 'tpu')
+      return jax.default_backend() == 'tpu'
+    return self.dropless_impl == 'ragged'
+
+  def use_ragged_exchange(self) -> bool:
+    """Under expert parallelism, dropless tokens travel by `jax.lax.ragged_all_to_all`
+    (only the routed tokens) instead of a padded all-to-all (E/K times the bytes).
+    `auto` takes it where the backend has it (GPU, TPU)."""
+    if not self.dropless_token_choice():
+      return False
+    if self.dropless_impl == 'auto':
+      return ragged.backend_supports_ragged_all_to_all()
     return self.dropless_impl == 'ragged'
 
 
@@ -97,25 +116,76 @@ def experts(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
   return swiglu(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD, 'ecd,edf->ecf', 'ecf,efd->ecd')
 
 
+def sort_by_expert(expert_TK, num_experts: int):
+  """Assignments ordered by expert: token_A int32 [A] (A = T*K), the token of each,
+  order_A [A] their positions in expert_TK.reshape(-1), and sizes_E int32 [E]."""
+  expert_A = expert_TK.reshape(-1)
+  order_A = jnp.argsort(expert_A, stable=True)
+  sizes_E = jnp.bincount(expert_A, length=num_experts).astype(jnp.int32)
+  return order_A // expert_TK.shape[1], order_A, sizes_E
+
+
+def grouped_swiglu(x_AD, w_gate_EDF, w_up_EDF, w_down_EFD, sizes_E):
+  """SwiGLU of expert e on its consecutive sizes_E[e] rows of x_AD [A, D] -> [A, D]
+  (rows past sum(sizes_E) give zeros)."""
+  h_AF = (jax.nn.silu(jax.lax.ragged_dot(x_AD, w_gate_EDF, sizes_E))
+          * jax.lax.ragged_dot(x_AD, w_up_EDF, sizes_E))
+  return jax.lax.ragged_dot(h_AF, w_down_EFD, sizes_E)
+
+
+def combine_sorted(y_AD, token_A, weight_A, num_tokens: int):
+  """Adds each assignment's output times its weight to its token: [A, D] -> [T, D] f32."""
+  return jnp.zeros((num_tokens, y_AD.shape[-1]), jnp.float32).at[token_A].add(
+      y_AD.astype(jnp.float32) * weight_A[:, None])
+
+
 def ragged_experts(x_TD, expert_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD):
   """Dropless experts as grouped matmuls over assignments sorted by expert.
 
-  Equals the padded computation exactly; `jax.lax.ragged_dot` makes it cheap on GPU/TPU.
+  Equals the padded computation; cheaper only where XLA has a grouped-matmul kernel for
+  `jax.lax.ragged_dot` (TPU; on GPU and CPU it was slower, see MoESpec.use_ragged).
   Returns y [T, D] float32.
   """
+  token_A, order_A, sizes_E = sort_by_expert(expert_TK, w_gate_EDF.shape[0])
+  y_AD = grouped_swiglu(x_TD[token_A], w_gate_EDF, w_up_EDF, w_down_EFD, sizes_E)
+  return combine_sorted(y_AD, token_A, weight_TK.reshape(-1)[order_A], x_TD.shape[0])
+
+
+def padded_grouped_swiglu(x_MD, w_gate_LDF, w_up_LDF, w_down_LFD, sizes_L, capacity: int):
+  """`grouped_swiglu` through padded buffers: the rows of x_MD [M, D] (grouped by expert,
+  sizes_L[l] rows for expert l, then unused rows) go to [L, capacity, D], the batched
+  experts run, and each row takes its output back; unused rows give zeros."""
+  num_rows = x_MD.shape[0]
+  num_local = sizes_L.shape[0]
+  ends_L = jnp.cumsum(sizes_L)
+  expert_M = jnp.searchsorted(ends_L, jnp.arange(num_rows), side='right')  # L: unused
+  slot_M = jnp.arange(num_rows) - (ends_L - sizes_L)[jnp.minimum(expert_M, num_local - 1)]
+  x_LCD = jnp.zeros((num_local, capacity, x_MD.shape[1]), x_MD.dtype).at[
+      expert_M, slot_M].set(x_MD, mode='drop')
+  y_LCD = experts(x_LCD, w_gate_LDF, w_up_LDF, w_down_LFD)
+  return y_LCD.at[expert_M, slot_M].get(mode='fill', fill_value=0)
+
+
+def ragged_expert_parallel(x_TD, expert_TK, weight_TK, w_gate_LDF, w_up_LDF, w_down_LFD, *,
+                           num_experts: int, expert_axis: str, ragged_dot: bool):
+  """Dropless experts split over `expert_axis` (L = E/ep per device): the sorted
+  assignments travel to their experts and back by ragged all-to-all
+  (moetrain.parallel.ragged). The local experts run as ragged_dot grouped matmuls, or
+  (`ragged_dot=False`) on padded buffers of ep*T rows per expert. Returns y [T, D] f32."""
   num_tokens, top_k = expert_TK.shape
-  num_experts = w_gate_EDF.shape[0]
-  expert_A = expert_TK.reshape(-1)
-  order_A = jnp.argsort(expert_A, stable=True)
-  token_A = order_A // top_k
-  sizes_E = jnp.bincount(expert_A, length=num_experts).astype(jnp.int32)
-  x_AD = x_TD[token_A]
-  h_AF = (jax.nn.silu(jax.lax.ragged_dot(x_AD, w_gate_EDF, sizes_E))
-          * jax.lax.ragged_dot(x_AD, w_up_EDF, sizes_E))
-  y_AD = jax.lax.ragged_dot(h_AF, w_down_EFD, sizes_E).astype(jnp.float32)
-  weight_A = weight_TK.reshape(-1)[order_A]
-  return jnp.zeros((num_tokens, x_TD.shape[-1]), jnp.float32).at[token_A].add(
-      y_AD * weight_A[:, None])
+  num_devices = jax.lax.axis_size(expert_axis)
+  token_A, order_A, sizes_E = sort_by_expert(expert_TK, num_experts)
+  counts_PE = jax.lax.all_gather(sizes_E, expert_axis)
+  plan = ragged.exchange_plan(counts_PE, jax.lax.axis_index(expert_axis))
+  rows = ragged.receive_rows(num_tokens, top_k, num_devices, w_gate_LDF.shape[0])
+  x_MD = ragged.to_experts(x_TD[token_A], plan, rows, expert_axis)
+  weights = (w_gate_LDF, w_up_LDF, w_down_LFD)
+  if ragged_dot:
+    y_MD = grouped_swiglu(x_MD, *weights, plan.group_sizes_L)
+  else:
+    y_MD = padded_grouped_swiglu(x_MD, *weights, plan.group_sizes_L, num_devices * num_tokens)
+  y_AD = ragged.from_experts(y_MD, plan, token_A.shape[0], expert_axis)
+  return combine_sorted(y_AD, token_A, weight_TK.reshape(-1)[order_A], num_tokens)
 
 
 def _psum(x, axes):
@@ -144,13 +214,19 @@ def moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, jitter_ke
   logits_TE = x_router @ router_DE.astype(jnp.float32)
   weights = [w.astype(dtype) for w in (w_gate_EDF, w_up_EDF, w_down_EFD)]
   x_TD = x_TD.astype(dtype)
-  if spec.use_ragged() and expert_axis is None:
+  ragged_exchange = expert_axis is not None and spec.use_ragged_exchange()
+  if spec.use_ragged() or ragged_exchange:
     expert_TK, weight_TK, probs_TE = routing.top_k_gates(
         logits_TE, spec.top_k, gate=spec.gate, softmax_order=spec.softmax_order,
         renormalize=spec.renormalize, routed_scaling=spec.routed_scaling, bias_E=bias_E)
     stats = routing.RouterStats(probs_TE, routing.assignment_mask(expert_TK, num_experts),
                                 jnp.float32(expert_TK.size))
-    y_TD = ragged_experts(x_TD, expert_TK, weight_TK, *weights)
+    if ragged_exchange:
+      y_TD = ragged_expert_parallel(x_TD, expert_TK, weight_TK, *weights,
+                                    num_experts=num_experts, expert_axis=expert_axis,
+                                    ragged_dot=spec.use_ragged())
+    else:  # no expert axis (use_ragged() implies use_ragged_exchange())
+      y_TD = ragged_experts(x_TD, expert_TK, weight_TK, *weights)
   else:
     r, stats = routing.route(
         logits_TE, router=spec.router, top_k=spec.top_k,

@@ -4,8 +4,9 @@ Inside a mesh with an `expert` axis of size ep, each device routes its own token
 capacity buffers [E, C, D] (C from its local token count: the capacity rule holds per
 device group), `jax.lax.all_to_all` sends slot block e to the device that owns expert e,
 each device runs its E/ep experts on [E/ep, ep*C, D], and a second all-to-all brings the
-outputs back for the weighted combine. Without a mesh (or on one device) the same
-function runs directly on the whole batch.
+outputs back for the weighted combine. Dropless token choice on GPU/TPU instead sends only
+the routed tokens by ragged all-to-all (moetrain.parallel.ragged). Without a mesh (or on
+one device) the same function runs directly on the whole batch.
 """
 
 from __future__ import annotations
@@ -29,16 +30,19 @@ def current_mesh():
 
 
 @functools.cache
-def log_dropless_choice(expert_parallel: bool, ragged: bool):
+def log_dropless_choice(expert_parallel: bool, ragged_exchange: bool, ragged_dot: bool):
   """Says once per process which dropless implementation the layers use."""
-  if expert_parallel:
-    logging.warning(
-        'dropless MoE under expert parallelism: padded all-to-all (capacity buffers sized '
-        'for the worst case, every local token to one expert); ragged_all_to_all is not '
-        'used (unimplemented on CPU, not yet wired for GPU/TPU).')
+  compute = ('ragged_dot grouped matmuls' if ragged_dot else
+             'padded expert buffers (capacity = every token that can reach an expert)')
+  if not expert_parallel:
+    how = compute
+  elif ragged_exchange:
+    how = f'ragged all-to-all of the routed tokens (jax.lax.ragged_all_to_all), {compute}'
   else:
-    logging.warning('dropless MoE: %s', 'ragged_dot grouped matmuls' if ragged else
-                    'padded batched experts (capacity = local tokens)')
+    how = ('padded all-to-all (buffers sized for every local token to one expert; this '
+           f'backend has no ragged all-to-all), {compute}')
+  logging.warning('dropless MoE%s: %s', ' under expert parallelism' if expert_parallel else '',
+                  how)
 
 
 def run_moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng, *,
@@ -50,8 +54,9 @@ def run_moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng, 
   """
   mesh = current_mesh()
   kwargs = dict(spec=spec, seq_len=seq_len, train=train, dtype=dtype)
-  if spec.router == 'token_choice' and spec.dropless:
-    log_dropless_choice(mesh is not None and mesh.shape['expert'] > 1, spec.use_ragged())
+  if spec.dropless_token_choice():
+    log_dropless_choice(mesh is not None and mesh.shape['expert'] > 1,
+                        spec.use_ragged_exchange(), spec.use_ragged())
   if mesh is None:
     return moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng, **kwargs)
 

@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moetrain.config import ConfigError
+from moetrain.parallel import ragged
 
 AXES = ('data', 'expert')
 BATCH_AXES = ('data', 'expert')  # mesh axes the tokens are split over.
@@ -62,6 +63,13 @@ def check(cfg, num_devices: int) -> tuple[int, int]:
     raise ConfigError(f'data.batch_size={cfg.data.batch_size} is not divisible by the '
                       f'{data * expert} devices the batch is split over (data x expert); '
                       'choose a multiple.')
+  moe = cfg.model.moe
+  if (cfg.model.num_experts and expert > 1 and moe.dropless and moe.dropless_impl == 'ragged'
+      and not ragged.backend_supports_ragged_all_to_all()):
+    raise ConfigError(
+        f"model.moe.dropless_impl='ragged' with mesh.expert={expert} needs "
+        f'jax.lax.ragged_all_to_all, which the {jax.default_backend()} backend lacks; set '
+        "dropless_impl='auto' (padded all-to-all here) or 'padded'.")
   return data, expert
 
 

@@ -1,0 +1,254 @@
+"""Dropless expert parallelism by ragged all-to-all (moetrain.parallel.ragged).
+
+XLA:CPU has no ragged-all-to-all, so on CPU the collective is replaced by
+`emulated_ragged_all_to_all`, written from the semantics in the docstring of
+`jax.lax.ragged_all_to_all` and checked here against that docstring's own example and a
+NumPy model of the same semantics. On a GPU, `bench/gpu_check.py` compares the real
+collective with the emulation, and the ragged expert-parallel layer with the padded one.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moetrain import train
+from moetrain.config import ConfigError
+from moetrain.model import moe as moe_lib
+from moetrain.parallel import dispatch, mesh as mesh_lib, ragged
+
+from conftest import tiny_config
+from ragged_emulation import emulated_ragged_all_to_all
+
+RNG = np.random.default_rng()
+
+
+def numpy_ragged_all_to_all(operands, outputs, input_offsets, send_sizes, output_offsets,
+                            recv_sizes):
+  """The documented semantics on per-device NumPy arrays (lists indexed by device)."""
+  num_devices = len(operands)
+  per_device = len(input_offsets[0]) // num_devices
+  for m in range(num_devices):  # the documented constraint between the two sizes
+    for j in range(num_devices):
+      for l in range(per_device):
+        assert send_sizes[m][j * per_device + l] == recv_sizes[j][m * per_device + l]
+  results = [o.copy() for o in outputs]
+  for src in range(num_devices):
+    for i in range(len(input_offsets[src])):
+      dst = i // per_device
+      data = operands[src][input_offsets[src][i]:input_offsets[src][i] + send_sizes[src][i]]
+      results[dst][output_offsets[src][i]:output_offsets[src][i] + len(data)] = data
+  return results
+
+
+def axis_mesh(n):
+  return jax.make_mesh((n,), ('x',), devices=jax.devices()[:n],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def run_per_device(fn, mesh, *per_device_arrays):
+  """fn on each device's slice: arrays are [n * rows, ...] stacked by device."""
+  put = lambda a: jax.device_put(a, NamedSharding(mesh, P('x')))
+  return np.asarray(jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P('x'),
+                                          out_specs=P('x')))(*map(put, per_device_arrays)))
+
+
+def test_emulation_reproduces_the_documented_example():
+  args = [np.array(a, dtype) for a, dtype in (
+      ([1, 2, 2, 3, 4, 0], np.float32), ([0] * 8, np.float32), ([0, 1, 0, 1], np.int32),
+      ([1, 2, 1, 1], np.int32), ([0, 0, 1, 2], np.int32), ([1, 1, 2, 1], np.int32))]
+  fn = lambda *a: emulated_ragged_all_to_all(*a, axis_name='x')
+  got = run_per_device(fn, axis_mesh(2), *args)
+  np.testing.assert_array_equal(got, [1, 3, 0, 0, 2, 2, 4, 0])
+
+
+def random_counts(num_devices, num_experts, max_count=5):
+  counts = RNG.integers(0, max_count + 1, (num_devices, num_experts))
+  counts[RNG.random(counts.shape) < 0.3] = 0  # empty slices, too
+  return counts.astype(np.int32)
+
+
+@pytest.mark.parametrize('num_devices,num_experts', [(1, 4), (2, 4), (4, 8), (8, 8)])
+def test_plan_groups_by_local_expert_and_returns_every_row(num_devices, num_experts):
+  counts = random_counts(num_devices, num_experts)
+  local = num_experts // num_devices
+  top_k = 2
+  tokens = max(1, -(-int(counts.sum(1).max()) // top_k))
+  rows = ragged.receive_rows(tokens, top_k, num_devices, local)
+  plans = [jax.tree.map(np.asarray, ragged.exchange_plan(jnp.asarray(counts), m))
+           for m in range(num_devices)]
+  # Sender p's sorted rows, labelled 1000*p + 10*e + i (i-th row for expert e).
+  sent = [np.concatenate([[1000 * p + 10 * e + i for i in range(counts[p, e])]
+                          for e in range(num_experts)] + [[]]).astype(np.float32)
+          for p in range(num_devices)]
+  recv = numpy_ragged_all_to_all(
+      sent, [np.full(rows, -1.0) for _ in plans], *[[getattr(pl, name) for pl in plans]
+      for name in ('input_offsets_E', 'send_sizes_E', 'output_offsets_E', 'recv_sizes_K')])
+  for m, plan in enumerate(plans):
+    experts = range(m * local, (m + 1) * local)
+    expected = [1000 * p + 10 * e + i for e in experts for p in range(num_devices)
+                for i in range(counts[p, e])]
+    np.testing.assert_array_equal(recv[m][:len(expected)], expected)
+    assert np.all(recv[m][len(expected):] == -1)
+    np.testing.assert_array_equal(plan.group_sizes_L, counts[:, list(experts)].sum(0))
+  back = numpy_ragged_all_to_all(
+      recv, [np.full(len(s), -1.0) for s in sent], *[[getattr(pl, name) for pl in plans]
+      for name in ('recv_offsets_K', 'recv_sizes_K', 'source_offsets_K', 'send_sizes_E')])
+  for s, b in zip(sent, back):
+    np.testing.assert_array_equal(b, s)
+
+
+def test_emulation_equals_numpy_semantics_on_a_random_plan():
+  num_devices, num_experts = 4, 8
+  counts = random_counts(num_devices, num_experts)
+  rows_in = int(counts.sum(1).max()) + 3
+  rows = ragged.receive_rows(rows_in, 1, num_devices, 2)
+  plans = [jax.tree.map(np.asarray, ragged.exchange_plan(jnp.asarray(counts), m))
+           for m in range(num_devices)]
+  operands = [RNG.standard_normal(rows_in).astype(np.float32) for _ in plans]
+  outputs = [RNG.standard_normal(rows).astype(np.float32) for _ in plans]
+  names = ('input_offsets_E', 'send_sizes_E', 'output_offsets_E', 'recv_sizes_K')
+  expected = numpy_ragged_all_to_all(operands, outputs,
+                                     *[[getattr(p, n) for p in plans] for n in names])
+  fn = lambda *a: emulated_ragged_all_to_all(*a, axis_name='x')
+  got = run_per_device(fn, axis_mesh(num_devices), np.concatenate(operands),
+                       np.concatenate(outputs),
+                       *[np.concatenate([getattr(p, n) for p in plans]) for n in names])
+  np.testing.assert_array_equal(got, np.concatenate(expected))
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+  """Ragged all-to-all on CPU: the emulation, and the backend check says yes."""
+  monkeypatch.setattr(ragged, 'ragged_all_to_all', emulated_ragged_all_to_all)
+  monkeypatch.setattr(ragged, 'backend_supports_ragged_all_to_all', lambda: True)
+
+
+def dropless_spec(impl, top_k=2, num_experts=8):
+  return moe_lib.MoESpec(num_experts, top_k, 'token_choice', 'softmax', 'topk_softmax', False,
+                         1.0, 1.0, 1.0, 'position', True, impl, 0.0, 'global')
+
+
+@pytest.mark.parametrize('impl,top_k,data,expert', [
+    *[(impl, k, *mesh) for impl in ('ragged', 'auto') for k in (1, 2)
+      for mesh in ((1, 2), (2, 2), (1, 4), (2, 4), (1, 8))],
+    ('ragged', 3, 2, 4), ('auto', 3, 1, 8)])
+def test_ragged_expert_parallel_layer_equals_one_device(emulated, impl, top_k, data, expert):
+  """Output, statistics and gradients (input and expert weights) of the dropless layer on a
+  mesh equal the single-device padded layer on the whole batch. 'ragged' runs the local
+  experts as ragged_dot, 'auto' (the GPU choice) on padded buffers."""
+  t, d, f, e = 64, 8, 16, 8
+  x, r, wg, wu, wd = (RNG.standard_normal(s).astype(np.float32) / np.sqrt(s[-2] if len(s) > 2
+                      else 1) for s in ((t, d), (d, e), (e, d, f), (e, d, f), (e, f, d)))
+  mesh = jax.make_mesh((data, expert), mesh_lib.AXES, devices=jax.devices()[:data * expert],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  cotangent = RNG.standard_normal((t, d)).astype(np.float32)
+
+  def objective(spec):
+    def f(x, wg, wu, wd):
+      y, stats = dispatch.run_moe_ffn(x, r, wg, wu, wd, None, jax.random.key(0), spec=spec,
+                                      seq_len=8, train=True, dtype=jnp.float32)
+      return jnp.sum(y * cotangent) + stats['balance_loss'], (y, stats)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))
+
+  (_, (y_ref, s_ref)), g_ref = objective(dropless_spec('padded', top_k))(x, wg, wu, wd)
+  with jax.set_mesh(mesh):
+    xs = jax.device_put(x, NamedSharding(mesh, P(mesh_lib.BATCH_AXES)))
+    experts = [jax.device_put(w, NamedSharding(mesh, P('expert'))) for w in (wg, wu, wd)]
+    fn = objective(dropless_spec(impl, top_k))
+    hlo = fn.lower(xs, *experts).as_text()
+    (_, (y, stats)), grads = fn(xs, *experts)
+  assert 'ragged_all_to_all' not in hlo  # emulated on CPU ...
+  assert 'all_to_all' not in hlo  # ... and no padded exchange
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-5)
+  for key in ('balance_loss', 'z_loss', 'load_E', 'dropped_frac'):
+    np.testing.assert_allclose(np.asarray(stats[key]), np.asarray(s_ref[key]), rtol=1e-5,
+                               atol=1e-6, err_msg=key)
+  for got, want in zip(grads, g_ref):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+def test_train_step_lowers_to_ragged_all_to_all(monkeypatch):
+  """With the real collective (lowered, not compiled: XLA:CPU cannot run it), the dropless
+  train step sends tokens by ragged all-to-all and never gathers expert weights."""
+  monkeypatch.setattr(ragged, 'backend_supports_ragged_all_to_all', lambda: True)
+  cfg = tiny_config(**{'model.moe.dropless': True, 'model.moe.dropless_impl': 'ragged',
+                       'model.num_experts': 8, 'model.vocab_size': 128, 'mesh.data': 2,
+                       'mesh.expert': 4})
+  mesh = mesh_lib.make_mesh(cfg)
+  tx = train.make_optimizer(cfg.train)
+  graphdef, state, shardings = train.init_state(cfg, mesh, tx)
+  shape = (cfg.data.batch_size, cfg.data.seq_len)
+  batch = jax.device_put(dict(inputs=np.zeros(shape, np.int32),
+                              targets=np.zeros(shape, np.int32),
+                              mask=np.ones(shape, np.float32)),
+                         mesh_lib.batch_sharding(mesh))
+  step_fn = jax.jit(train.make_train_step(graphdef, tx, cfg), out_shardings=(shardings, None))
+  with jax.set_mesh(mesh):
+    text = step_fn.lower(state, batch).as_text()
+  # forward and back in each of the 2 MoE layers, and the same two in the backward pass.
+  assert text.count('ragged_all_to_all') >= 8
+  m = cfg.model
+  full = f'{m.num_experts}x{m.d_model}x{m.d_ff}'
+  gathers = [line for line in text.splitlines() if 'all_gather' in line]
+  assert gathers and not any(full in line for line in gathers)
+
+
+def test_ragged_dropless_needs_a_backend_with_ragged_all_to_all():
+  cfg = tiny_config(**{'model.moe.dropless': True, 'model.moe.dropless_impl': 'ragged',
+                       'mesh.data': 2, 'mesh.expert': 4})
+  with pytest.raises(ConfigError, match="dropless_impl='ragged' with mesh.expert=4"):
+    train.prepare(cfg)
+
+
+def test_dropless_says_ragged_all_to_all_once(emulated, caplog):
+  mesh = jax.make_mesh((1, 2), mesh_lib.AXES, devices=jax.devices()[:2],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  dispatch.log_dropless_choice.cache_clear()
+  x = np.zeros((16, 8), np.float32)
+  w = np.zeros((8, 8, 4), np.float32)
+  layer = lambda x: dispatch.run_moe_ffn(x, np.zeros((8, 8), np.float32), w, w,
+                                         w.transpose(0, 2, 1), None, jax.random.key(0),
+                                         spec=dropless_spec('ragged'), seq_len=4, train=True,
+                                         dtype=jnp.float32)
+  with jax.set_mesh(mesh):
+    for _ in range(2):
+      jax.eval_shape(layer, x)
+  messages = [r.getMessage() for r in caplog.records if 'dropless' in r.getMessage()]
+  assert len(messages) == 1 and 'ragged all-to-all' in messages[0]
+  assert 'ragged_dot' in messages[0]
+
+
+def test_auto_picks_the_exchange_and_the_expert_kernel_per_backend(monkeypatch):
+  spec = dropless_spec('auto')
+  assert not spec.use_ragged_exchange() and not spec.use_ragged()  # CPU
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert spec.use_ragged_exchange() and not spec.use_ragged()
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  assert spec.use_ragged_exchange() and spec.use_ragged()
+  for impl in ('padded', 'ragged'):
+    forced = dropless_spec(impl)
+    assert forced.use_ragged_exchange() == forced.use_ragged() == (impl == 'ragged')
+
+
+@pytest.mark.parametrize('impl', ['auto', 'ragged'])
+def test_dropless_training_on_meshes_matches_one_device(emulated, impl):
+  """Loss, gradients and params after 3 train steps of the dropless Mixtral-style model,
+  tokens exchanged by (emulated) ragged all-to-all, equal the single-device run."""
+  from test_dispatch import equivalence_config, initial_state, random_batches, run_steps
+  config = lambda data, expert: equivalence_config('mixtral', data, expert)
+  cfg = config(1, 1)
+  graphdef, state = initial_state(cfg)
+  batches = random_batches(cfg, 3)
+  ref = run_steps(cfg, graphdef, state, batches)
+  for data, expert in ((2, 4), (1, 8)):
+    mesh_cfg = config(data, expert)
+    mesh_cfg.model.moe.dropless_impl = impl
+    got = run_steps(mesh_cfg, graphdef, state, batches)
+    close = lambda rtol, atol: lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=rtol, atol=atol, err_msg=f'{impl} on data={data} expert={expert}')
+    close(1e-5, 0)(got[0], ref[0])
+    close(1e-5, 0)(got[2], ref[2])
+    jax.tree.map(close(1e-4, 1e-6), got[1], ref[1])
+    jax.tree.map(close(1e-4, 1e-5), got[3], ref[3])
