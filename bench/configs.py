@@ -19,6 +19,7 @@ VOCAB = 2048
 
 D_MODEL = 512  # bench/run.py --d-model changes it; heads of 64, d_ff = 4 d, d_expert = 2 d.
 BATCH_SIZE = 32  # bench/run.py --batch-size changes it (sequences of 256 tokens).
+DTYPE = 'float32'  # bench/run.py --dtype changes it (bfloat16 on GPU/TPU by default).
 
 
 def base(**overrides):
@@ -34,16 +35,13 @@ def base(**overrides):
   m.moe.top_k = 2
   m.moe.d_expert = 2 * D_MODEL
   m.moe.capacity_factor = 1.0
+  m.dtype = DTYPE
   c.data.seq_len = 256
   c.data.batch_size = BATCH_SIZE
   c.train.steps = 1000
   c.train.warmup_steps = 10
   for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    config_lib.set_key(c, key, value)
   return config_lib.validate(c)
 
 
@@ -60,4 +58,28 @@ def moe64():
   return base(**{'model.num_experts': 64})
 
 
-CONFIGS = {'dense': dense, 'moe8': moe8, 'moe64': moe64}
+def drop_ragged():
+  """moe8 without drops, as `jax.lax.ragged_dot` grouped matmuls (GPU/TPU's default)."""
+  return base(**{'model.num_experts': 8, 'model.moe.dropless': True,
+                 'model.moe.dropless_impl': 'ragged'})
+
+
+def drop_padded():
+  """moe8 without drops, as padded buffers of capacity T per expert (CPU's default)."""
+  return base(**{'model.num_experts': 8, 'model.moe.dropless': True,
+                 'model.moe.dropless_impl': 'padded'})
+
+
+def drop_ragged64():
+  return base(**{'model.num_experts': 64, 'model.moe.dropless': True,
+                 'model.moe.dropless_impl': 'ragged'})
+
+
+def drop_padded64():
+  return base(**{'model.num_experts': 64, 'model.moe.dropless': True,
+                 'model.moe.dropless_impl': 'padded'})
+
+
+CONFIGS = {'dense': dense, 'moe8': moe8, 'moe64': moe64, 'drop_ragged': drop_ragged,
+           'drop_padded': drop_padded, 'drop_ragged64': drop_ragged64,
+           'drop_padded64': drop_padded64}

@@ -218,12 +218,13 @@ def table(result: dict) -> str:
            f"{len(rate['all'])})"]
   if 'd_model' in result:
     lines.append(f"configs: d_model {result['d_model']}, batch {result['batch_size']} x 256 "
-                 'tokens; MFU and R1/R2 are medians over rounds of same-round pairs')
+                 f"tokens, {result.get('dtype', 'float32')}; MFU and R1/R2 are medians over "
+                 'rounds of same-round pairs')
   lines += ['',
-           f"{'config':<10}{'compile s':>10}{'step ms':>10}{'tokens/s':>11}"
+           f"{'config':<14}{'compile s':>10}{'step ms':>10}{'tokens/s':>11}"
            f"{'GFLOP/step':>12}{'GFLOP/s':>9}{'MFU':>7}"]
   for r in result['configs']:
-    lines.append(f"{r['config']:<10}{r['compile_s']:>10.1f}{r['step_s'] * 1e3:>10.1f}"
+    lines.append(f"{r['config']:<14}{r['compile_s']:>10.1f}{r['step_s'] * 1e3:>10.1f}"
                  f"{r['tokens_per_s']:>11,.0f}{r['model_flops_per_step'] / 1e9:>12.2f}"
                  f"{r['model_flops_per_s'] / 1e9:>9.1f}{r['mfu']:>7.2f}")
   lines.append('')

@@ -4,6 +4,8 @@ speed ratios R1-R4, as JSON and a table.
   PYTHONPATH=. python bench/run.py                 # everything, ~3-4 min on 2 busy CPU cores
   PYTHONPATH=. python bench/run.py --d-model=256 --batch-size=8 --steps=3   # small, ~1 min
   PYTHONPATH=. python bench/run.py --a2a-only      # R4 alone (8 simulated devices)
+  PYTHONPATH=. python bench/run.py --no-a2a --d-model=1024 --batch-size=64 --matmul-n=8192 \
+      --configs=dense,moe8,moe64,drop_ragged,drop_padded   # one GPU (bench/gpu_check.sh)
 
 Timings are interleaved: each round measures the matmul rate once and runs every config for
 a few steps (in a rotated order), so slow phases of a shared machine hit all configs alike;
@@ -34,6 +36,8 @@ def parse_args(argv=None):
   p.add_argument('--d-model', type=int, default=512,
                  help='width of every bench config (heads of 64, d_ff 4x, d_expert 2x)')
   p.add_argument('--batch-size', type=int, default=32, help='sequences of 256 tokens per step')
+  p.add_argument('--dtype', default='auto', choices=('auto', 'float32', 'bfloat16'),
+                 help='compute dtype of every config (auto: float32 on CPU, else bfloat16)')
   p.add_argument('--matmul-n', type=int, default=2048)
   p.add_argument('--out', default=None, help='JSON path (default bench/results/<time>.json)')
   p.add_argument('--no-a2a', action='store_true', help='skip R4')
@@ -90,6 +94,8 @@ def main(argv=None):
   from bench import configs, harness
 
   configs.D_MODEL, configs.BATCH_SIZE = args.d_model, args.batch_size
+  configs.DTYPE = (('float32' if jax.default_backend() == 'cpu' else 'bfloat16')
+                   if args.dtype == 'auto' else args.dtype)
   names = args.configs.split(',')
   benches = {}
   for name in names:
@@ -115,7 +121,7 @@ def main(argv=None):
       time=datetime.datetime.now().isoformat(timespec='seconds'),
       backend=jax.default_backend(), devices=jax.device_count(),
       command=' '.join(sys.argv), jax_version=jax.__version__,
-      d_model=args.d_model, batch_size=args.batch_size,
+      d_model=args.d_model, batch_size=args.batch_size, dtype=configs.DTYPE,
       matmul=dict(n=args.matmul_n, dtype=str(jax.numpy.dtype(dtype)), flops_per_s=rate,
                   all=rates),
       configs=results,
