@@ -19,7 +19,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from moetrain.model import moe as moe_lib
 from moetrain.parallel import mesh as mesh_lib
