@@ -12,14 +12,38 @@ dense FFN's (at 1.25 the experts do 25% more matmul work by construction).
 
 from __future__ import annotations
 
+import functools
+
 from moetrain import config as config_lib
 
 VOCAB = 2048
 
 
-D_MODEL = 512  # bench/run.py --d-model changes it; heads of 64, d_ff = 4 d, d_expert = 2 d.
-BATCH_SIZE = 32  # bench/run.py --batch-size changes it (sequences of 256 tokens).
-DTYPE = 'float32'  # bench/run.py --dtype changes it (bfloat16 on GPU/TPU by default).
+D_MODEL = 512  # --d-model changes it; heads of 64, d_ff = 4 d, d_expert = 2 d.
+BATCH_SIZE = 32  # --batch-size changes it (sequences of 256 tokens).
+DTYPE = 'float32'  # --dtype changes it (bfloat16 on GPU/TPU by default).
+
+
+def add_size_flags(parser):
+  """--d-model, --batch-size and --dtype of every config (bench/run.py, bench/profile.py)."""
+  parser.add_argument('--d-model', type=int, default=D_MODEL,
+                      help='width of every bench config (heads of 64, d_ff 4x, d_expert 2x)')
+  parser.add_argument('--batch-size', type=int, default=BATCH_SIZE,
+                      help='sequences of 256 tokens per step')
+  parser.add_argument('--dtype', default='auto', choices=('auto', 'float32', 'bfloat16'),
+                      help="compute dtype of every config (auto: the machine's matmul dtype, "
+                      'float32 on CPU, else bfloat16)')
+
+
+def set_size(d_model: int, batch_size: int, dtype: str = 'auto'):
+  """Sets the width, batch and compute dtype every config function builds with."""
+  global D_MODEL, BATCH_SIZE, DTYPE
+  D_MODEL, BATCH_SIZE = d_model, batch_size
+  if dtype == 'auto':  # imports jax: callers that set XLA_FLAGS pass a dtype
+    import jax.numpy as jnp
+    from bench import harness
+    dtype = jnp.dtype(harness.default_matmul_dtype()).name
+  DTYPE = dtype
 
 
 def base(**overrides):
@@ -58,28 +82,13 @@ def moe64():
   return base(**{'model.num_experts': 64})
 
 
-def drop_ragged():
-  """moe8 without drops, as `jax.lax.ragged_dot` grouped matmuls (GPU/TPU's default)."""
-  return base(**{'model.num_experts': 8, 'model.moe.dropless': True,
-                 'model.moe.dropless_impl': 'ragged'})
+def dropless(num_experts: int, impl: str):
+  """A MoE config without drops: impl 'ragged' runs `jax.lax.ragged_dot` grouped matmuls
+  (TPU's default), 'padded' buffers of capacity T per expert (CPU's and GPU's)."""
+  return base(**{'model.num_experts': num_experts, 'model.moe.dropless': True,
+                 'model.moe.dropless_impl': impl})
 
 
-def drop_padded():
-  """moe8 without drops, as padded buffers of capacity T per expert (CPU's default)."""
-  return base(**{'model.num_experts': 8, 'model.moe.dropless': True,
-                 'model.moe.dropless_impl': 'padded'})
-
-
-def drop_ragged64():
-  return base(**{'model.num_experts': 64, 'model.moe.dropless': True,
-                 'model.moe.dropless_impl': 'ragged'})
-
-
-def drop_padded64():
-  return base(**{'model.num_experts': 64, 'model.moe.dropless': True,
-                 'model.moe.dropless_impl': 'padded'})
-
-
-CONFIGS = {'dense': dense, 'moe8': moe8, 'moe64': moe64, 'drop_ragged': drop_ragged,
-           'drop_padded': drop_padded, 'drop_ragged64': drop_ragged64,
-           'drop_padded64': drop_padded64}
+CONFIGS = {'dense': dense, 'moe8': moe8, 'moe64': moe64,
+           **{f'drop_{impl}{suffix}': functools.partial(dropless, experts, impl)
+              for experts, suffix in ((8, ''), (64, '64')) for impl in ('ragged', 'padded')}}

@@ -20,22 +20,19 @@ import json
 import re
 import tempfile
 
+from bench import configs
+
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('config')
-  p.add_argument('--d-model', type=int, default=512)
-  p.add_argument('--batch-size', type=int, default=32)
+  configs.add_size_flags(p)
   p.add_argument('--steps', type=int, default=2)
   p.add_argument('--top', type=int, default=40)
-  p.add_argument('--dtype', default='auto', choices=('auto', 'float32', 'bfloat16'),
-                 help='compute dtype (auto: float32 on CPU, else bfloat16)')
   args = p.parse_args(argv)
   import jax
-  from bench import configs, harness
-  configs.D_MODEL, configs.BATCH_SIZE = args.d_model, args.batch_size
-  configs.DTYPE = (('float32' if jax.default_backend() == 'cpu' else 'bfloat16')
-                   if args.dtype == 'auto' else args.dtype)
+  from bench import harness
+  configs.set_size(args.d_model, args.batch_size, args.dtype)
   b = harness.StepBench(args.config, configs.CONFIGS[args.config]())
   b.run(2, record=False)
   source = {}

@@ -23,6 +23,8 @@ import statistics
 import subprocess
 import sys
 
+from bench import configs  # no jax import: a2a_measure sets XLA_FLAGS first
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 A2A_DEVICES = 8
 
@@ -33,11 +35,7 @@ def parse_args(argv=None):
   p.add_argument('--rounds', type=int, default=5)
   p.add_argument('--steps', type=int, default=2, help='timed steps per config per round')
   p.add_argument('--warmup', type=int, default=2)
-  p.add_argument('--d-model', type=int, default=512,
-                 help='width of every bench config (heads of 64, d_ff 4x, d_expert 2x)')
-  p.add_argument('--batch-size', type=int, default=32, help='sequences of 256 tokens per step')
-  p.add_argument('--dtype', default='auto', choices=('auto', 'float32', 'bfloat16'),
-                 help='compute dtype of every config (auto: float32 on CPU, else bfloat16)')
+  configs.add_size_flags(p)
   p.add_argument('--matmul-n', type=int, default=2048)
   p.add_argument('--out', default=None, help='JSON path (default bench/results/<time>.json)')
   p.add_argument('--no-a2a', action='store_true', help='skip R4')
@@ -52,7 +50,7 @@ def a2a_measure() -> dict:
     flags = os.environ.get('XLA_FLAGS', '')
     os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={A2A_DEVICES}'
   import jax
-  from bench import configs, harness
+  from bench import harness
   assert jax.device_count() == A2A_DEVICES, jax.device_count()
   cfg = configs.moe8()
   cfg.mesh.data, cfg.mesh.expert = 1, A2A_DEVICES
@@ -86,16 +84,13 @@ def a2a_subprocess(d_model: int, batch_size: int) -> dict:
 def main(argv=None):
   args = parse_args(argv)
   if args.a2a_only:
-    from bench import configs
-    configs.D_MODEL, configs.BATCH_SIZE = args.d_model, args.batch_size
+    configs.set_size(args.d_model, args.batch_size, 'float32')  # R4 counts float32 bytes
     print(json.dumps(a2a_measure()))
     return
   import jax
-  from bench import configs, harness
+  from bench import harness
 
-  configs.D_MODEL, configs.BATCH_SIZE = args.d_model, args.batch_size
-  configs.DTYPE = (('float32' if jax.default_backend() == 'cpu' else 'bfloat16')
-                   if args.dtype == 'auto' else args.dtype)
+  configs.set_size(args.d_model, args.batch_size, args.dtype)
   names = args.configs.split(',')
   benches = {}
   for name in names:
