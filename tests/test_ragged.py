@@ -236,19 +236,6 @@ def test_auto_picks_the_exchange_and_the_expert_kernel_per_backend(monkeypatch):
 def test_dropless_training_on_meshes_matches_one_device(emulated, impl):
   """Loss, gradients and params after 3 train steps of the dropless Mixtral-style model,
   tokens exchanged by (emulated) ragged all-to-all, equal the single-device run."""
-  from test_dispatch import equivalence_config, initial_state, random_batches, run_steps
-  config = lambda data, expert: equivalence_config('mixtral', data, expert)
-  cfg = config(1, 1)
-  graphdef, state = initial_state(cfg)
-  batches = random_batches(cfg, 3)
-  ref = run_steps(cfg, graphdef, state, batches)
-  for data, expert in ((2, 4), (1, 8)):
-    mesh_cfg = config(data, expert)
-    mesh_cfg.model.moe.dropless_impl = impl
-    got = run_steps(mesh_cfg, graphdef, state, batches)
-    close = lambda rtol, atol: lambda a, b: np.testing.assert_allclose(
-        a, b, rtol=rtol, atol=atol, err_msg=f'{impl} on data={data} expert={expert}')
-    close(1e-5, 0)(got[0], ref[0])
-    close(1e-5, 0)(got[2], ref[2])
-    jax.tree.map(close(1e-4, 1e-6), got[1], ref[1])
-    jax.tree.map(close(1e-4, 1e-5), got[3], ref[3])
+  from test_dispatch import assert_meshes_match_one_device
+  assert_meshes_match_one_device('mixtral', [(2, 4), (1, 8)],
+                                 **{'model.moe.dropless_impl': impl})
