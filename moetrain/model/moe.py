@@ -62,6 +62,12 @@ class MoESpec:
   def dropless_token_choice(self) -> bool:
     return self.router == 'token_choice' and self.dropless
 
+  def _dropless_choice(self, auto: bool) -> bool:
+    """dropless_impl as a bool: 'ragged' True, 'padded' False, 'auto' `auto`."""
+    if not self.dropless_token_choice():
+      return False
+    return auto if self.dropless_impl == 'auto' else self.dropless_impl == 'ragged'
+
   def use_ragged(self) -> bool:
     """Dropless experts as `jax.lax.ragged_dot` grouped matmuls instead of padded buffers.
 
@@ -69,21 +75,13 @@ class MoESpec:
     train step 1.6-1.8x slower than padded buffers of capacity T per expert, even with 64
     experts where the padded buffers do 32x the expert FLOPs (bench/NOTES.md).
     """
-    if not self.dropless_token_choice():
-      return False
-    if self.dropless_impl == 'auto':
-      return jax.default_backend() == 'tpu'
-    return self.dropless_impl == 'ragged'
+    return self._dropless_choice(jax.default_backend() == 'tpu')
 
   def use_ragged_exchange(self) -> bool:
     """Under expert parallelism, dropless tokens travel by `jax.lax.ragged_all_to_all`
     (only the routed tokens) instead of a padded all-to-all (E/K times the bytes).
     `auto` takes it where the backend has it (GPU, TPU)."""
-    if not self.dropless_token_choice():
-      return False
-    if self.dropless_impl == 'auto':
-      return ragged.backend_supports_ragged_all_to_all()
-    return self.dropless_impl == 'ragged'
+    return self._dropless_choice(ragged.backend_supports_ragged_all_to_all())
 
 
 def dispatch(x_TD: jax.Array, token_EC: jax.Array) -> jax.Array:
