@@ -213,6 +213,7 @@ class Summary:
   tokens_per_second: float
   seconds: float
   preempted: bool = False  # stopped early by SIGTERM/SIGINT, after saving.
+  first_step: int = 0  # the step this call started from (a resumed run's checkpoint).
 
   def lines(self) -> list[str]:
     stopped = [f'stopped by a signal at step {self.steps} after saving a checkpoint; run the '
@@ -222,7 +223,9 @@ class Summary:
         f'({self.eval_loss / np.log(2):.3f} bits)',
         f'unigram entropy of the eval split {self.eval_unigram_entropy:.4f} nats/token '
         f'({self.eval_unigram_entropy / np.log(2):.3f} bits)',
-        f'{self.steps} steps in {self.seconds:.1f} s, {self.tokens_per_second:,.0f} tokens/s',
+        f'{self.steps - self.first_step} steps in {self.seconds:.1f} s, '
+        f'{self.tokens_per_second:,.0f} tokens/s' if self.steps > self.first_step else
+        f'no step trained in this call: the run had finished at step {self.steps}',
     ]
 
 
@@ -411,8 +414,16 @@ def train(cfg, workdir, *, log=print) -> Summary:
     data.train.close()
   if step == first and first == t.steps:
     log(f'the checkpoint is already at train.steps={t.steps}; nothing to train.')
+    # Report the finished run: the checkpoint's eval loss, the last logged training loss.
+    with jax.set_mesh(mesh):
+      eval_loss = evaluate(eval_fn, state, data.eval_batches, put)
+    logged = workdir / 'metrics.jsonl'
+    losses = [r['loss'] for r in metrics_lib.read_jsonl(logged) if 'loss' in r] \
+        if logged.is_file() else []
+    loss = losses[-1] if losses else loss
   summary = Summary(step, loss, eval_loss, data.eval_unigram_entropy,
-                    (step - first) * tokens_per_step / max(seconds, 1e-9), seconds, preempted)
+                    (step - first) * tokens_per_step / max(seconds, 1e-9), seconds, preempted,
+                    first)
   for line in summary.lines():
     log(line)
   return summary

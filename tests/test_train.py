@@ -121,6 +121,15 @@ def test_train_end_to_end_writes_logs_and_checkpoint(tmp_path):
   assert list((tmp_path / 'tb').iterdir())
   assert (tmp_path / 'checkpoints' / '12').is_dir()
   assert (tmp_path / 'config.json').is_file()
+  # The same command again: nothing to train, and the finished run's numbers, not NaN.
+  lines = []
+  again = train.train(cfg, tmp_path, log=lines.append)
+  assert any('nothing to train' in line for line in lines)
+  assert (again.steps, again.first_step) == (12, 12)
+  assert again.eval_loss == pytest.approx(summary.eval_loss, rel=1e-5)
+  assert again.final_loss == pytest.approx(summary.final_loss)
+  assert 'no step trained in this call' in lines[-1]
+  assert summary.lines()[-1].startswith('12 steps in ')
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():
