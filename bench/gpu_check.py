@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from moetrain.model import moe as moe_lib
+from moetrain.model import moe_ffn as moe_lib
 from moetrain.parallel import mesh as mesh_lib
 from ragged_emulation import emulated_ragged_all_to_all
 

@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moetrain import config as config_lib, train
 from moetrain.config import ConfigError
-from moetrain.model import moe as moe_lib
+from moetrain.model import moe_ffn as moe_lib
 from moetrain.parallel import dispatch, mesh as mesh_lib
 
 from conftest import tiny_config

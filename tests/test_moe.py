@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moetrain.model import moe as moe_lib
+from moetrain.model import moe as moe_layer
+from moetrain.model import moe_ffn as moe_lib
 from moetrain.model import routing
 from moetrain.model.layers import MLP
 
@@ -81,7 +82,7 @@ def test_layer_matches_loop_over_slots(router, k, factor):
   x, r, wg, wu, wd = make_inputs()
   s = spec(router=router, top_k=k, capacity_factor=factor)
   y, stats = run(s, x, r, wg, wu, wd)
-  table, _ = moe_lib.routing.route(jnp.asarray(x) @ jnp.asarray(r), router=router, top_k=k,
+  table, _ = routing.route(jnp.asarray(x) @ jnp.asarray(r), router=router, top_k=k,
                                    capacity=s.capacity(T, True))
   ref = reference_from_table(x, np.asarray(table.token_EC), np.asarray(table.weight_EC),
                              wg, wu, wd)
@@ -180,7 +181,7 @@ def test_sequence_balance_loss_is_mean_over_sequences():
 def test_shared_experts_add_a_dense_swiglu():
   cfg = tiny_config(**{'model.moe.num_shared_experts': 2, 'model.moe.d_expert': 8,
                        'model.vocab_size': 128})
-  layer = moe_lib.MoE(cfg.model, rngs=nnx.Rngs(0), dtype=jnp.float32,
+  layer = moe_layer.MoE(cfg.model, rngs=nnx.Rngs(0), dtype=jnp.float32,
                       param_dtype=jnp.float32)
   assert layer.shared.w_gate.shape == (32, 16)  # two shared experts of hidden 8.
   x = jnp.asarray(RNG.standard_normal((2, 8, 32)), jnp.float32)

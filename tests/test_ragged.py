@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moetrain import train
 from moetrain.config import ConfigError
-from moetrain.model import moe as moe_lib
+from moetrain.model import moe_ffn as moe_lib
 from moetrain.parallel import dispatch, mesh as mesh_lib, ragged
 
 from conftest import tiny_config

@@ -17,7 +17,7 @@ import logging
 import jax
 from jax.sharding import PartitionSpec as P
 
-from moetrain.model.moe import MoESpec, moe_ffn
+from moetrain.model.moe_ffn import MoESpec, moe_ffn
 from moetrain.parallel.mesh import BATCH_AXES
 
 
