@@ -24,6 +24,8 @@ COMMANDS = {
     'sample': 'continue a prompt with a trained run: --workdir=DIR --prompt=TEXT '
               '[--max_new_tokens=N --temperature=T]',
     'params': 'print total and active parameters and training FLOPs per token',
+    'compile': 'compile the train step ahead of time and print per-chip memory, FLOPs and '
+               'collectives: [--topology=v5p-128 [--num_slices=N]] (default: local devices)',
     'tokenizer': "'tokenizer train': fit a byte-level BPE on the configured corpus: "
                  '--vocab_size=N --output=PATH',
 }
@@ -43,6 +45,11 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'multi-process: this proc
 _PROMPT = flags.DEFINE_string('prompt', None, 'sample: the text to continue.')
 _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 200, 'sample: tokens to generate.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'sample: 0 is greedy.')
+_TOPOLOGY = flags.DEFINE_string(
+    'topology', None, 'compile: a TPU slice (v5p-128, v4-32, v5e-16, v6e-64, or a libtpu '
+    'name such as v5p:4x4x4), compiled on this host; needs the tpu extra.')
+_NUM_SLICES = flags.DEFINE_integer('num_slices', 1, 'compile: slices of --topology '
+                                   '(multi-slice; data parallelism spans them).')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'multi-process with the cluster detected by JAX (Cloud TPU pod '
     'slices, SLURM, Open MPI).')
@@ -107,6 +114,20 @@ def _params(_):
     print(line)
 
 
+def _compile(_):
+  import os
+  if _TOPOLOGY.value:  # compile-only TPU devices; the host's own backend stays CPU.
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  from moetrain import compile as compile_lib
+  if _NUM_SLICES.value < 1 or (_NUM_SLICES.value > 1 and not _TOPOLOGY.value):
+    raise config_lib.ConfigError(f'--num_slices={_NUM_SLICES.value} needs a --topology and '
+                                 'a positive count; pass e.g. --topology=v5p-128 '
+                                 '--num_slices=2.')
+  report, _ = compile_lib.compile_step(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value)
+  for line in report.lines():
+    print(line)
+
+
 def _tokenizer_train(_):
   from moetrain import data
   if not _VOCAB_SIZE.value or not _OUTPUT.value:
@@ -119,14 +140,15 @@ def _tokenizer_train(_):
 
 
 RUNNERS = {'train': _train, 'sweep': _sweep, 'report': _report, 'sample': _sample,
-           'params': _params, 'tokenizer train': _tokenizer_train}
+           'params': _params, 'compile': _compile, 'tokenizer train': _tokenizer_train}
 
 
 def _runtime_errors() -> tuple:
   """Errors that stop a command with one sentence (exit 1) instead of a traceback: a
   checkpoint folder that cannot be resumed, a non-finite loss (from modules already
   imported, so `params` never imports jax for this)."""
-  names = (('moetrain.checkpoint', 'CheckpointError'), ('moetrain.train', 'NonFiniteError'))
+  names = (('moetrain.checkpoint', 'CheckpointError'), ('moetrain.train', 'NonFiniteError'),
+           ('moetrain.compile', 'DoesNotFitError'))
   return tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
 
 

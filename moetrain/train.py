@@ -29,8 +29,7 @@ from moetrain import config as config_lib
 from moetrain import data as data_lib
 from moetrain import metrics as metrics_lib
 from moetrain import objective
-from moetrain.model import routing
-from moetrain.model.moe import MoE
+from moetrain.model import attention, routing
 from moetrain.model.transformer import Transformer
 from moetrain.parallel import mesh as mesh_lib
 
@@ -123,24 +122,109 @@ def state_shardings(abstract_state: TrainState, mesh):
 
 def update_router_biases(model, stats, rate: float):
   """Aux-loss-free balancing: nudges each MoE layer's selection bias toward equal load.
-  Adds `bias_norm` to the layer's stats."""
-  moe_layers = [b.ffn for b in model.blocks if isinstance(b.ffn, MoE)]
-  for moe, s in zip(moe_layers, stats):
-    if moe.bias is not None:
-      moe.bias[...] = routing.bias_update(moe.bias[...], s['load_E'], rate)
-      s['bias_norm'] = jnp.linalg.norm(moe.bias[...])
+  `stats` holds one dict per MoE layer, in layer order; adds `bias_norm` to each."""
+  modules = model.moe_modules()
+  index = {layer: i for i, layer in enumerate(l for _, layers in modules for l in layers)}
+  for moe, layers in modules:
+    if moe.bias is None:
+      continue
+    layer_stats = [stats[index[layer]] for layer in layers]
+    load = jnp.stack([s['load_E'] for s in layer_stats])  # [layers, E]
+    bias = moe.bias[...]
+    bias = routing.bias_update(bias.reshape(load.shape), load, rate).reshape(bias.shape)
+    moe.bias[...] = bias
+    for s, b in zip(layer_stats, bias.reshape(load.shape)):
+      s['bias_norm'] = jnp.linalg.norm(b)
+
+
+def forward(model, batch, model_cfg, *, train: bool, rng=None):
+  """The model on a batch: (sum of the token cross-entropies over the loss mask, the
+  per-MoE-layer statistics). With model.loss_chunk the logits are made and reduced chunk
+  by chunk (objective.chunked_cross_entropy_sum)."""
+  kwargs = dict(positions_BL=batch.get('positions'), segment_ids_BL=batch.get('segment_ids'),
+                train=train, rng=rng)
+  if model_cfg.loss_chunk:
+    x_BLD, stats = model.hidden(batch['inputs'], **kwargs)
+    ce_sum = objective.chunked_cross_entropy_sum(
+        x_BLD, batch['targets'], batch['mask'], model.logits_fn(), model_cfg.loss_chunk)
+  else:
+    logits, stats = model(batch['inputs'], **kwargs)
+    ce_sum = objective.cross_entropy_sum(logits, batch['targets'], batch['mask'])
+  return ce_sum, stats
 
 
 def make_loss_fn(graphdef, cfg):
-  """(params, model_state, batch, rng) -> (loss, (loss parts, per-MoE-layer stats))."""
-  def loss_fn(params, model_state, batch, rng):
+  """(params, model_state, batch, rng[, num_tokens, aux_weight]) -> (loss, (loss parts,
+  per-MoE-layer stats)).
+
+  loss = (sum of token cross-entropies) / num_tokens + aux_weight * router losses;
+  num_tokens defaults to the batch's own mask count (the mean cross-entropy). Gradient
+  accumulation passes the whole batch's count and 1/micro-batches, so the micro-batch
+  losses add up to the whole batch's.
+  """
+  def loss_fn(params, model_state, batch, rng, num_tokens=None, aux_weight=1.0):
     model = nnx.merge(graphdef, params, model_state)
-    logits, stats = model(batch['inputs'], positions_BL=batch.get('positions'),
-                          segment_ids_BL=batch.get('segment_ids'), train=True, rng=rng)
-    loss, parts = objective.total_loss(logits, stats, batch, cfg.model.moe)
+    ce_sum, stats = forward(model, batch, cfg.model, train=True, rng=rng)
+    if num_tokens is None:
+      num_tokens = jnp.maximum(jnp.sum(batch['mask']), 1.0)
+    loss, parts = objective.combine(ce_sum / num_tokens, stats, cfg.model.moe, aux_weight)
     return loss, (parts, stats)
 
   return loss_fn
+
+
+def micro_batches(batch, n: int):
+  """[B, ...] arrays -> [n, B/n, ...]: micro-batch i takes rows i, i+n, i+2n, ..., so each
+  device's rows (a contiguous block of the batch sharding) split evenly between the
+  micro-batches and none has to move."""
+  def split(x):
+    x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+    return mesh_lib.constrain_batch(x, batch_dim=1)
+
+  return jax.tree.map(split, batch)
+
+
+def combine_micro_stats(stats):
+  """Per-layer statistics stacked over micro-batches [n, ...] -> one dict per layer: the
+  mean over micro-batches (max for max_logit). Every micro-batch has the same number of
+  tokens, so the mean load is the whole batch's load share."""
+  return [{k: (jnp.max(v, 0) if k == 'max_logit' else jnp.mean(v, 0)) for k, v in s.items()}
+          for s in stats]
+
+
+def make_grad_fn(graphdef, cfg):
+  """(params, model_state, batch, rng) -> ((loss, (parts, stats)), grads) for the whole
+  batch; with train.grad_accum_steps = n > 1 the n micro-batches run in a `lax.scan` and
+  their gradients are summed (the same update as the whole batch, see make_loss_fn).
+
+  Across micro-batches: ce adds up exactly (each micro-batch divides by the whole
+  batch's token count); the balance and z-losses and the routing metrics are means of
+  the per-micro-batch values (max_logit: the max). Capacity, and balance statistics of
+  balance_scope='micro_batch' or 'global', are per micro-batch, so with drops or those
+  scopes the update differs from the whole batch's; 'sequence' balance is the same.
+  """
+  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg), has_aux=True)
+  n = cfg.train.grad_accum_steps
+  if n == 1:
+    return grad_fn
+
+  def accumulated(params, model_state, batch, rng):
+    num_tokens = jnp.maximum(jnp.sum(batch['mask']), 1.0)
+
+    def body(grads, xs):
+      micro, i = xs
+      (loss, (parts, stats)), g = grad_fn(params, model_state, micro,
+                                          jax.random.fold_in(rng, i), num_tokens, 1.0 / n)
+      return jax.tree.map(jnp.add, grads, g), (loss, parts, stats)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (losses, parts, stats) = jax.lax.scan(
+        body, zeros, (micro_batches(batch, n), jnp.arange(n)))
+    parts = dict(ce=jnp.sum(parts['ce']), balance_loss=jnp.mean(parts['balance_loss']),
+                 z_loss=jnp.mean(parts['z_loss']))
+    return (jnp.sum(losses), (parts, combine_micro_stats(stats))), grads
+
+  return accumulated
 
 
 def make_train_step(graphdef, tx, cfg):
@@ -148,7 +232,7 @@ def make_train_step(graphdef, tx, cfg):
   moe_cfg = cfg.model.moe
   schedule = make_schedule(cfg.train)
   moe_layers = config_lib.moe_layers(cfg.model)
-  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg), has_aux=True)
+  grad_fn = make_grad_fn(graphdef, cfg)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -176,20 +260,24 @@ def make_train_step(graphdef, tx, cfg):
   return train_step
 
 
+def jit_train_step(graphdef, tx, cfg, shardings):
+  """The jitted train step as training runs it (and `moetrain compile` compiles it): the
+  state donated, the new state in `shardings`."""
+  return jax.jit(make_train_step(graphdef, tx, cfg), donate_argnums=0,
+                 out_shardings=(shardings, None))
+
+
 def keep_if(condition, new, old):
   """Leafwise `new if condition else old` for two pytrees of the same structure."""
   return jax.tree.map(lambda n, o: jnp.where(condition, n, o), new, old)
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, model_cfg):
   """(state, batch) -> (sum of token losses, number of tokens), at eval capacity."""
   def eval_step(state: TrainState, batch):
     model = nnx.merge(graphdef, state.params, state.model_state)
-    logits, _ = model(batch['inputs'], positions_BL=batch.get('positions'),
-                      segment_ids_BL=batch.get('segment_ids'), train=False)
-    ce = objective.cross_entropy(logits, batch['targets'], batch['mask'])
-    count = jnp.sum(batch['mask'])
-    return ce * count, count
+    ce_sum, _ = forward(model, batch, model_cfg, train=False)
+    return ce_sum, jnp.sum(batch['mask'])
 
   return eval_step
 
@@ -233,6 +321,8 @@ def prepare(cfg):
   """Validates and resolves a config; raises ConfigError before anything compiles."""
   cfg = data_lib.resolve_vocab(config_lib.validate(cfg))
   mesh_lib.check(cfg, jax.device_count())
+  attention.choose_impl(cfg.model.attention_impl, seq_len=cfg.data.seq_len,
+                        dtype=cfg.model.dtype)
   return cfg
 
 
@@ -355,9 +445,8 @@ def train(cfg, workdir, *, log=print) -> Summary:
   graphdef, state, shardings = restore_or_init(cfg, checkpointer, data, mesh, tx, log=log)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   put = lambda batch: data_lib.to_global(batch, batch_sharding)
-  step_fn = jax.jit(make_train_step(graphdef, tx, cfg), donate_argnums=0,
-                    out_shardings=(shardings, None))
-  eval_fn = jax.jit(make_eval_step(graphdef))
+  step_fn = jit_train_step(graphdef, tx, cfg, shardings)
+  eval_fn = jax.jit(make_eval_step(graphdef, cfg.model))
   writer = metrics_lib.MetricWriter(workdir)
   if jax.process_index() == 0:
     (workdir / 'config.json').write_text(cfg.to_json_best_effort(indent=2))

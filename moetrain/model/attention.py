@@ -1,12 +1,37 @@
-"""Causal self-attention with grouped-query heads and rotary embeddings."""
+"""Causal self-attention with grouped-query heads and rotary embeddings.
+
+The layer is three separable steps: `Attention.project` (q/k/v projections and rotary
+embeddings), `attend` (the scores, by one of several implementations), and
+`Attention.output` (the output projection).
+
+Implementations of `attend` (`model.attention_impl`), all with the same inputs and output:
+- xla: the scores as batched einsums, heads-major (any backend; materializes [L, L]).
+- dot_product: `jax.nn.dot_product_attention` with XLA's lowering.
+- cudnn: `jax.nn.dot_product_attention(implementation='cudnn')`, cuDNN's fused flash
+  attention (GPU, bfloat16 or float16).
+- splash: the Pallas splash-attention kernel (TPU; sequence a multiple of 128), run per
+  device under `jax.shard_map` over the batch axes, one multi-query kernel per key-value
+  head (grouped-query attention).
+- auto: splash on TPU when the sequence allows it, cudnn on GPU in bfloat16, else xla.
+
+Shapes: B batch, L sequence, H query heads, G key-value heads, R = H / G queries per
+key-value head, K head size, D model width.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from moetrain.model.layers import param, rope
+from moetrain import backend
+from moetrain.config import ConfigError
+from moetrain.model.layers import param, rope, use
+
+SPLASH_BLOCK = 128  # the splash kernel's default block: the sequence must be a multiple.
 
 
 def attention_mask(segment_ids_BL: jax.Array | None, length: int) -> jax.Array:
@@ -18,11 +43,127 @@ def attention_mask(segment_ids_BL: jax.Array | None, length: int) -> jax.Array:
   return (causal_LL & same_BLL)[:, None, None]
 
 
+def choose_impl(impl: str, *, seq_len: int, dtype: str, platform: str | None = None) -> str:
+  """The implementation `impl` runs as on `platform` (default: the target backend).
+
+  Resolves 'auto'; raises ConfigError (one sentence) for a kernel the platform lacks.
+  """
+  platform = platform or backend.name()
+  splash_ok = platform == 'tpu' and seq_len % SPLASH_BLOCK == 0
+  if impl == 'auto':
+    if splash_ok:
+      return 'splash'
+    return 'cudnn' if platform == 'gpu' and dtype == 'bfloat16' else 'xla'
+  if impl == 'cudnn' and (platform != 'gpu' or dtype != 'bfloat16'):
+    raise ConfigError(f"model.attention_impl='cudnn' needs a GPU and model.dtype="
+                      f"'bfloat16' (here: {platform}, {dtype}); use 'auto' or 'xla'.")
+  if impl == 'splash' and not splash_ok:
+    raise ConfigError(f"model.attention_impl='splash' needs a TPU and data.seq_len a "
+                      f'multiple of {SPLASH_BLOCK} (here: {platform}, {seq_len}); use '
+                      "'auto' or 'xla'.")
+  return impl
+
+
+def xla_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=None):
+  """softmax(q k^T / sqrt(K) + causal/document mask) v, scores in float32: [B, L, H, K].
+
+  Heads-major layout: the R = H / G queries sharing a key-value head are stacked along
+  the query axis, so scores and outputs are plain batched GEMMs over [B, G]
+  ([R*L, K] x [K, L]); the 5-d einsum form ran 2x slower on XLA:CPU (bench/NOTES.md).
+  """
+  batch, length, heads, head_dim = q_BLHK.shape
+  groups = k_BLGK.shape[2]
+  rep = heads // groups
+  q_BGQK = q_BLHK.reshape(batch, length, groups, rep, head_dim) \
+      .transpose(0, 2, 3, 1, 4).reshape(batch, groups, rep * length, head_dim)
+  k_BGLK = k_BLGK.transpose(0, 2, 1, 3)
+  v_BGLK = v_BLGK.transpose(0, 2, 1, 3)
+  scores = jnp.einsum('bgqk,bgmk->bgqm', q_BGQK, k_BGLK).astype(jnp.float32)
+  scores = scores * head_dim ** -0.5
+  mask = attention_mask(segment_ids_BL, length)  # [B or 1, 1, 1, L, L]
+  mask = jnp.broadcast_to(mask, (mask.shape[0], 1, rep, length, length)).reshape(
+      mask.shape[0], 1, rep * length, length)
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q_BLHK.dtype)
+  out_BGQK = jnp.einsum('bgqm,bgmk->bgqk', probs, v_BGLK)
+  return out_BGQK.reshape(batch, groups, rep, length, head_dim).transpose(0, 3, 1, 2, 4) \
+      .reshape(batch, length, heads, head_dim)
+
+
+def dot_product_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=None, *,
+                          implementation=None):
+  """`jax.nn.dot_product_attention` (causal; document mask from segment ids): [B, L, H, K]."""
+  mask = None
+  if segment_ids_BL is not None:
+    mask = attention_mask(segment_ids_BL, q_BLHK.shape[1])[:, 0]  # [B, 1, L, L]
+  return jax.nn.dot_product_attention(q_BLHK, k_BLGK, v_BLGK, mask=mask,
+                                      is_causal=mask is None,
+                                      implementation=implementation)
+
+
+def _splash_kernel(rep: int, length: int, interpret: bool):
+  """A causal multi-query splash kernel for `rep` query heads over one key-value head
+  (built per trace: it holds arrays, which must belong to the trace that uses them)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+      splash_attention_kernel as kernel, splash_attention_mask as mask_lib)
+  mask = mask_lib.MultiHeadMask([mask_lib.CausalMask((length, length))] * rep)
+  return kernel.make_splash_mqa_single_device(mask=mask, interpret=interpret)
+
+
+def splash_local(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=None, *, interpret: bool = False):
+  """The splash kernel on this device's sequences, one multi-query call per (sequence,
+  key-value head); `interpret` runs the Pallas kernel in interpret mode (CPU tests)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
+  batch, length, heads, head_dim = q_BLHK.shape
+  groups = k_BLGK.shape[2]
+  rep = heads // groups
+  kernel = _splash_kernel(rep, length, interpret)
+  q_BGRLK = (q_BLHK * head_dim ** -0.5).reshape(batch, length, groups, rep, head_dim) \
+      .transpose(0, 2, 3, 1, 4)
+  k_BGLK, v_BGLK = k_BLGK.transpose(0, 2, 1, 3), v_BLGK.transpose(0, 2, 1, 3)
+  if segment_ids_BL is None:
+    segment_ids_BL = jnp.zeros((batch, length), jnp.int32)
+
+  def one(q_RLK, k_LK, v_LK, seg_L):
+    return kernel(q_RLK, k_LK, v_LK,
+                  segment_ids=splash_attention_kernel.SegmentIds(seg_L, seg_L))
+
+  per_head = jax.vmap(one, in_axes=(0, 0, 0, None))
+  out_BGRLK = jax.vmap(per_head)(q_BGRLK, k_BGLK, v_BGLK, segment_ids_BL)
+  return out_BGRLK.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
+
+
+def splash_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=None, *, interpret=False):
+  """`splash_local` per device: a Pallas kernel is not partitioned by GSPMD, so it runs
+  under shard_map over the batch axes of the current mesh (directly without one)."""
+  from moetrain.parallel import mesh as mesh_lib
+  mesh = jax.sharding.get_abstract_mesh()
+  local = functools.partial(splash_local, interpret=interpret)
+  if mesh.empty or mesh.size == 1:
+    return local(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL)
+  tokens = P(mesh_lib.BATCH_AXES)
+  seg_spec = None if segment_ids_BL is None else tokens
+  return jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, seg_spec),
+                       out_specs=tokens, check_vma=False)(
+                           q_BLHK, k_BLGK, v_BLGK, segment_ids_BL)
+
+
+def attend(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=None, *, impl: str = 'xla'):
+  """Causal (and, with segment ids, per-document) attention by a resolved `impl`
+  (see `choose_impl`): [B, L, H, K] in the dtype of q."""
+  if impl == 'xla':
+    return xla_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL)
+  if impl == 'splash':
+    return splash_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL)
+  return dot_product_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL,
+                               implementation='cudnn' if impl == 'cudnn' else None)
+
+
 class Attention(nnx.Module):
   """Multi-head causal attention; H query heads share G = num_kv_heads key/value heads."""
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, *, rope_theta: float,
-               rngs: nnx.Rngs, dtype, param_dtype):
+               rngs: nnx.Rngs, dtype, param_dtype, impl: str = 'xla'):
     head_dim = d_model // num_heads
     self.w_q = param(rngs, (d_model, num_heads, head_dim), ('embed', 'heads', 'head_dim'),
                      fan_in=d_model, dtype=param_dtype)
@@ -35,9 +176,10 @@ class Attention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.rope_theta = rope_theta
     self.dtype = dtype
+    self.impl = impl  # model.attention_impl, resolved per call by `choose_impl`.
 
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None):
-    cast = lambda w: w[...].astype(self.dtype)
+  def project(self, x_BLD, positions_BL):
+    """q [B, L, H, K], k and v [B, L, G, K] in the compute dtype, rotary on q and k."""
     x_BLD = x_BLD.astype(self.dtype)
     batch, length, d_model = x_BLD.shape
     # Projections as GEMMs over flattened tokens [B*L, D]: XLA:CPU runs the weight
@@ -45,31 +187,21 @@ class Attention(nnx.Module):
     x_TD = x_BLD.reshape(batch * length, d_model)
 
     def project(w_DHK):
-      w = cast(w_DHK)
+      w = use(w_DHK, self.dtype)
       return (x_TD @ w.reshape(d_model, -1)).reshape(batch, length, *w.shape[1:])
 
     q_BLHK = rope(project(self.w_q), positions_BL, self.rope_theta)
     k_BLGK = rope(project(self.w_k), positions_BL, self.rope_theta)
-    v_BLGK = project(self.w_v)
-    group = self.num_heads // self.num_kv_heads
-    # Heads-major layout: the R = H / G queries sharing a key-value head are stacked along
-    # the query axis, so scores and outputs are plain batched GEMMs over [B, G]
-    # ([R*L, K] x [K, L]); the 5-d einsum form ran 2x slower on XLA:CPU (bench/NOTES.md).
-    q_BGQK = q_BLHK.reshape(batch, length, self.num_kv_heads, group, self.head_dim) \
-        .transpose(0, 2, 3, 1, 4).reshape(batch, self.num_kv_heads, group * length,
-                                           self.head_dim)
-    k_BGLK = k_BLGK.transpose(0, 2, 1, 3)
-    v_BGLK = v_BLGK.transpose(0, 2, 1, 3)
-    scores = jnp.einsum('bgqk,bgmk->bgqm', q_BGQK, k_BGLK).astype(jnp.float32)
-    scores = scores * self.head_dim ** -0.5
-    mask = attention_mask(segment_ids_BL, length)  # [B or 1, 1, 1, L, L]
-    mask = jnp.broadcast_to(mask, (mask.shape[0], 1, group, length, length)).reshape(
-        mask.shape[0], 1, group * length, length)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out_BGQK = jnp.einsum('bgqm,bgmk->bgqk', probs, v_BGLK)
-    out_BLGRK = out_BGQK.reshape(batch, self.num_kv_heads, group, length, self.head_dim) \
-        .transpose(0, 3, 1, 2, 4)
-    out_TM = out_BLGRK.reshape(batch * length, self.num_heads * self.head_dim)
-    w_o = cast(self.w_o).reshape(self.num_heads * self.head_dim, d_model)
-    return (out_TM @ w_o).reshape(batch, length, d_model)
+    return q_BLHK, k_BLGK, project(self.w_v)
+
+  def output(self, out_BLHK):
+    """The output projection [B, L, H, K] -> [B, L, D]."""
+    batch, length = out_BLHK.shape[:2]
+    w_o = use(self.w_o, self.dtype).reshape(self.num_heads * self.head_dim, -1)
+    out_TM = out_BLHK.reshape(batch * length, self.num_heads * self.head_dim)
+    return (out_TM @ w_o).reshape(batch, length, -1)
+
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None):
+    q_BLHK, k_BLGK, v_BLGK = self.project(x_BLD, positions_BL)
+    impl = choose_impl(self.impl, seq_len=x_BLD.shape[1], dtype=jnp.dtype(self.dtype).name)
+    return self.output(attend(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, impl=impl))

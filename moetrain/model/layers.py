@@ -10,6 +10,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moetrain.parallel.mesh import replicated
+
+
+def use(variable: nnx.Variable, dtype) -> jax.Array:
+  """A weight's value for compute: cast to `dtype`, then gathered whole on the mesh (under
+  FSDP the all-gather happens here, per layer and just in time, on the cast copy)."""
+  return replicated(variable[...].astype(dtype))
+
 
 def param(rngs: nnx.Rngs, shape, axes, *, std: float | None = None, fan_in: int | None = None,
           dtype=jnp.float32, init: str = 'normal') -> nnx.Param:
@@ -39,7 +47,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+    return (y * use(self.scale, jnp.float32)).astype(x.dtype)
 
 
 def rope(x_BLHK: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
@@ -77,7 +85,7 @@ class MLP(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x):
-    cast = lambda w: w[...].astype(self.dtype)
+    cast = lambda w: use(w, self.dtype)
     # Tokens flattened to [T, D]: XLA:CPU runs the weight gradient of a [B, L, D] einsum
     # (two contracted axes) 2-3x slower than one GEMM (bench/NOTES.md).
     x_TD = x.astype(self.dtype).reshape(-1, x.shape[-1])

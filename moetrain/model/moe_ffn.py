@@ -16,7 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from moetrain import config as config_lib
+from moetrain import backend, config as config_lib
 from moetrain.model import routing
 from moetrain.model.layers import swiglu
 from moetrain.parallel import ragged
@@ -69,7 +69,7 @@ class MoESpec:
     train step 1.6-1.8x slower than padded buffers of capacity T per expert, even with 64
     experts where the padded buffers do 32x the expert FLOPs (bench/NOTES.md).
     """
-    return self._dropless_choice(jax.default_backend() == 'tpu')
+    return self._dropless_choice(backend.name() == 'tpu')
 
   def use_ragged_exchange(self) -> bool:
     """Under expert parallelism, dropless tokens travel by `jax.lax.ragged_all_to_all`
@@ -102,7 +102,7 @@ CPU_EXPERT_LOOP_MAX = 8
 def experts(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
   """SwiGLU expert e on its buffer row x_ECD[e]: [E, C, D] -> [E, C, D]."""
   num_experts = x_ECD.shape[0]
-  if jax.default_backend() == 'cpu' and num_experts <= CPU_EXPERT_LOOP_MAX:
+  if backend.name() == 'cpu' and num_experts <= CPU_EXPERT_LOOP_MAX:
     return jnp.stack([swiglu(x_ECD[e], w_gate_EDF[e], w_up_EDF[e], w_down_EFD[e],
                              'cd,df->cf', 'cf,fd->cd') for e in range(num_experts)])
   return swiglu(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD, 'ecd,edf->ecf', 'ecf,efd->ecd')
