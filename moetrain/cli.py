@@ -25,7 +25,8 @@ COMMANDS = {
               '[--max_new_tokens=N --temperature=T]',
     'params': 'print total and active parameters and training FLOPs per token',
     'compile': 'compile the train step ahead of time and print per-chip memory, FLOPs and '
-               'collectives: [--topology=v5p-128 [--num_slices=N]] (default: local devices)',
+               'collectives: [--topology=v5p-128 [--num_slices=N]] (default: local devices) '
+               '[--dump=DIR]',
     'tokenizer': "'tokenizer train': fit a byte-level BPE on the configured corpus: "
                  '--vocab_size=N --output=PATH',
 }
@@ -50,6 +51,8 @@ _TOPOLOGY = flags.DEFINE_string(
     'name such as v5p:4x4x4), compiled on this host; needs the tpu extra.')
 _NUM_SLICES = flags.DEFINE_integer('num_slices', 1, 'compile: slices of --topology '
                                    '(multi-slice; data parallelism spans them).')
+_DUMP = flags.DEFINE_string('dump', None, "compile: a directory for XLA's dump of the "
+                            'compiled step (HLO, buffer assignment, memory-usage report).')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'multi-process with the cluster detected by JAX (Cloud TPU pod '
     'slices, SLURM, Open MPI).')
@@ -123,7 +126,8 @@ def _compile(_):
     raise config_lib.ConfigError(f'--num_slices={_NUM_SLICES.value} needs a --topology and '
                                  'a positive count; pass e.g. --topology=v5p-128 '
                                  '--num_slices=2.')
-  report, _ = compile_lib.compile_step(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value)
+  report, _ = compile_lib.compile_step(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value,
+                                       dump=_DUMP.value)
   for line in report.lines():
     print(line)
 

@@ -216,9 +216,11 @@ def _fix(cfg) -> str:
 
 
 def compile_step(cfg, topology: str | None = None, num_slices: int = 1,
-                 devices=None) -> tuple[Report, object]:
+                 devices=None, dump: str | None = None) -> tuple[Report, object]:
   """Compiles the train step of `cfg` for `topology` (TPU, compile-only) or for `devices`
-  (default: the local ones). Returns (Report, the jax Compiled object).
+  (default: the local ones). Returns (Report, the jax Compiled object). `dump`: a
+  directory for XLA's dump of the compiled program (HLO, buffer assignment and, on TPU,
+  a memory-usage report listing the largest buffers).
 
   Raises ConfigError for a bad config or topology and DoesNotFitError when XLA's
   compile-time HBM check fails.
@@ -236,7 +238,8 @@ def compile_step(cfg, topology: str | None = None, num_slices: int = 1,
     start = time.perf_counter()
     lowered = lower(cfg, mesh)
     try:
-      compiled = lowered.compile()
+      options = {'xla_dump_to': str(dump), 'xla_dump_hlo_pass_re': 'NONE'} if dump else {}
+      compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
     except Exception as e:  # noqa: BLE001 -- XLA raises a generic error type.
       found = re.search(r'memory required for (.*?) \(([\d.]+\w?)\) exceeds available HBM '
                         r'\(([\d.]+\w?)\)', str(e))

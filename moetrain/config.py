@@ -80,6 +80,11 @@ def default_config() -> ml_collections.ConfigDict:
   # parallelism, a ragged all-to-all (GPU/TPU only). auto: the ragged all-to-all where the
   # backend has it, ragged_dot on TPU only (slower than padded buffers on an H100).
   e.dropless_impl = 'auto'
+  # Dropless under expert parallelism with the ragged all-to-all: route every token, then
+  # send them to their experts and back in chunks of this many tokens per device (a scan),
+  # so the receive buffers, sized for the worst case (every token of every device to this
+  # device's experts), shrink by tokens / chunk; same result. 0: all tokens at once.
+  e.expert_chunk = 0
   e.jitter = 0.0  # multiplicative router-input noise, U(1-j, 1+j), training only.
   e.d_expert = 0  # expert hidden size; 0 means model.d_ff.
   e.num_shared_experts = 0
@@ -284,7 +289,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     positive('model.moe.eval_capacity_factor', e.eval_capacity_factor)
     positive('model.moe.routed_scaling', e.routed_scaling)
     for name in ('d_expert', 'num_shared_experts', 'balance_coef', 'z_coef',
-                 'bias_update_rate'):
+                 'bias_update_rate', 'expert_chunk'):
       positive(f'model.moe.{name}', e[name], allow_zero=True)
     _require(0 <= e.jitter < 1, f'model.moe.jitter={e.jitter} must lie in [0, 1); '
              'set it to 0 to turn jitter off.')

@@ -34,4 +34,4 @@ fi
 "$venv/bin/python" -m pip install -q -U -e '.[test,tpu]'
 "$venv/bin/python" -c 'import jax, flax, libtpu; print("newest:", "jax", jax.__version__, "flax", flax.__version__, "libtpu", libtpu.__version__)' 2>/dev/null ||
   "$venv/bin/python" -c 'import jax, flax; print("newest:", "jax", jax.__version__, "flax", flax.__version__)'
-exec "$venv/bin/python" -m pytest -q -m newest_jax tests
+exec "$venv/bin/python" -m pytest -q -m "newest_jax or libtpu" tests

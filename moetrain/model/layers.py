@@ -10,13 +10,27 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moetrain.parallel.mesh import replicated
+from moetrain.parallel.mesh import gather, logical_to_spec
 
 
-def use(variable: nnx.Variable, dtype) -> jax.Array:
-  """A weight's value for compute: cast to `dtype`, then gathered whole on the mesh (under
-  FSDP the all-gather happens here, per layer and just in time, on the cast copy)."""
-  return replicated(variable[...].astype(dtype))
+def layer_axes(variable: nnx.Variable) -> tuple:
+  """The logical axes of the variable's value: inside a scan over stacked layers the
+  value is one layer's slice, so a leading 'layers' axis is dropped."""
+  value = variable[...]
+  axes = variable.get_metadata().get('axes') or (None,) * value.ndim
+  return axes[1:] if len(axes) == value.ndim + 1 and axes[0] == 'layers' else axes
+
+
+def use(variable: nnx.Variable, dtype=None) -> jax.Array:
+  """A weight's value for compute: cast to `dtype` (if given), then gathered whole on the
+  mesh (under FSDP the all-gather happens here, per layer and just in time, on the cast
+  copy; the gradient is reduce-scattered back to the weight's split)."""
+  value, axes = variable[...], layer_axes(variable)
+  value = value if dtype is None else value.astype(dtype)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return value
+  return gather(value, logical_to_spec(axes, value.shape, mesh.shape))
 
 
 def param(rngs: nnx.Rngs, shape, axes, *, std: float | None = None, fan_in: int | None = None,

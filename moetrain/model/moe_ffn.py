@@ -38,13 +38,15 @@ class MoESpec:
   dropless_impl: str
   jitter: float
   balance_scope: str
+  expert_chunk: int = 0  # dropless expert parallelism: tokens exchanged per chunk.
 
   @classmethod
   def from_config(cls, model_cfg) -> 'MoESpec':
     e = model_cfg.moe
     return cls(model_cfg.num_experts, e.top_k, e.router, e.gate, e.softmax_order,
                e.renormalize, e.routed_scaling, e.capacity_factor, e.eval_capacity_factor,
-               e.drop_order, e.dropless, e.dropless_impl, e.jitter, e.balance_scope)
+               e.drop_order, e.dropless, e.dropless_impl, e.jitter, e.balance_scope,
+               e.expert_chunk)
 
   def capacity(self, num_tokens: int, train: bool) -> int:
     """Slots per expert for a routing group of `num_tokens` tokens."""
@@ -158,6 +160,19 @@ def padded_grouped_swiglu(x_MD, w_gate_LDF, w_up_LDF, w_down_LFD, sizes_L, capac
   return y_LCD.at[expert_M, slot_M].get(mode='fill', fill_value=0)
 
 
+def in_token_chunks(fn, x_TD, expert_TK, weight_TK, chunk: int):
+  """fn(x [C, D], expert_CK, weight_CK) -> y [C, D] over consecutive chunks of `chunk`
+  tokens (a `lax.scan` whose steps are rematerialized in the backward pass), so buffers
+  that scale with the tokens exist for one chunk at a time. Dropless routing decides
+  every token alone, so the result equals one call on all tokens. Returns y [T, D]."""
+  num_chunks = x_TD.shape[0] // chunk
+  split = lambda a: a.reshape(num_chunks, chunk, *a.shape[1:])
+  step = jax.checkpoint(fn)
+  _, y = jax.lax.scan(lambda _, xs: (None, step(*xs)), None,
+                      (split(x_TD), split(expert_TK), split(weight_TK)))
+  return y.reshape(x_TD.shape[0], -1)
+
+
 def ragged_expert_parallel(x_TD, expert_TK, weight_TK, w_gate_LDF, w_up_LDF, w_down_LFD, *,
                            num_experts: int, expert_axis: str, ragged_dot: bool):
   """Dropless experts split over `expert_axis` (L = E/ep per device): the sorted
@@ -214,9 +229,13 @@ def moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, jitter_ke
     stats = routing.RouterStats(probs_TE, routing.assignment_mask(expert_TK, num_experts),
                                 jnp.float32(expert_TK.size))
     if ragged_exchange:
-      y_TD = ragged_expert_parallel(x_TD, expert_TK, weight_TK, *weights,
-                                    num_experts=num_experts, expert_axis=expert_axis,
-                                    ragged_dot=spec.use_ragged())
+      run = lambda x, e, w: ragged_expert_parallel(
+          x, e, w, *weights, num_experts=num_experts, expert_axis=expert_axis,
+          ragged_dot=spec.use_ragged())
+      if 0 < spec.expert_chunk < num_tokens:
+        y_TD = in_token_chunks(run, x_TD, expert_TK, weight_TK, spec.expert_chunk)
+      else:
+        y_TD = run(x_TD, expert_TK, weight_TK)
     else:  # no expert axis (use_ragged() implies use_ragged_exchange())
       y_TD = ragged_experts(x_TD, expert_TK, weight_TK, *weights)
   else:

@@ -26,7 +26,7 @@ from moetrain import config as config_lib
 from moetrain.model.attention import Attention
 from moetrain.model.layers import MLP, RMSNorm, param, use
 from moetrain.model.moe import MoE
-from moetrain.parallel.mesh import constrain_batch, replicated
+from moetrain.parallel.mesh import constrain_batch
 
 # model.remat -> what the backward pass may keep from the forward pass of a block.
 REMAT_POLICIES = {
@@ -228,7 +228,7 @@ class Transformer(nnx.Module):
     """x_BLD -> logits [B, L, V] float32: `output_logits` over this model's output weights
     (a pure function, for the chunked loss)."""
     tied = self.unembed is None
-    w = replicated(self.embed[...] if tied else self.unembed[...])
+    w = use(self.embed if tied else self.unembed, self.dtype)
     return functools.partial(output_logits, w=w, tied=tied, dtype=self.dtype)
 
   def __call__(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None,

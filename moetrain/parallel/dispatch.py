@@ -9,8 +9,8 @@ the routed tokens by ragged all-to-all (moetrain.parallel.ragged). Without a mes
 one device) the same function runs directly on the whole batch.
 
 Under FSDP (an `fsdp` axis of size > 1) the expert weights arrive split over `fsdp` as
-well (along d_model, the rule table of moetrain.parallel.mesh); each device casts its
-slice to the compute dtype and all-gathers it over `fsdp` just before use, so a layer's
+well (along d_model, the rule table of moetrain.parallel.mesh); each device all-gathers
+its slice over `fsdp` just before use and casts it to the compute dtype, so a layer's
 full local experts exist only while it runs. The gather's transpose reduce-scatters the
 weight gradients.
 """
@@ -72,12 +72,15 @@ def run_moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng, 
     return moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng, **kwargs)
 
   expert_axis = 'expert' if mesh.shape['expert'] > 1 else None
-  w_in, w_out = (mesh_lib.logical_to_spec(a) for a in (EXPERT_IN_AXES, EXPERT_OUT_AXES))
+  w_in, w_out = (mesh_lib.logical_to_spec(a, w.shape, mesh.shape)
+                 for a, w in ((EXPERT_IN_AXES, w_gate_EDF), (EXPERT_OUT_AXES, w_down_EFD)))
 
   def local(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng):
     rng = jax.random.fold_in(rng, jax.lax.axis_index(BATCH_AXES))
-    w_gate_EDF, w_up_EDF = (gather_fsdp(w.astype(dtype), w_in) for w in (w_gate_EDF, w_up_EDF))
-    w_down_EFD = gather_fsdp(w_down_EFD.astype(dtype), w_out)
+    # Gathered, then cast: a cast before the gather would be hoisted by XLA out of a loop
+    # over scanned layers as one cast of every layer's experts (a second copy of them).
+    w_gate_EDF, w_up_EDF = (gather_fsdp(w, w_in).astype(dtype) for w in (w_gate_EDF, w_up_EDF))
+    w_down_EFD = gather_fsdp(w_down_EFD, w_out).astype(dtype)
     return moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng,
                    expert_axis=expert_axis, batch_axes=BATCH_AXES, **kwargs)
 
@@ -91,6 +94,7 @@ def run_moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng, 
 def gather_fsdp(w, spec: P):
   """Inside shard_map: the local slice `w` all-gathered over the `fsdp` mesh axis along
   the dimension that `spec` splits over it (unchanged when fsdp has size 1)."""
-  if jax.lax.axis_size('fsdp') == 1:
+  dims = [i for i, entry in enumerate(spec) if entry == 'fsdp']
+  if jax.lax.axis_size('fsdp') == 1 or not dims:
     return w
-  return jax.lax.all_gather(w, 'fsdp', axis=tuple(spec).index('fsdp'), tiled=True)
+  return jax.lax.all_gather(w, 'fsdp', axis=dims[0], tiled=True)

@@ -2,15 +2,16 @@
 
 Mesh axes: `data`, `fsdp` and `expert`. Tokens (the batch) are split over all three, so
 each axis is data parallelism for the activations. Weights and their optimizer moments
-are split over `fsdp` along their model dimension (`embed`, ZeRO-3 style: each device
-stores 1/fsdp of every weight; a layer's weights are all-gathered just before it runs and
-its gradients reduce-scattered); expert weights are split over `expert` as well, so an
-expert stack [E, D, F] is stored as [E/ep, D/fsdp, F] per device. `data` replicates the
-weights (plain data parallelism).
+are split along their model dimension (`embed`) over `fsdp` (ZeRO-3 style: a layer's
+weights are all-gathered just before it runs and its gradients reduce-scattered); expert
+stacks [E, D, F] are stored as [E/ep, D/fsdp, F] per device; every other weight is split
+over `fsdp` x `expert`, since the expert axis holds the same copy of it. `data`
+replicates the weights (plain data parallelism).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -24,17 +25,21 @@ from moetrain.parallel import ragged
 AXES = ('data', 'fsdp', 'expert')
 BATCH_AXES = ('data', 'fsdp', 'expert')  # mesh axes the tokens are split over.
 
-# Logical axis name (as written on each parameter) -> mesh axis (None: replicated).
-# 'layers' is the leading axis of the stacked weights of scanned layers.
+# Logical axis name (as written on each parameter) -> the mesh axes its dimension is split
+# over, in order of preference (empty: replicated). A mesh axis serves one dimension of a
+# weight: dimensions with one candidate claim theirs first, so an expert stack
+# ('expert', 'embed', 'mlp') is split [expert, fsdp, -] while a non-expert weight's
+# 'embed' takes fsdp and expert ([fsdp x expert, -]): ZeRO-3 over every device that holds
+# the same copy. A dimension that a mesh axis does not divide keeps only the candidates
+# that do (the longest dividing prefix). 'layers' leads the stacks of scanned layers.
 LOGICAL_RULES = {
-    'expert': 'expert',
-    'batch': BATCH_AXES,
-    'embed': 'fsdp',
-    'mlp': None,
-    'heads': None,
-    'head_dim': None,
-    'vocab': None,
-    'layers': None,
+    'expert': ('expert',),
+    'embed': ('fsdp', 'expert'),
+    'mlp': (),
+    'heads': (),
+    'head_dim': (),
+    'vocab': (),
+    'layers': (),
 }
 
 
@@ -80,6 +85,11 @@ def check(cfg, num_devices: int) -> tuple[int, int, int]:
                       f'{devices} devices the batch is split over (data x fsdp x expert)'
                       f'{per}; choose a multiple of {devices * micro}.')
   moe = cfg.model.moe
+  tokens = cfg.data.batch_size * cfg.data.seq_len // (devices * micro)
+  if cfg.model.num_experts and moe.expert_chunk and tokens % moe.expert_chunk:
+    raise ConfigError(f'model.moe.expert_chunk={moe.expert_chunk} does not divide the '
+                      f'{tokens} tokens each device routes per step (data.batch_size x '
+                      'data.seq_len / devices / micro-batches); choose a divisor.')
   if (cfg.model.num_experts and expert > 1 and moe.dropless and moe.dropless_impl == 'ragged'
       and not ragged.backend_supports_ragged_all_to_all()):
     raise ConfigError(
@@ -101,14 +111,16 @@ def device_grid(devices, shape) -> np.ndarray:
     return np.asarray(devices).reshape(shape)
   from jax.experimental import mesh_utils
   if len(slices) == 1:
-    return mesh_utils.create_device_mesh(shape, devices=devices)
+    return mesh_utils.create_device_mesh(shape, devices=devices,
+                                         allow_split_physical_axes=True)
   if shape[0] % len(slices):
     raise ConfigError(f'mesh.data={shape[0]} must be a multiple of the {len(slices)} '
                       'slices (data parallelism runs across slices); choose mesh.data '
                       'accordingly.')
   dcn = (len(slices), 1, 1)
   ici = (shape[0] // len(slices), shape[1], shape[2])
-  return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+  return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices,
+                                              allow_split_physical_axes=True)
 
 
 def make_mesh(cfg, devices=None) -> jax.sharding.Mesh:
@@ -119,9 +131,23 @@ def make_mesh(cfg, devices=None) -> jax.sharding.Mesh:
                            axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 
-def logical_to_spec(axes) -> P:
-  """PartitionSpec for a tuple of logical axis names."""
-  return P(*(LOGICAL_RULES[a] if a is not None else None for a in axes))
+def logical_to_spec(axes, shape=None, mesh_sizes=None) -> P:
+  """PartitionSpec for a tuple of logical axis names (None: replicated), by LOGICAL_RULES.
+
+  With the array's `shape` and the mesh's axis sizes (`mesh_sizes`, e.g. `mesh.shape`),
+  a dimension keeps the longest prefix of its candidate axes whose sizes divide it.
+  """
+  order = sorted(range(len(axes)), key=lambda i: len(LOGICAL_RULES[axes[i]]) if axes[i] else 0)
+  taken, entries = set(), [None] * len(axes)
+  for i in order:
+    candidates = [a for a in (LOGICAL_RULES[axes[i]] if axes[i] else ()) if a not in taken]
+    if shape is not None and mesh_sizes is not None:
+      while candidates and shape[i] % math.prod(mesh_sizes[a] for a in candidates):
+        candidates.pop()
+    taken.update(candidates)
+    entries[i] = (candidates[0] if len(candidates) == 1 else tuple(candidates)) \
+        if candidates else None
+  return P(*entries)
 
 
 def state_shardings(state, mesh):
@@ -133,7 +159,7 @@ def state_shardings(state, mesh):
 
   def sharding(v):
     axes = v.get_metadata().get('axes') if isinstance(v, nnx.Variable) else None
-    spec = logical_to_spec(axes) if axes else P()
+    spec = logical_to_spec(axes, v.get_value().shape, mesh.shape) if axes else P()
     return v.replace(NamedSharding(mesh, spec)) if isinstance(v, nnx.Variable) else \
         NamedSharding(mesh, spec)
 
@@ -145,16 +171,32 @@ def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def replicated(x):
-  """x constrained to be whole on every device of the current mesh (a no-op without one).
-
-  Applied to a weight where it is used, this is FSDP's just-in-time all-gather of the
-  fsdp-split weight; in the backward pass its transpose reduce-scatters the gradient.
-  """
+def gather(w, spec: P):
+  """The weight `w`, stored split as `spec`, whole on every device of the current mesh
+  (a no-op without one): FSDP's just-in-time all-gather where the weight is used. Its
+  gradient is constrained back to `spec`, so the backward pass reduce-scatters it
+  (a plain sharding constraint would all-reduce the whole gradient, then slice it)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    return x
-  return jax.lax.with_sharding_constraint(x, P())
+    return w
+  return _gather(w, spec)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gather(w, spec):
+  del spec
+  return jax.lax.with_sharding_constraint(w, P())
+
+
+def _gather_fwd(w, spec):
+  return _gather(w, spec), None
+
+
+def _gather_bwd(spec, _, g):
+  return (jax.lax.with_sharding_constraint(g, spec),)
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
 
 
 def constrain_batch(x, batch_dim: int = 0):
