@@ -6,7 +6,7 @@ sequence 4096, global batch 64 (one sequence per chip).
 - remat 'full' and scanned layers (one traced layer: the compile does not grow with
   depth);
 - splash attention on TPU (`auto`), cross-entropy in chunks of 512 positions, the
-  dropless token exchange in chunks of 1024 tokens per chip.
+  dropless token exchange in chunks of 512 tokens per chip.
 
 `moetrain compile --config=configs/mixtral_8x7b_v5p128.py --topology=v5p-128` prints its
 per-chip memory (the README's mesh section shows the table).
@@ -25,8 +25,8 @@ def get_config():
   m.attention_impl = 'auto'
   m.loss_chunk = 512
   # Dropless receive buffers hold every token of every chip of the expert axis (the worst
-  # case): exchanging a chip's 4096 tokens in chunks of 1024 makes them 4x smaller.
-  m.moe.expert_chunk = 1024
+  # case): exchanging a chip's 4096 tokens in chunks of 512 makes them 8x smaller.
+  m.moe.expert_chunk = 512
   config.data.batch_size = 64
   config.mesh.data = 1
   config.mesh.fsdp = 8

@@ -119,8 +119,10 @@ def _params(_):
 
 def _compile(_):
   import os
-  if _TOPOLOGY.value:  # compile-only TPU devices; the host's own backend stays CPU.
+  if _TOPOLOGY.value:  # compile-only TPU devices; the host's own backend stays CPU, and
+    # other processes may use libtpu at the same time (no TPU is touched).
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   from moetrain import compile as compile_lib
   if _NUM_SLICES.value < 1 or (_NUM_SLICES.value > 1 and not _TOPOLOGY.value):
     raise config_lib.ConfigError(f'--num_slices={_NUM_SLICES.value} needs a --topology and '

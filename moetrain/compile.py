@@ -100,8 +100,9 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
   except Exception as e:  # noqa: BLE001 -- libtpu missing or the name unknown to it.
     first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
     raise config_lib.ConfigError(
-        f'no TPU topology {libtpu_name!r} ({first}); install libtpu with '
-        "pip install -e '.[tpu]' (Python >= 3.12) and check the --topology name.") from e
+        f'libtpu gave no TPU topology {libtpu_name!r} ({first}); check that libtpu is '
+        "installed (pip install -e '.[tpu]', Python >= 3.12), that no other process is "
+        'using it, and the --topology name.') from e
 
 
 def abstract_batch(cfg, sharding) -> dict:
@@ -147,27 +148,28 @@ class Report:
     return self.hbm_bytes is None or self.total_bytes <= self.hbm_bytes
 
   def lines(self) -> list[str]:
-    gib = lambda n: f'{n / GIB:8.2f} GiB'
-    hbm = (f'{gib(self.hbm_bytes)}  ({100 * self.total_bytes / self.hbm_bytes:.0f}% used)'
+    size = lambda n: (f'{n / GIB:8.2f} GiB' if n >= GIB / 10 else f'{n / 2**20:8.2f} MiB')
+    hbm = (f'{size(self.hbm_bytes)}  ({100 * self.total_bytes / self.hbm_bytes:.0f}% used)'
            if self.hbm_bytes else '     n/a')
     mesh = ' x '.join(f'{k}={v}' for k, v in self.mesh.items())
     xla = (f'{self.xla_flops_per_device / 1e12:8.2f} TFLOP' if self.xla_flops_per_device
            else '     n/a')
-    out = [f'train step compiled for {self.target}: {self.num_devices} x {self.device_kind}, '
-           f'mesh {mesh} ({self.compile_seconds:.0f} s)',
-           'per chip:',
-           f'  arguments (state, batch)   {gib(self.argument_bytes)}',
-           f'  outputs not aliased        {gib(self.output_bytes - self.alias_bytes)}',
-           f'  temporaries                {gib(self.temp_bytes)}',
-           f'  total                      {gib(self.total_bytes)}',
-           f'  HBM                        {hbm}',
-           f'  model FLOPs per step       '
-           f'{self.model_flops_per_step / self.num_devices / 1e12:8.2f} TFLOP  '
-           f'({self.model_flops_per_step / 1e15:.2f} PFLOP on all chips)',
-           f'  XLA cost analysis          {xla}',
-           'collectives in the program (a scanned layer counts once):',
-           '  ' + ', '.join(f'{name} {n}' for name, n in self.collectives.items())]
-    return out
+    return [
+        f'train step compiled for {self.target}: {self.num_devices} x {self.device_kind}, '
+        f'mesh {mesh} ({self.compile_seconds:.0f} s)',
+        'per chip:',
+        f'  arguments (state, batch)   {size(self.argument_bytes)}',
+        f'  outputs not aliased        {size(self.output_bytes - self.alias_bytes)}',
+        f'  temporaries                {size(self.temp_bytes)}',
+        f'  total                      {size(self.total_bytes)}  '
+        f'({self.total_bytes / 1e9:.2f} GB)',
+        f'  HBM                        {hbm}',
+        f'  model FLOPs per step       '
+        f'{self.model_flops_per_step / self.num_devices / 1e12:8.2f} TFLOP  '
+        f'({self.model_flops_per_step / 1e15:.2f} PFLOP on all chips)',
+        f'  XLA cost analysis          {xla}  (counts recomputation and padding)',
+        'collectives in the program (a scanned layer counts once):',
+        '  ' + ', '.join(f'{name} {n}' for name, n in self.collectives.items())]
 
 
 def prepare(cfg, num_devices: int, platform: str):

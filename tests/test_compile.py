@@ -128,3 +128,16 @@ def test_a_step_that_does_not_fit_says_what_to_change():
   assert len(ours) == 1 and 'Traceback' not in out.stderr, out.stderr[-3000:]
   assert ours[0].startswith('moetrain: the train step does not fit on v5e-1: ')
   assert "model.remat='full'" in ours[0] and 'model.loss_chunk' in ours[0]
+
+
+@pytest.mark.libtpu
+def test_compile_for_two_slices_puts_data_across_them():
+  out = moetrain('--config=configs/tiny.py', '--topology=v5e-4', '--num_slices=2',
+                 '--config.mesh.data=2', '--config.mesh.expert=4', *SMALL)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'train step compiled for v5e-4 x 2 slices: 8 x TPU v5 lite, mesh data=2 x fsdp=1 x ' \
+      'expert=4' in out.stdout
+  bad = moetrain('--config=configs/tiny.py', '--topology=v5e-4', '--num_slices=2',
+                 '--config.mesh.data=1', '--config.mesh.expert=8', *SMALL)
+  assert bad.returncode == 2
+  assert 'mesh.data=1 must be a multiple of the 2 slices' in bad.stderr

@@ -94,7 +94,8 @@ def run_moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng, 
 def gather_fsdp(w, spec: P):
   """Inside shard_map: the local slice `w` all-gathered over the `fsdp` mesh axis along
   the dimension that `spec` splits over it (unchanged when fsdp has size 1)."""
-  dims = [i for i, entry in enumerate(spec) if entry == 'fsdp']
+  names = lambda entry: entry if isinstance(entry, tuple) else (entry,)
+  dims = [i for i, entry in enumerate(spec) if 'fsdp' in names(entry)]
   if jax.lax.axis_size('fsdp') == 1 or not dims:
     return w
   return jax.lax.all_gather(w, 'fsdp', axis=dims[0], tiled=True)

@@ -30,8 +30,10 @@ BATCH_AXES = ('data', 'fsdp', 'expert')  # mesh axes the tokens are split over.
 # weight: dimensions with one candidate claim theirs first, so an expert stack
 # ('expert', 'embed', 'mlp') is split [expert, fsdp, -] while a non-expert weight's
 # 'embed' takes fsdp and expert ([fsdp x expert, -]): ZeRO-3 over every device that holds
-# the same copy. A dimension that a mesh axis does not divide keeps only the candidates
-# that do (the longest dividing prefix). 'layers' leads the stacks of scanned layers.
+# the same copy. Later candidates only extend the first one's split: with mesh.fsdp=1
+# non-expert weights stay replicated (plain expert parallelism). A dimension that the
+# axes do not divide keeps the longest prefix of candidates that does. 'layers' leads the
+# stacks of scanned layers.
 LOGICAL_RULES = {
     'expert': ('expert',),
     'embed': ('fsdp', 'expert'),
@@ -135,12 +137,15 @@ def logical_to_spec(axes, shape=None, mesh_sizes=None) -> P:
   """PartitionSpec for a tuple of logical axis names (None: replicated), by LOGICAL_RULES.
 
   With the array's `shape` and the mesh's axis sizes (`mesh_sizes`, e.g. `mesh.shape`),
-  a dimension keeps the longest prefix of its candidate axes whose sizes divide it.
+  a dimension whose first candidate axis has size 1 is not split, and otherwise keeps the
+  longest prefix of its candidate axes whose sizes divide it.
   """
   order = sorted(range(len(axes)), key=lambda i: len(LOGICAL_RULES[axes[i]]) if axes[i] else 0)
   taken, entries = set(), [None] * len(axes)
   for i in order:
     candidates = [a for a in (LOGICAL_RULES[axes[i]] if axes[i] else ()) if a not in taken]
+    if mesh_sizes is not None and candidates and mesh_sizes[candidates[0]] == 1:
+      candidates = []  # the later candidates extend the first one's split, never alone
     if shape is not None and mesh_sizes is not None:
       while candidates and shape[i] % math.prod(mesh_sizes[a] for a in candidates):
         candidates.pop()
