@@ -9,6 +9,7 @@ compiled.
 from __future__ import annotations
 
 import difflib
+import fractions
 import importlib.util
 import math
 import pathlib
@@ -54,7 +55,9 @@ def default_config() -> ml_collections.ConfigDict:
   e.renormalize = False  # renormalize the k combine weights to sum to one.
   e.routed_scaling = 1.0  # multiplies the routed output (DeepSeek-V3).
   e.top_k = 2
-  e.capacity_factor = 1.25  # training; capacity = ceil(cf * tokens * k / experts).
+  # training; capacity = ceil(cf * tokens * k / experts), exact: cf counts as the decimal
+  # written (1.1 * 50 * 2 / 10 is 11 slots).
+  e.capacity_factor = 1.25
   e.eval_capacity_factor = 2.0
   e.drop_order = 'position'  # position (GShard) | probability (batch-prioritized).
   e.dropless = False
@@ -68,7 +71,12 @@ def default_config() -> ml_collections.ConfigDict:
   e.balance_coef = 0.01
   e.balance_scope = 'micro_batch'  # micro_batch | global | sequence
   e.z_coef = 0.001
-  e.bias_update_rate = 0.0  # > 0 turns on aux-loss-free bias balancing (DeepSeek-V3).
+  # > 0 turns on aux-loss-free bias balancing (DeepSeek-V3): a per-expert bias added to the
+  # scores that select the top-k, never to the combine weights. The scores are the sigmoid
+  # scores (gate='sigmoid') or the softmax probabilities over all experts (gate='softmax',
+  # both softmax orders: topk_softmax selects by probability + bias, then weights the
+  # chosen experts by a softmax of their logits).
+  e.bias_update_rate = 0.0
 
   c.data = ml_collections.ConfigDict()
   d = c.data
@@ -187,8 +195,13 @@ def moe_layers(model) -> list[int]:
 
 
 def capacity(num_tokens: int, num_experts: int, top_k: int, factor: float) -> int:
-  """Slots per expert: ceil(factor * tokens * k / experts), at least 1, at most tokens."""
-  return max(1, min(num_tokens, math.ceil(factor * num_tokens * top_k / num_experts)))
+  """Slots per expert: ceil(factor * tokens * k / experts), at least 1, at most tokens.
+
+  Exact: the factor is read as the decimal it prints as (1.1 is 11/10, not the binary
+  float just above it), so cf=1.1, T=50, k=2, E=10 gives 11 slots, not 12.
+  """
+  exact = fractions.Fraction(repr(float(factor))) * num_tokens * top_k / num_experts
+  return max(1, min(num_tokens, math.ceil(exact)))
 
 
 def _require(ok: bool, message: str):
