@@ -8,6 +8,7 @@ anything compiles.
 
 from __future__ import annotations
 
+import difflib
 import pathlib
 import sys
 
@@ -28,6 +29,18 @@ COMMANDS = {
                  '--vocab_size=N --output=PATH',
 }
 SUBCOMMANDS = {'tokenizer': ('train',)}
+MULTI_PROCESS_FLAGS = ('coordinator_address', 'num_processes', 'process_id', 'distributed')
+# The flags each command reads (`moetrain COMMAND --help` lists them); a command missing
+# here lists every flag.
+COMMAND_FLAGS = {
+    'train': ('config', 'workdir', *MULTI_PROCESS_FLAGS),
+    'sweep': ('config', 'workdir', 'sweep', *MULTI_PROCESS_FLAGS),
+    'report': ('workdir',),
+    'sample': ('workdir', 'prompt', 'max_new_tokens', 'temperature'),
+    'params': ('config',),
+    'tokenizer train': ('config', 'vocab_size', 'output'),
+}
+HELP_ARGS = ('--help', '-h', '--helpfull', '--helpshort')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -133,16 +146,46 @@ def _runtime_errors() -> tuple:
 def _usage() -> str:
   lines = ['usage: moetrain COMMAND --config=configs/FILE.py [--config.KEY=VALUE ...]', '']
   lines += [f'  {name:<9} {help_}' for name, help_ in COMMANDS.items()]
+  lines += ['', '`moetrain COMMAND --help` lists the flags of a command.']
   return '\n'.join(lines)
 
 
+def _command_help(command: str) -> str:
+  """`moetrain COMMAND --help`: what the command does and the flags it reads."""
+  head = command.split()[0]
+  names = COMMAND_FLAGS.get(command) or sorted(
+      name for name, flag in flags.FLAGS.__flags.items() if flag.module_name == __name__)
+  lines = [f'usage: moetrain {command} [--FLAG=VALUE ...]', '', f'  {COMMANDS[head]}', '']
+  for name in names:
+    flag = flags.FLAGS[name]
+    default = '' if flag.default in (None, [], False) else f' (default {flag.default})'
+    lines.append(f'  --{name:<21} {flag.help}{default}')
+  if 'config' in names:
+    lines.append(f'  --config.KEY=VALUE{"":<5} override any key of the config file, e.g. '
+                 '--config.train.steps=100 (every key: moetrain/config.py default_config())')
+  return '\n'.join(lines)
+
+
+def _unknown_command(name: str) -> str:
+  close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+  hint = f"did you mean '{close[0]}'? " if close else ''
+  return (f"moetrain: unknown command '{name}'; {hint}the commands are "
+          f"{', '.join(COMMANDS)} (`moetrain --help` says what each does).")
+
+
 def _check_args(argv):
-  """A missing config file or an unknown `--config.KEY=` override: one sentence instead
-  of absl's traceback."""
+  """A config file that is missing or fails to load (syntax error, an exception, no
+  get_config) or an unknown `--config.KEY=` override: one sentence instead of absl's
+  traceback."""
   for arg in argv:
-    if arg.startswith('--config=') and not pathlib.Path(arg.split('=', 1)[1]).is_file():
-      raise config_lib.ConfigError(f'config file {arg.split("=", 1)[1]!r} does not exist; '
-                                   'pass --config=PATH to a file such as configs/tiny.py.')
+    if arg.startswith('--config='):
+      value = arg.split('=', 1)[1]
+      path, _, config_arg = (value, '', '') if pathlib.Path(value).is_file() else \
+          value.partition(':')
+      if not pathlib.Path(path).is_file():
+        raise config_lib.ConfigError(f'config file {path!r} does not exist; pass '
+                                     '--config=PATH to a file such as configs/tiny.py.')
+      config_lib.load(path, *([config_arg] if config_arg else []))
     if arg.startswith('--config.'):
       key = arg[len('--config.'):].split('=', 1)[0]
       config_lib.check_key(key)
@@ -150,16 +193,30 @@ def _check_args(argv):
 
 def main(argv=None):
   argv = list(sys.argv if argv is None else argv)
-  if len(argv) < 2 or argv[1] not in COMMANDS:
+  if len(argv) < 2:
     print(_usage(), file=sys.stderr)
+    sys.exit(2)
+  if argv[1] in HELP_ARGS + ('help',):
+    topic = argv[2] if len(argv) > 2 and argv[1] == 'help' else None
+    if topic and topic not in COMMANDS:
+      print(_unknown_command(topic), file=sys.stderr)
+      sys.exit(2)
+    print(_command_help(topic) if topic in COMMAND_FLAGS else _usage())
+    sys.exit(0)
+  if argv[1] not in COMMANDS:
+    print(_unknown_command(argv[1]), file=sys.stderr)
     sys.exit(2)
   command = argv.pop(1)
   if command in SUBCOMMANDS:
     if len(argv) < 2 or argv[1] not in SUBCOMMANDS[command]:
+      stream, code = (sys.stdout, 0) if any(a in HELP_ARGS for a in argv) else (sys.stderr, 2)
       print(f'usage: moetrain {command} {"|".join(SUBCOMMANDS[command])} ...\n\n'
-            f'  {command:<9} {COMMANDS[command]}', file=sys.stderr)
-      sys.exit(2)
+            f'  {command:<9} {COMMANDS[command]}', file=stream)
+      sys.exit(code)
     command = f'{command} {argv.pop(1)}'
+  if any(a in HELP_ARGS for a in argv[1:]):
+    print(_command_help(command))
+    sys.exit(0)
   try:
     _check_args(argv)
     args = flags.FLAGS(argv)

@@ -13,6 +13,7 @@ import fractions
 import importlib.util
 import math
 import pathlib
+import traceback
 
 import ml_collections
 
@@ -123,19 +124,50 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def load(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """Loads `get_config()` from a config file (without validating it)."""
+def load(path: str | pathlib.Path, *args) -> ml_collections.ConfigDict:
+  """Loads `get_config(*args)` from a config file (without validating it).
+
+  Every way a config file can fail (missing, a syntax error, an exception while it runs,
+  no get_config, a result that is not a ConfigDict) raises ConfigError with one sentence
+  naming the file and, where there is one, the line.
+  """
   path = pathlib.Path(path)
+  name = str(path)
   if not path.is_file():
-    raise ConfigError(f'config file {str(path)!r} does not exist; pass --config=PATH to a '
+    raise ConfigError(f'config file {name!r} does not exist; pass --config=PATH to a '
                       'file in configs/.')
   spec = importlib.util.spec_from_file_location(f'moetrain_config_{path.stem}', path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, 'get_config'):
-    raise ConfigError(f'config file {str(path)!r} has no get_config(); define one that '
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f'config file {name!r} line {e.lineno}: {e.msg}; fix the syntax '
+                      'there.') from None
+  except Exception as e:  # noqa: BLE001 -- whatever the file raises becomes one sentence.
+    raise _raised_in(path, 'running it', e) from None
+  if not callable(getattr(module, 'get_config', None)):
+    raise ConfigError(f'config file {name!r} has no get_config(); define one that '
                       'returns a ConfigDict.')
-  return module.get_config()
+  try:
+    cfg = module.get_config(*args)
+  except Exception as e:  # noqa: BLE001
+    raise _raised_in(path, 'get_config()', e) from None
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigError(f'config file {name!r}: get_config() returned an object of type '
+                      f'{type(cfg).__name__}, not a ConfigDict; return one, e.g. start '
+                      'from moetrain.config.default_config().')
+  return cfg
+
+
+def _raised_in(path: pathlib.Path, what: str, error: Exception) -> ConfigError:
+  """ConfigError for an exception raised by a config file, at its deepest line there."""
+  lines = [lineno for f, lineno in traceback.walk_tb(error.__traceback__)
+           if pathlib.Path(f.f_code.co_filename).resolve() == path.resolve()]
+  where = f' line {lines[-1]}' if lines else ''
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ''
+  cause = f'{type(error).__name__}: {text}' if text else type(error).__name__
+  return ConfigError(f'config file {str(path)!r}{where} raised {cause} in {what}; fix the '
+                     'file.')
 
 
 def _flatten(cfg, prefix=''):
@@ -202,6 +234,18 @@ def capacity(num_tokens: int, num_experts: int, top_k: int, factor: float) -> in
   """
   exact = fractions.Fraction(repr(float(factor))) * num_tokens * top_k / num_experts
   return max(1, min(num_tokens, math.ceil(exact)))
+
+
+def clamp_warmup(cfg) -> str | None:
+  """Few-step runs (smoke tests): a train.warmup_steps above train.steps becomes
+  train.steps, in place. Returns the one line that says so, or None."""
+  t = cfg.train
+  if t.warmup_steps <= t.steps:
+    return None
+  note = (f'train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}, so the '
+          f'warmup is clamped to {t.steps} steps.')
+  t.warmup_steps = t.steps
+  return note
 
 
 def _require(ok: bool, message: str):
@@ -301,8 +345,6 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     positive(f'train.{name}', t[name])
   for name in ('warmup_steps', 'weight_decay', 'clip_norm', 'min_lr_ratio'):
     positive(f'train.{name}', t[name], allow_zero=True)
-  _require(t.warmup_steps <= t.steps, f'train.warmup_steps={t.warmup_steps} exceeds '
-           f'train.steps={t.steps}; lower warmup_steps.')
   _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1,
            f'train.b1={t.b1} and train.b2={t.b2} must lie in [0, 1); use e.g. 0.9 and 0.95.')
 

@@ -218,9 +218,11 @@ class Summary:
   def lines(self) -> list[str]:
     stopped = [f'stopped by a signal at step {self.steps} after saving a checkpoint; run the '
                'same command again to resume'] if self.preempted else []
+    evaluated = not np.isnan(self.eval_loss)  # NaN: stopped before the first eval.
     return stopped + [
         f'final eval loss {self.eval_loss:.4f} nats/token '
-        f'({self.eval_loss / np.log(2):.3f} bits)',
+        f'({self.eval_loss / np.log(2):.3f} bits)' if evaluated else
+        'no eval loss yet: this call stopped before its first eval',
         f'unigram entropy of the eval split {self.eval_unigram_entropy:.4f} nats/token '
         f'({self.eval_unigram_entropy / np.log(2):.3f} bits)',
         f'{self.steps - self.first_step} steps in {self.seconds:.1f} s, '
@@ -229,9 +231,13 @@ class Summary:
     ]
 
 
-def prepare(cfg):
-  """Validates and resolves a config; raises ConfigError before anything compiles."""
+def prepare(cfg, log=None):
+  """Validates and resolves a copy of a config (a warmup longer than the run is clamped,
+  said through `log`); raises ConfigError before anything compiles."""
   cfg = data_lib.resolve_vocab(config_lib.validate(cfg))
+  note = config_lib.clamp_warmup(cfg)
+  if note and log:
+    log(note)
   mesh_lib.check(cfg, jax.device_count())
   return cfg
 
@@ -346,7 +352,7 @@ def restore_or_init(cfg, checkpointer, data, mesh, tx, log=print):
 def train(cfg, workdir, *, log=print) -> Summary:
   """Trains `cfg` to train.steps under `workdir`: resumes from its checkpoints if any,
   saves every checkpoint.every_steps (async) and at the end, and on SIGTERM/SIGINT."""
-  cfg = prepare(cfg)
+  cfg = prepare(cfg, log)
   workdir = pathlib.Path(workdir)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=cfg.checkpoint.keep)
   data = data_lib.make_data(cfg)

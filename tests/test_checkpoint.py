@@ -174,6 +174,7 @@ def test_sigterm_and_sigint_save_and_exit_zero(tmp_path, reference, cli_env):
     rc, out = run_cli(cli_env, workdir, signal_after_step=after, sig=sig)
     assert rc == 0, out
     assert f'{signal.Signals(sig).name} received' in out
+    assert 'no eval loss yet' in out and 'nan' not in out  # stopped before the first eval.
     stopped = int(re.search(r'stopped by a signal at step (\d+)', out).group(1))
     assert after <= stopped < RUN_STEPS
     assert max(checkpoint_lib.Checkpointer(workdir).steps()) == stopped
