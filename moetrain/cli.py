@@ -139,7 +139,7 @@ def _runtime_errors() -> tuple:
   """Errors that stop a command with one sentence (exit 1) instead of a traceback: a
   checkpoint folder that cannot be resumed, a non-finite loss (from modules already
   imported, so `params` never imports jax for this)."""
-  names = (('moetrain.checkpoint', 'CheckpointError'), ('moetrain.train', 'NonFiniteError'))
+  names = (('moetrain.checkpoint', 'CheckpointError'), ('moetrain.guard', 'DivergenceError'))
   return tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
 
 

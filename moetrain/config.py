@@ -112,11 +112,28 @@ def default_config() -> ml_collections.ConfigDict:
   t.eval_every = 100
   t.eval_batches = 8
   t.progress = True
-  t.skip_nonfinite = False  # True: skip updates with a NaN/Inf loss or gradient norm.
+  # The divergence guard (moetrain/guard.py) stops training at a bad step, before it is
+  # saved, naming the last good checkpoint. Bad: a NaN/Inf loss, gradient norm or new
+  # parameters, or a spike against the median of the last spike_window good steps: a loss
+  # above spike_loss_factor * max(median, 1 nat), a gradient norm above spike_grad_factor *
+  # its median. spike_window=0 turns spike detection off.
+  t.spike_window = 50
+  t.spike_loss_factor = 3.0
+  t.spike_grad_factor = 20.0
+  # True: skip updates with a NaN/Inf loss, gradient norm or new parameters (and log
+  # spikes) instead of stopping, until max_bad_in_a_row bad steps in a row stop the run.
+  t.skip_nonfinite = False
+  t.max_bad_in_a_row = 3
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 0  # async saves; 0: only the final one (and on SIGTERM/SIGINT).
-  c.checkpoint.keep = 3  # newest checkpoints kept; older ones go once the newest reads back.
+  # newest checkpoints kept (plus the last good one, see train.spike_window); older ones go
+  # once the newest reads back.
+  c.checkpoint.keep = 3
+  # > 0: resume from this step instead of the newest (e.g. the last good one a divergence
+  # named); newer checkpoints move to checkpoints.abandoned/. Once the run has saved past
+  # it, the same command resumes from the newest again.
+  c.checkpoint.restore_step = 0
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes.
@@ -350,9 +367,18 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   _require(isinstance(t.skip_nonfinite, bool), f'train.skip_nonfinite='
            f'{t.skip_nonfinite!r} must be True or False; set it to a bool.')
+  positive('train.spike_window', t.spike_window, allow_zero=True)
+  _require(isinstance(t.spike_window, int), f'train.spike_window={t.spike_window!r} must be '
+           'a whole number of steps; set e.g. 50, or 0 to turn spike detection off.')
+  for name in ('spike_loss_factor', 'spike_grad_factor'):
+    _require(isinstance(t[name], (int, float)) and not isinstance(t[name], bool)
+             and t[name] > 1, f'train.{name}={t[name]!r} must be a number above 1 (a spike '
+             'is that many times the recent median); set e.g. 3, or train.spike_window=0.')
+  positive('train.max_bad_in_a_row', t.max_bad_in_a_row)
 
   positive('checkpoint.every_steps', cfg.checkpoint.every_steps, allow_zero=True)
   positive('checkpoint.keep', cfg.checkpoint.keep)
+  positive('checkpoint.restore_step', cfg.checkpoint.restore_step, allow_zero=True)
   for name in ('data', 'expert'):
     value = cfg.mesh[name]
     _require(value == -1 or value > 0,
