@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import SingleDeviceSharding
 
 from moetrain import checksum
+from moetrain import workdir as workdir_lib
 
 # Config keys that decide the shapes (or dtypes) of the saved arrays.
 SHAPE_KEYS = (
@@ -145,11 +146,16 @@ class Checkpointer:
   def save(self, step: int, state, meta: dict, force: bool = False):
     """Starts an async save of `state` (a pytree of arrays) and `meta` (JSON-able).
 
-    Waits for the previous save and prunes old steps first. The arrays are copied to
-    host memory before this returns, so the caller may then donate them.
+    Waits for the previous save and prunes old steps first; raises OSError(ENOSPC) when
+    the disk has no room for another checkpoint the size of the newest. The arrays are
+    copied to host memory before this returns, so the caller may then donate them.
     """
     self.manager.wait_until_finished()
     self.prune()
+    steps = self.steps()
+    if steps:  # room for another one the size of the newest, or stop before writing.
+      workdir_lib.check_room(self.directory, workdir_lib.tree_bytes(self.directory /
+                                                                     str(steps[-1])))
     flat = flatten(state)
     meta = dict(meta, shapes=shapes_of(state), checksums=checksum.device_checksums(flat))
     self.manager.save(step, args=ocp.args.Composite(
@@ -276,6 +282,10 @@ class Checkpointer:
     for step in steps[:-self.keep]:
       if step != last_good:
         self.manager.delete(step)
+
+  def check_for_errors(self):
+    """Raises the error of an async save that failed (a full disk, say), if any."""
+    self.manager.check_for_errors()
 
   def wait(self):
     """Blocks until the async save in flight (if any) is committed."""

@@ -137,9 +137,10 @@ RUNNERS = {'train': _train, 'sweep': _sweep, 'report': _report, 'sample': _sampl
 
 def _runtime_errors() -> tuple:
   """Errors that stop a command with one sentence (exit 1) instead of a traceback: a
-  checkpoint folder that cannot be resumed, a non-finite loss (from modules already
-  imported, so `params` never imports jax for this)."""
-  names = (('moetrain.checkpoint', 'CheckpointError'), ('moetrain.guard', 'DivergenceError'))
+  checkpoint folder that cannot be resumed, a diverged run, a workdir that is locked or
+  refuses writes (from modules already imported, so `params` never imports jax for this)."""
+  names = (('moetrain.checkpoint', 'CheckpointError'), ('moetrain.guard', 'DivergenceError'),
+           ('moetrain.workdir', 'WorkdirError'))
   return tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
 
 

@@ -31,6 +31,7 @@ from moetrain import data as data_lib
 from moetrain import guard as guard_lib
 from moetrain import metrics as metrics_lib
 from moetrain import objective
+from moetrain import workdir as workdir_lib
 from moetrain.model import routing
 from moetrain.model.moe import MoE
 from moetrain.model.transformer import Transformer
@@ -377,9 +378,25 @@ def close_all(closers, quiet: bool):
 
 def train(cfg, workdir, *, log=print) -> Summary:
   """Trains `cfg` to train.steps under `workdir`: resumes from its checkpoints if any,
-  saves every checkpoint.every_steps (async) and at the end, and on SIGTERM/SIGINT."""
+  saves every checkpoint.every_steps (async) and at the end, and on SIGTERM/SIGINT.
+
+  Holds the workdir's lock meanwhile. A write the filesystem refuses (disk full,
+  read-only, no permission) raises WorkdirError with one sentence; the checkpoints saved
+  before it stay readable (orbax commits a save by renaming a finished folder).
+  """
   cfg = prepare(cfg, log)
   workdir = pathlib.Path(workdir)
+  try:
+    with workdir_lib.locked(workdir, log), workdir_lib.quiet_write_errors():
+      return _train(cfg, workdir, log)
+  except Exception as e:
+    if isinstance(e, workdir_lib.WorkdirError) or workdir_lib.io_errno(e) is None:
+      raise
+    raise workdir_lib.WorkdirError(workdir_lib.os_error_sentence(e, workdir)) from None
+
+
+def _train(cfg, workdir: pathlib.Path, log) -> Summary:
+  """`train` in a locked workdir, with a prepared config."""
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=cfg.checkpoint.keep)
   data = data_lib.make_data(cfg)
   mesh = mesh_lib.make_mesh(cfg)
@@ -395,7 +412,7 @@ def train(cfg, workdir, *, log=print) -> Summary:
   eval_fn = jax.jit(make_eval_step(graphdef))
   writer = metrics_lib.MetricWriter(workdir)
   if jax.process_index() == 0:
-    (workdir / 'config.json').write_text(cfg.to_json_best_effort(indent=2))
+    workdir_lib.write_text(workdir / 'config.json', cfg.to_json_best_effort(indent=2))
 
   t, every = cfg.train, cfg.checkpoint.every_steps
   first = int(jax.device_get(state.step))
@@ -421,6 +438,7 @@ def train(cfg, workdir, *, log=print) -> Summary:
         if step % t.log_every == 0 or step == t.steps:
           guard.check(jax.device_get(records), log=note)
           records = []
+          checkpointer.check_for_errors()  # a failed async save stops training here.
           metrics = jax.device_get(metrics)
           now = time.perf_counter()
           metrics['tokens_per_second'] = (step - last_step) * tokens_per_step / (now - last_time)
