@@ -92,10 +92,10 @@ def cli_env(tmp_path_factory):
 
 
 def run_cli(env, workdir, *, signal_after_step=None, sig=signal.SIGKILL,
-            slow_finalize_step=None, timeout=300):
+            slow_finalize_step=None, timeout=300, before_signal=None):
   """Runs `moetrain train` on `workdir`; if `signal_after_step`, sends `sig` once this run
-  has logged that step (or, with `slow_finalize_step`, once that save is being committed).
-  Returns (exit code, output)."""
+  has logged that step (or, with `slow_finalize_step`, once that save is being committed),
+  after calling `before_signal()` if given. Returns (exit code, output)."""
   driver = pathlib.Path(workdir).parent / 'driver.py'
   driver.write_text(DRIVER)
   env = dict(env)  # the caller's stays without SLOW_FINALIZE_STEP.
@@ -125,6 +125,8 @@ def run_cli(env, workdir, *, signal_after_step=None, sig=signal.SIGKILL,
       assert proc.poll() is None, 'run ended before the signal point:\n' + ''.join(lines)
       assert time.time() < deadline, 'timed out waiting for the signal point'
       time.sleep(0.01)
+    if before_signal is not None:
+      before_signal()
     proc.send_signal(sig)
   rc = proc.wait(timeout=max(1, deadline - time.time()))
   reader.join(timeout=10)
@@ -154,14 +156,21 @@ def test_sigkill_at_several_points_and_mid_save_resumes_exactly(tmp_path, refere
   workdir = tmp_path / 'run'
   rc, out = run_cli(cli_env, workdir, signal_after_step=3)  # between saves (step 2 is saved)
   assert rc == -signal.SIGKILL, out
-  rc, out = run_cli(cli_env, workdir, slow_finalize_step=6)  # during the async save of step 6
+  second = []  # a second run on the workdir while the first is in its save of step 6.
+  rc, out = run_cli(cli_env, workdir, slow_finalize_step=6,  # killed during that async save
+                    before_signal=lambda: second.append(run_cli(cli_env, workdir)))
   assert rc == -signal.SIGKILL, out
   ckpts = workdir / 'checkpoints'
   assert not (ckpts / '6').exists()
   assert any(p.name.startswith('6.orbax-checkpoint-tmp') for p in ckpts.iterdir())
+  (second_rc, second_out), = second
+  assert second_rc == 1 and re.fullmatch(
+      f'moetrain: {re.escape(str(workdir))} is in use by another moetrain run \\(pid \\d+ on '
+      r'host .*\); wait for it to end or choose another --workdir\.\n', second_out), second_out
   rc, out = run_cli(cli_env, workdir, signal_after_step=7)  # right after a resumed step
   assert rc == -signal.SIGKILL, out
   assert 'resuming from the checkpoint at step' in out
+  assert 'which is no longer running; taking the lock over.' in out  # the killed run's lock.
   rc, out = run_cli(cli_env, workdir)
   assert rc == 0, out
   assert 'resuming from the checkpoint at step' in out
