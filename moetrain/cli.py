@@ -227,6 +227,10 @@ def main(argv=None):
   except (config_lib.ConfigError, flags.Error) as e:
     print(f'moetrain: {e}', file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:  # a second SIGTERM/SIGINT while the first one's save ran.
+    print('moetrain: stopped at once by a second signal; checkpoints committed before are '
+          'intact.', file=sys.stderr)
+    sys.exit(130)
   except Exception as e:  # noqa: BLE001 -- re-raised unless it is a one-sentence error.
     if not isinstance(e, _runtime_errors()):
       raise

@@ -10,6 +10,7 @@ skips non-finite updates with `train.skip_nonfinite=True`)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -293,9 +294,16 @@ class PreemptionHandler:
 
   def describe(self, step: int) -> str:
     """The log line for a stop at `step`."""
-    name = signal.Signals(self.signum).name if self.signum else 'a stop request'
-    return (f'{name} received: saving a checkpoint at step {step} and exiting (send it '
-            'again to stop at once).')
+    return (f'{self._name()} received: saving a checkpoint at step {step} and exiting (send '
+            'it again to stop at once).')
+
+  def describe_sweep(self, run: str) -> str:
+    """The log line for a sweep stopped at run `run`."""
+    return (f'sweep stopped by {self._name()} at run {run}; run the same command again to '
+            'resume it.')
+
+  def _name(self) -> str:
+    return signal.Signals(self.signum).name if self.signum else 'a stop request'
 
 
 def checkpoint_meta(cfg, data, guard, restored_from: int | None) -> dict:
@@ -376,9 +384,11 @@ def close_all(closers, quiet: bool):
     raise first
 
 
-def train(cfg, workdir, *, log=print) -> Summary:
+def train(cfg, workdir, *, log=print, stop: PreemptionHandler | None = None) -> Summary:
   """Trains `cfg` to train.steps under `workdir`: resumes from its checkpoints if any,
-  saves every checkpoint.every_steps (async) and at the end, and on SIGTERM/SIGINT.
+  saves every checkpoint.every_steps (async) and at the end, and on SIGTERM/SIGINT
+  (caught by `stop`, an entered PreemptionHandler, when given: a sweep's, which outlives
+  this run).
 
   Holds the workdir's lock meanwhile. A write the filesystem refuses (disk full,
   read-only, no permission) raises WorkdirError with one sentence; the checkpoints saved
@@ -388,14 +398,14 @@ def train(cfg, workdir, *, log=print) -> Summary:
   workdir = pathlib.Path(workdir)
   try:
     with workdir_lib.locked(workdir, log), workdir_lib.quiet_write_errors():
-      return _train(cfg, workdir, log)
+      return _train(cfg, workdir, log, stop)
   except Exception as e:
     if isinstance(e, workdir_lib.WorkdirError) or workdir_lib.io_errno(e) is None:
       raise
     raise workdir_lib.WorkdirError(workdir_lib.os_error_sentence(e, workdir)) from None
 
 
-def _train(cfg, workdir: pathlib.Path, log) -> Summary:
+def _train(cfg, workdir: pathlib.Path, log, stop) -> Summary:
   """`train` in a locked workdir, with a prepared config."""
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=cfg.checkpoint.keep)
   data = data_lib.make_data(cfg)
@@ -429,7 +439,8 @@ def _train(cfg, workdir: pathlib.Path, log) -> Summary:
   loss, eval_loss, records = float('nan'), float('nan'), []
   failed = True
   try:
-    with jax.set_mesh(mesh), PreemptionHandler() as stop:
+    with jax.set_mesh(mesh), (contextlib.nullcontext(stop) if stop else
+                              PreemptionHandler()) as stop:
       while step < t.steps:
         state, metrics = step_fn(state, put(next(data.train)))
         step += 1
