@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import pathlib
 import sys
+import traceback
 
 from absl import flags
 from ml_collections import config_flags
@@ -29,7 +30,8 @@ COMMANDS = {
                  '--vocab_size=N --output=PATH',
 }
 SUBCOMMANDS = {'tokenizer': ('train',)}
-MULTI_PROCESS_FLAGS = ('coordinator_address', 'num_processes', 'process_id', 'distributed')
+MULTI_PROCESS_FLAGS = ('coordinator_address', 'num_processes', 'process_id', 'distributed',
+                       'heartbeat_timeout')
 # The flags each command reads (`moetrain COMMAND --help` lists them); a command missing
 # here lists every flag.
 COMMAND_FLAGS = {
@@ -53,6 +55,9 @@ _COORDINATOR = flags.DEFINE_string(
     '--num_processes and --process_id); not needed on TPU pods and SLURM.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'multi-process: process count.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'multi-process: this process index.')
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    'heartbeat_timeout', 10, 'multi-process: seconds without a heartbeat after which a '
+    'process counts as dead and the others stop, naming it.')
 _PROMPT = flags.DEFINE_string('prompt', None, 'sample: the text to continue.')
 _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 200, 'sample: tokens to generate.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'sample: 0 is greedy.')
@@ -70,7 +75,7 @@ def _initialize_processes():
   """Joins the other processes of a multi-process run before jax touches a device."""
   from moetrain.parallel import distributed
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                         auto=_DISTRIBUTED.value)
+                         auto=_DISTRIBUTED.value, heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
 
 
 def _train(_):
@@ -226,16 +231,38 @@ def main(argv=None):
     RUNNERS[command](args)
   except (config_lib.ConfigError, flags.Error) as e:
     print(f'moetrain: {e}', file=sys.stderr)
-    sys.exit(2)
+    _exit(2)
   except KeyboardInterrupt:  # a second SIGTERM/SIGINT while the first one's save ran.
     print('moetrain: stopped at once by a second signal; checkpoints committed before are '
           'intact.', file=sys.stderr)
-    sys.exit(130)
+    _exit(130)
   except Exception as e:  # noqa: BLE001 -- re-raised unless it is a one-sentence error.
     if not isinstance(e, _runtime_errors()):
-      raise
+      if not _multi_process():
+        raise
+      if type(e).__name__ == 'JaxRuntimeError':
+        _distributed().give_the_watch_time()  # a dead peer ends this process, naming it.
+      traceback.print_exc()
+      _exit(1)
     print(f'moetrain: {e}', file=sys.stderr)
-    sys.exit(1)
+    _exit(1)
+
+
+def _distributed():
+  from moetrain.parallel import distributed
+  return distributed
+
+
+def _multi_process() -> bool:
+  return 'moetrain.parallel.distributed' in sys.modules and _distributed().WATCH is not None
+
+
+def _exit(code: int):
+  """sys.exit, or in a multi-process run an exit that skips jax.distributed's exit barrier
+  (the other processes may be dead, or still running)."""
+  if _multi_process():
+    _distributed().exit_now(code)
+  sys.exit(code)
 
 
 if __name__ == '__main__':
