@@ -1,5 +1,6 @@
 """Multi-host: launch/local.sh starts 2 real processes (2 CPU devices each) that form one
-4-device mesh; the run equals the same config in one process with 4 devices."""
+4-device mesh; the run equals the same config in one process with 4 devices up to the
+order of the cross-process sums (1e-6 relative); a process that dies stops the other."""
 
 import os
 import pathlib
@@ -51,13 +52,20 @@ def test_two_processes_equal_one(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   (train_two, eval_two), (train_one, eval_one) = losses(two), losses(one)
   assert len(train_two) == 4 and len(eval_two) == 2
-  np.testing.assert_allclose(train_two, train_one, rtol=1e-5)
-  np.testing.assert_allclose(eval_two, eval_one, rtol=1e-5)
   params_two = checkpoint_lib.Checkpointer(two).read_arrays(4)
   params_one = checkpoint_lib.Checkpointer(one).read_arrays(4)
   assert params_two.keys() == params_one.keys()
+  # Not bit-exact: the gradient all-reduce sums in another order across processes (gloo)
+  # than within one. The README states what this prints (pytest -s), measured over 12 steps.
+  rel = lambda a, b: float(np.max(np.abs(np.subtract(a, b)) / np.abs(b)))
+  print(f'\n2 processes vs 1: {np.sum(np.equal(train_two, train_one))} of {len(train_one)} '
+        f'step losses bit-equal, max relative difference {rel(train_two, train_one):.2g}; '
+        f'eval {rel(eval_two, eval_one):.2g}; parameters max absolute difference '
+        f'{max(np.abs(params_two[k] - params_one[k]).max() for k in params_one):.2g}')
+  np.testing.assert_allclose(train_two, train_one, rtol=1e-6)
+  np.testing.assert_allclose(eval_two, eval_one, rtol=1e-6)
   for key in params_one:
-    np.testing.assert_allclose(params_two[key], params_one[key], rtol=1e-4, atol=1e-6,
+    np.testing.assert_allclose(params_two[key], params_one[key], rtol=1e-6, atol=1e-6,
                                err_msg=key)
 
 
