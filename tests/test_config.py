@@ -33,6 +33,11 @@ CONFIGS = sorted((pathlib.Path(__file__).parents[1] / 'configs').glob('*.py'))
     ({'data.seq_len': 0}, r'data\.seq_len=0 must be positive'),
     ({'data.eval_fraction': 1.0}, r'data\.eval_fraction=1\.0 must lie in \(0, 1\)'),
     ({'train.lr': 0.0}, r'train\.lr=0\.0 must be positive'),
+    ({'train.spike_window': -1}, r'train\.spike_window=-1 must be non-negative'),
+    ({'train.spike_loss_factor': 1.0}, r'train\.spike_loss_factor=1\.0 must be a number above 1'),
+    ({'train.spike_grad_factor': 0.5}, r'train\.spike_grad_factor=0\.5 must be a number above 1'),
+    ({'train.max_bad_in_a_row': 0}, r'train\.max_bad_in_a_row=0 must be positive'),
+    ({'checkpoint.restore_step': -3}, r'checkpoint\.restore_step=-3 must be non-negative'),
     ({'mesh.expert': 0}, r'mesh\.expert=0 must be a positive size or -1'),
 ])
 def test_bad_values_raise_one_sentence(overrides, message):
