@@ -99,42 +99,6 @@ def test_capacity_is_exact_for_decimal_factors():
                                                                       experts)
 
 
-def test_warmup_longer_than_the_run_is_clamped_with_one_line():
-  cfg = config_lib.validate(tiny_config(**{'train.steps': 5, 'train.warmup_steps': 30}))
-  assert config_lib.clamp_warmup(cfg) == ('train.warmup_steps=30 exceeds train.steps=5, so '
-                                          'the warmup is clamped to 5 steps.')
-  assert cfg.train.warmup_steps == 5
-  assert config_lib.clamp_warmup(cfg) is None
-
-
-def test_top_k_equal_to_num_experts_is_valid():
-  config_lib.validate(tiny_config(**{'model.moe.top_k': 4}))
-
-
-def test_capacity_rule():
-  assert config_lib.capacity(64, 8, 2, 1.25) == 20  # ceil(1.25 * 64 * 2 / 8)
-  assert config_lib.capacity(64, 8, 1, 1.0) == 8
-  assert config_lib.capacity(10, 8, 1, 0.01) == 1  # at least one slot
-  assert config_lib.capacity(16, 2, 2, 4.0) == 16  # at most every token
-  assert config_lib.capacity(50, 10, 2, 1.1) == 11  # not 12: 1.1 * 100 / 10 is exactly 11
-
-
-def test_capacity_is_exact_for_decimal_factors():
-  """ceil(cf * T * k / E) in integers (cf = digits / 10^places) on random decimal factors,
-  many of them landing exactly on an integer, where float rounding used to add a slot."""
-  rng = np.random.default_rng()
-  for _ in range(2000):
-    places = int(rng.integers(1, 4))
-    digits = int(rng.integers(1, 5 * 10**places))
-    factor = float(f'{digits / 10**places:.{places}f}')
-    tokens, experts = int(rng.integers(1, 300)), int(rng.integers(1, 65))
-    k = int(rng.integers(1, experts + 1))
-    exact = -(-digits * tokens * k // (10**places * experts))
-    want = max(1, min(tokens, exact))
-    assert config_lib.capacity(tokens, experts, k, factor) == want, (factor, tokens, k,
-                                                                      experts)
-
-
 def test_moe_layers():
   cfg = tiny_config(**{'model.num_layers': 6, 'model.first_k_dense': 1,
                        'model.moe_every': 2})
