@@ -400,7 +400,7 @@ def train(cfg, workdir, *, log=print, stop: PreemptionHandler | None = None) -> 
     with workdir_lib.locked(workdir, log), workdir_lib.quiet_write_errors():
       return _train(cfg, workdir, log, stop)
   except Exception as e:
-    if isinstance(e, workdir_lib.WorkdirError) or workdir_lib.io_errno(e) is None:
+    if isinstance(e, workdir_lib.WorkdirError) or not workdir_lib.refused_write_in(e, workdir):
       raise
     raise workdir_lib.WorkdirError(workdir_lib.os_error_sentence(e, workdir)) from None
 

@@ -231,6 +231,23 @@ def io_errno(error: BaseException) -> int | None:
   return None
 
 
+def refused_write_in(error: BaseException, workdir) -> bool:
+  """Whether `error` is the filesystem refusing a write under `workdir` (its chain has a
+  refusal errno, and a file name or message naming a path in the workdir): not, say, an
+  unreadable data file elsewhere."""
+  if io_errno(error) is None:
+    return False
+  roots = {str(pathlib.Path(workdir)), str(pathlib.Path(workdir).absolute())}
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    names = [str(getattr(error, 'filename', None) or ''), str(error)]
+    if any(root in name for root in roots for name in names):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
 def os_error_sentence(error: BaseException, path) -> str:
   """One sentence for a failed write under `path`: where, why, what to do."""
   number = io_errno(error)

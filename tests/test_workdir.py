@@ -94,6 +94,8 @@ def test_refused_writes_are_recognised_inside_wrapped_errors(errno_name, words):
     sentence = workdir_lib.os_error_sentence(error, '/runs/x')
     assert sentence.startswith(f'could not write to /runs/x because {words}')
   assert workdir_lib.io_errno(ValueError('shape mismatch')) is None
+  assert workdir_lib.refused_write_in(OSError(number, 'x', '/runs/x/metrics.jsonl'), '/runs/x')
+  assert not workdir_lib.refused_write_in(OSError(number, 'x', '/data/a.jsonl'), '/runs/x')
 
 
 # --------------------------------------------------------------------------------------
