@@ -51,3 +51,11 @@ def tiny_config(**overrides):
 @pytest.fixture
 def tiny():
   return tiny_config
+
+
+@pytest.fixture(scope='session')
+def one_process_run(tmp_path_factory):
+  """The workdir of multihost_runs.ARGS trained in one process on 4 devices: the reference
+  the multi-process launchers (local.sh, SLURM, the TPU pod script) must reproduce."""
+  from multihost_runs import train_one_process
+  return train_one_process(tmp_path_factory.mktemp('one_process'))
