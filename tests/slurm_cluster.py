@@ -6,17 +6,20 @@
     job = cluster.sbatch(['--ntasks-per-node=2', 'script.sbatch'], env=...)
     cluster.wait(job)  # -> {'JobState': 'COMPLETED', 'ExitCode': '0:0', ...}
 
-`SlurmCluster.unavailable()` says why no cluster can start here (None when one can);
-entering raises RuntimeError with the daemons' logs when they do not come up (SLURM 23.11
-and later have no auth/none: there, install munge and change AuthType).
+`python tests/slurm_cluster.py FOLDER` runs one until stopped, for trying the launcher by
+hand. `SlurmCluster.unavailable()` says why no cluster can start here (None when one can);
+entering raises RuntimeError with the daemons' logs when they do not come up (a SLURM
+without the auth/none plugin needs munge running and AuthType=auth/munge instead).
 """
 
 import getpass
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 
 SBIN = os.pathsep.join([os.environ.get('PATH', ''), '/usr/sbin', '/usr/local/sbin'])
@@ -181,3 +184,24 @@ class SlurmCluster:
           daemon.kill()
           daemon.wait()
     self._daemons = []
+
+
+def main(folder: str):
+  """Runs a cluster in `folder` until SIGTERM or Ctrl-C, for trying launch/slurm.sbatch by
+  hand (see the README's multi-host section)."""
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+  pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
+  with SlurmCluster(pathlib.Path(folder).absolute()) as cluster:
+    print(f'export SLURM_CONF={cluster.conf} PATH=$PATH:/usr/sbin  # stop: kill {os.getpid()}',
+          flush=True)
+    try:
+      while True:
+        time.sleep(3600)
+    except KeyboardInterrupt:
+      pass
+
+
+if __name__ == '__main__':
+  if len(sys.argv) != 2:
+    sys.exit('usage: python tests/slurm_cluster.py FOLDER')
+  main(sys.argv[1])
