@@ -29,7 +29,7 @@ fi
 repo=${REPO:-$(git config --get remote.origin.url || true)}
 : "${repo:?set REPO to the git URL the workers clone (this checkout has no origin)}"
 branch=${BRANCH:-main}
-install=${INSTALL:-"python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[tpu]'"}
+install=${INSTALL:-'python3 -m venv .venv && . .venv/bin/activate && pip install -q -e ".[tpu]"'}
 
 # Words quoted for the worker's shell.
 repo_q=$(printf '%q' "$repo")
