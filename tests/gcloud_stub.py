@@ -14,9 +14,10 @@ TPU VM has its metadata server. Exits with the first failing worker's status.
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
+
+from processes import free_port
 
 PREFIX = ['compute', 'tpus', 'tpu-vm', 'ssh']
 OPTIONS = ('--zone', '--worker', '--command', '--project')
@@ -46,9 +47,7 @@ def main():
   workers = int(os.environ.get('GCLOUD_STUB_WORKERS', '2'))
   if args['worker'] != 'all':
     sys.exit(f'gcloud stub: only --worker=all is simulated, got {args["worker"]!r}')
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
+  port = free_port()
   devices = os.environ.get('GCLOUD_STUB_DEVICES', '2')
   base = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
   processes = []

