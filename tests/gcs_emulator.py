@@ -5,8 +5,8 @@ with one bucket, and the environment that points every GCS client this project u
 
 - google-cloud-storage (tensorboardX's gs:// writer) and gcsfs (etils.epath's gs://
   backend when TensorFlow is absent) read STORAGE_EMULATOR_HOST and then skip credentials;
-  gcsfs >= 2025 also probes the bucket type through the real control API unless
-  GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false.
+  recent gcsfs (2026.10 here) also probes the bucket type through the real control API
+  unless GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false.
 - tensorstore's `gcs` kvstore (orbax's array storage) reads TENSORSTORE_GCS_HTTP_URL, and
   GOOGLE_AUTH_TOKEN_FOR_TESTING stands in for credentials. Tensorstore reads the URL once
   per process, at its first gs:// access: one process can use one emulator only (the
