@@ -45,7 +45,8 @@ _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 200, 'sample: tokens to
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'sample: 0 is greedy.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'multi-process with the cluster detected by JAX (Cloud TPU pod '
-    'slices, SLURM, Open MPI).')
+    'slices, SLURM, Open MPI) or given by JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and '
+    'JAX_PROCESS_ID.')
 
 
 def _require_workdir(command: str):
