@@ -279,10 +279,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(not (e.bias_update_rate > 0 and e.router != 'token_choice'),
              f"model.moe.bias_update_rate>0 needs router='token_choice' (got {e.router!r}); "
              'set bias_update_rate=0.')
-    _require(isinstance(e.shared_expert_gate, bool) and not (
-        e.shared_expert_gate and not e.num_shared_experts),
-        f'model.moe.shared_expert_gate={e.shared_expert_gate!r} needs a bool and shared '
-        'experts; set model.moe.num_shared_experts >= 1 or shared_expert_gate=False.')
+    _require(not (e.shared_expert_gate and not e.num_shared_experts),
+             'model.moe.shared_expert_gate=True needs shared experts; set '
+             'model.moe.num_shared_experts >= 1 or shared_expert_gate=False.')
     _require(moe_layers(m), f'no layer is a MoE layer with model.num_layers={m.num_layers},'
              f' first_k_dense={m.first_k_dense}, moe_every={m.moe_every}; lower '
              'first_k_dense or moe_every, or set num_experts=0 for a dense model.')
@@ -322,9 +321,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   i = cfg.init
   _require(isinstance(i.from_workdir, str), f'init.from_workdir={i.from_workdir!r} must be '
            "a path; set it to a run's --workdir, or '' for a random init.")
-  _require(isinstance(i.upcycle, bool) and not (i.upcycle and not i.from_workdir),
-           f'init.upcycle={i.upcycle!r} needs a bool and init.from_workdir; set '
-           'init.from_workdir to the dense run to upcycle, or init.upcycle=False.')
+  _require(not (i.upcycle and not i.from_workdir), 'init.upcycle=True needs '
+           'init.from_workdir; set it to the dense run to upcycle, or init.upcycle=False.')
   _require(not i.upcycle or m.num_experts > 0, 'init.upcycle=True builds a MoE from a dense '
            'run, but model.num_experts=0; set model.num_experts > 0.')
 
