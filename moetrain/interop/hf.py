@@ -184,6 +184,12 @@ def import_model(hf_dir, workdir, cfg=None, *, log=print):
   flat = hf_weights.from_hf(load_safetensors(hf_dir), cfg.model, family)
   if (hf_dir / 'tokenizer.json').is_file():
     cfg.data.tokenizer = str(hf_dir / 'tokenizer.json')
+  vocab = data_lib.make_tokenizer(cfg.data).vocab_size
+  if vocab > cfg.model.vocab_size:
+    raise config_lib.ConfigError(
+        f'the model has {cfg.model.vocab_size} token embeddings but data.tokenizer='
+        f'{cfg.data.tokenizer!r} has {vocab} tokens; put the model\'s tokenizer.json in '
+        '--from, or pass a --config whose data.tokenizer is the model\'s.')
   cfg = data_lib.resolve_vocab(config_lib.validate(cfg))
   source = workdir / SOURCE
   if (hf_dir / 'tokenizer.json').is_file():  # the copy made below, once all is checked.

@@ -27,15 +27,19 @@ def _shape(x) -> str:
 
 def warm_start_params(source_params: dict, fresh_params: dict, *, source: str = '') -> dict:
   """Every parameter from `source_params`; names and shapes must equal `fresh_params`'s."""
+  fix = ('use the same model keys as that run (or init.upcycle=True to turn a dense run '
+         'into a MoE).')
   for key in sorted(set(source_params) | set(fresh_params)):
     ours, theirs = fresh_params.get(key), source_params.get(key)
-    if ours is None or theirs is None or ours.shape != theirs.shape:
-      has = f'{_shape(theirs)}' if theirs is not None else 'no such parameter'
-      wants = f'{_shape(ours)}' if ours is not None else 'none'
-      raise ConfigError(
-          f'init.from_workdir={source}: parameter {key} is {has} there but this config '
-          f'builds {wants}; use the same model keys as that run (or init.upcycle=True to '
-          'turn a dense run into a MoE).')
+    if theirs is None:
+      raise ConfigError(f'init.from_workdir={source} has no parameter {key}, which this '
+                        f'config builds ({_shape(ours)}); {fix}')
+    if ours is None:
+      raise ConfigError(f'init.from_workdir={source}: its parameter {key} has no place in '
+                        f'this config; {fix}')
+    if ours.shape != theirs.shape:
+      raise ConfigError(f'init.from_workdir={source}: parameter {key} is {_shape(theirs)} '
+                        f'there but this config builds {_shape(ours)}; {fix}')
   return {key: theirs.astype(fresh_params[key].dtype) for key, theirs in source_params.items()}
 
 
