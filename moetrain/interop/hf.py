@@ -57,12 +57,15 @@ def save_safetensors(tensors: dict[str, np.ndarray], directory: pathlib.Path,
   transformers does; returns the file names."""
   from safetensors.numpy import save_file
   groups = shards(tensors, max_shard_bytes)
-  if len(groups) == 1:
-    save_file(groups[0], str(directory / WEIGHTS), metadata={'format': 'pt'})
-    return [WEIGHTS]
-  names = [f'model-{i + 1:05d}-of-{len(groups):05d}.safetensors' for i in range(len(groups))]
+  names = [WEIGHTS] if len(groups) == 1 else [
+      f'model-{i + 1:05d}-of-{len(groups):05d}.safetensors' for i in range(len(groups))]
+  umask = os.umask(0)
+  os.umask(umask)
   for name, group in zip(names, groups):
     save_file(group, str(directory / name), metadata={'format': 'pt'})
+    os.chmod(directory / name, 0o666 & ~umask)  # safetensors creates files owner-only.
+  if len(groups) == 1:
+    return names
   write_json(directory / INDEX, dict(
       metadata=dict(total_size=sum(a.nbytes for a in tensors.values())),
       weight_map={k: name for name, group in zip(names, groups) for k in group}))
