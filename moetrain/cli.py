@@ -27,7 +27,7 @@ COMMANDS = {
     'tokenizer': "'tokenizer train': fit a byte-level BPE on the configured corpus: "
                  '--vocab_size=N --output=PATH',
     'export': 'write a run as a Hugging Face model directory: --workdir=DIR --output=DIR '
-              '[--format=auto|llama|mixtral|qwen3_moe|qwen2_moe --inexact]',
+              '[--format=auto|llama|mistral|mixtral|qwen3_moe|qwen2_moe --inexact]',
     'import': 'read a Hugging Face model directory into a new run at step 0: --from=DIR '
               '--workdir=DIR [--config=FILE]',
 }
@@ -40,7 +40,7 @@ _VOCAB_SIZE = flags.DEFINE_integer('vocab_size', None, 'tokenizer train: vocabul
 _OUTPUT = flags.DEFINE_string('output', None, 'tokenizer train: path of the .json to write; '
                               'export: the directory to write.')
 _FORMAT = flags.DEFINE_string('format', 'auto', 'export: auto (from the config), llama, '
-                              'mixtral, qwen3_moe or qwen2_moe.')
+                              'mistral, mixtral, qwen3_moe or qwen2_moe.')
 _INEXACT = flags.DEFINE_bool('inexact', False, 'export: write a model whose transformers '
                              'outputs differ from moetrain\'s (the differences are printed).')
 _FROM = flags.DEFINE_string('from', None, 'import: the Hugging Face model directory to read.')

@@ -190,9 +190,16 @@ def test_import_reads_what_transformers_saves(family, tmp_path):
   else:
     assert cfg.model.num_experts == 0 and cfg.model.tie_embeddings
   ids = RNG.integers(0, 300, (2, 20))
-  _, theirs = hf_logits(tmp_path / 'hf', ids)
+  name, theirs = hf_logits(tmp_path / 'hf', ids)
   ours = model_logits(cfg, params_lib.newest_params(tmp_path / 'run')[1], ids)
   np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+  # Exported again: the same class and the very tensors transformers saved.
+  hf.export(tmp_path / 'run', tmp_path / 'out', log=lambda *a: None)
+  assert hf_logits(tmp_path / 'out', ids)[0] == name
+  saved, again = hf.load_safetensors(tmp_path / 'hf'), hf.load_safetensors(tmp_path / 'out')
+  assert set(saved) == set(again)
+  for key in saved:
+    np.testing.assert_array_equal(again[key], saved[key], err_msg=key)
 
 
 def test_models_no_class_holds_are_refused_in_one_sentence(tmp_path_factory, tmp_path):

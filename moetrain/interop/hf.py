@@ -132,7 +132,13 @@ def export(workdir, output, *, fmt: str = 'auto', inexact: bool = False,
     raise config_lib.ConfigError(f'--format={fmt!r} is not known; use one of '
                                  f'{", ".join(hf_config.FORMATS)}.')
   cfg = params_lib.run_config(workdir)
+  source = workdir / SOURCE
+  base = json.loads((source / 'config.json').read_text()) \
+      if (source / 'config.json').is_file() else None
   family = hf_config.choose_family(cfg.model) if fmt == 'auto' else fmt
+  if fmt == 'auto' and family in hf_config.DENSE and (base or {}).get('model_type') in \
+      hf_config.DENSE:
+    family = base['model_type']  # a dense run imported from Mistral goes back as Mistral.
   refuse, differ = hf_config.export_problems(cfg.model, family)
   if refuse:
     raise config_lib.ConfigError(f'cannot export as {family}: {refuse[0]}.')
@@ -143,23 +149,24 @@ def export(workdir, output, *, fmt: str = 'auto', inexact: bool = False,
     log(f'warning: transformers outputs will differ from moetrain\'s: {line}.')
   step, params = params_lib.newest_params(workdir)
   tensors = hf_weights.to_hf(params, cfg.model, family)
-  source = workdir / SOURCE
-  base = json.loads((source / 'config.json').read_text()) \
-      if (source / 'config.json').is_file() else None
   tokenizer = data_lib.make_tokenizer(cfg.data)
   tmp = _new_directory(output, '--output')
-  for path in _side_files(source):
-    shutil.copyfile(path, tmp / path.name)
-  if cfg.data.tokenizer.endswith('.json'):
-    shutil.copyfile(cfg.data.tokenizer, tmp / 'tokenizer.json')
-    if not (tmp / 'tokenizer_config.json').exists():
-      write_json(tmp / 'tokenizer_config.json', _tokenizer_config(tokenizer, cfg.data.seq_len))
-  write_json(tmp / 'config.json', hf_config.to_hf_config(
-      cfg, family, eos_token_id=tokenizer.eod_id, base=base))
-  files = save_safetensors(tensors, tmp, max_shard_bytes)
-  if output.exists():
-    output.rmdir()
-  tmp.rename(output)
+  try:
+    for path in _side_files(source):
+      shutil.copyfile(path, tmp / path.name)
+    if cfg.data.tokenizer.endswith('.json'):
+      shutil.copyfile(cfg.data.tokenizer, tmp / 'tokenizer.json')
+      if not (tmp / 'tokenizer_config.json').exists():
+        write_json(tmp / 'tokenizer_config.json',
+                   _tokenizer_config(tokenizer, cfg.data.seq_len))
+    write_json(tmp / 'config.json', hf_config.to_hf_config(
+        cfg, family, eos_token_id=tokenizer.eod_id, base=base))
+    files = save_safetensors(tensors, tmp, max_shard_bytes)
+    if output.exists():
+      output.rmdir()
+    tmp.rename(output)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed.
   count = sum(int(a.size) for a in tensors.values())
   log(f'exported {workdir} (step {step}) as {family} ({hf_config.ARCHITECTURES[family]}): '
       f'{count:,} parameters in {len(tensors)} tensors, {len(files)} weight file(s) -> '

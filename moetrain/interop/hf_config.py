@@ -2,7 +2,7 @@
 a moetrain model exactly.
 
 Families (config.json `model_type`, the class `AutoModelForCausalLM` builds):
-  llama      LlamaForCausalLM       dense models
+  llama      LlamaForCausalLM       dense models (mistral, MistralForCausalLM, likewise)
   mixtral    MixtralForCausalLM     every layer MoE; combine weights = softmax over the
                                     top-k logits (topk_softmax, or softmax_topk renormalized)
   qwen3_moe  Qwen3MoeForCausalLM    softmax then top-k (`norm_topk_prob` = renormalize),
@@ -10,7 +10,7 @@ Families (config.json `model_type`, the class `AutoModelForCausalLM` builds):
   qwen2_moe  Qwen2MoeForCausalLM    as qwen3_moe without q/k norms, plus one shared expert
                                     gated by a sigmoid, optional q/k/v biases
 DeepSeek-V3 (sigmoid gates with a correction bias) is refused: its multi-head latent
-attention is not moetrain's attention. Mistral's dense checkpoints import as llama.
+attention is not moetrain's attention.
 
 transformers is never imported here: export and import need only the JSON and
 safetensors; transformers is what reads the files afterwards.
@@ -24,12 +24,13 @@ from moetrain import config as config_lib
 
 ARCHITECTURES = {
     'llama': 'LlamaForCausalLM',
+    'mistral': 'MistralForCausalLM',
     'mixtral': 'MixtralForCausalLM',
     'qwen3_moe': 'Qwen3MoeForCausalLM',
     'qwen2_moe': 'Qwen2MoeForCausalLM',
 }
 FORMATS = ('auto',) + tuple(ARCHITECTURES)
-IMPORT_ALIASES = {'mistral': 'llama'}  # Mistral's dense layout is Llama's.
+DENSE = ('llama', 'mistral')  # the same layout; mistral only where a run came from one.
 
 MLA = ('DeepSeek-V3 computes attention with multi-head latent attention (keys and values '
        'from an RMS-normalized low-rank latent, one rotary key shared by all heads), which '
@@ -68,7 +69,7 @@ def export_problems(model_cfg, family: str) -> tuple[list[str], list[str]]:
     refuse.append(f'model.moe.gate=sigmoid is DeepSeek-V3 routing, and {MLA}; use '
                   "gate='softmax' to export as Mixtral or Qwen-MoE")
     return refuse, differ
-  moe_family = family != 'llama'
+  moe_family = family not in DENSE
   if bool(m.num_experts) != moe_family:
     refuse.append(f'{family} is a {"MoE" if moe_family else "dense"} architecture and this '
                   f'model has model.num_experts={m.num_experts}; use --format=auto')
@@ -141,6 +142,8 @@ def to_hf_config(cfg, family: str, *, eos_token_id=None, base: dict | None = Non
   expert_width = e.d_expert or m.d_ff
   if family == 'llama':
     out.update(intermediate_size=m.d_ff, attention_bias=False, mlp_bias=False)
+  elif family == 'mistral':
+    out.update(intermediate_size=m.d_ff, sliding_window=None)
   elif family == 'mixtral':
     out.update(intermediate_size=expert_width, num_local_experts=m.num_experts,
                num_experts_per_tok=e.top_k, router_jitter_noise=0.0, sliding_window=None)
@@ -181,13 +184,14 @@ def _layer_pattern(moe: set[int], num_layers: int) -> tuple[int, int]:
 
 def from_hf_config(hf: dict, cfg) -> tuple[str, ml_collections.ConfigDict]:
   """(family, cfg with every model key set from config.json `hf`). Routing becomes the
-  exact, dropless equivalent of the family's. Raises ImportRefused for what moetrain
-  cannot reproduce exactly."""
+  exact, dropless equivalent of the family's. model.param_dtype and model.dtype stay
+  `cfg`'s: training choices (weights are cast; bfloat16 to float32 is exact). Raises
+  ImportRefused for what moetrain cannot reproduce exactly."""
   kind = hf.get('model_type', '')
   _refuse(kind != 'deepseek_v3', f'{MLA}, so this DeepSeek-V3 model cannot be imported.')
-  family = IMPORT_ALIASES.get(kind, kind)
+  family = kind
   _refuse(family in ARCHITECTURES, f'model_type {kind!r} is not one moetrain imports; it '
-          f'reads {", ".join(sorted(set(ARCHITECTURES) | set(IMPORT_ALIASES)))}.')
+          f'reads {", ".join(sorted(ARCHITECTURES))}.')
   cfg = cfg.copy_and_resolve_references()
   m, e = cfg.model, cfg.model.moe
   _refuse(hf.get('hidden_act', 'silu') == 'silu', f'hidden_act={hf.get("hidden_act")!r}: '
@@ -211,8 +215,6 @@ def from_hf_config(hf: dict, cfg) -> tuple[str, ml_collections.ConfigDict]:
   m.norm_eps = float(hf.get('rms_norm_eps', 1e-6))
   m.rope_theta = float(rope.get('rope_theta', hf.get('rope_theta', 10_000.0)))
   m.tie_embeddings = bool(hf.get('tie_word_embeddings', False))
-  m.param_dtype = 'bfloat16' if hf.get('dtype', hf.get('torch_dtype')) == 'bfloat16' \
-      else 'float32'
   m.qk_norm = family == 'qwen3_moe'
   m.qkv_bias = family == 'qwen2_moe' and bool(hf.get('qkv_bias', True))
   m.d_ff = hf['intermediate_size']
@@ -220,7 +222,7 @@ def from_hf_config(hf: dict, cfg) -> tuple[str, ml_collections.ConfigDict]:
   e.routed_scaling, e.bias_update_rate = 1.0, 0.0
   e.d_expert, e.num_shared_experts, e.shared_expert_gate = 0, 0, False
   m.first_k_dense, m.moe_every = 0, 1
-  if family == 'llama':
+  if family in DENSE:
     m.num_experts = 0
   elif family == 'mixtral':
     m.num_experts = hf.get('num_local_experts', 8)
