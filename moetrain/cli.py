@@ -129,18 +129,18 @@ def _tokenizer_train(_):
 
 
 def _export(_):
-  from moetrain.interop import hf
   _require_workdir('export')
   if not _OUTPUT.value:
     raise config_lib.ConfigError('export needs --output=DIR, a new directory to write.')
+  from moetrain.interop import hf
   hf.export(_WORKDIR.value, _OUTPUT.value, fmt=_FORMAT.value, inexact=_INEXACT.value)
 
 
 def _import(_):
-  from moetrain.interop import hf
   _require_workdir('import')
   if not _FROM.value:
     raise config_lib.ConfigError('import needs --from=DIR, a Hugging Face model directory.')
+  from moetrain.interop import hf
   hf.import_model(_FROM.value, _WORKDIR.value, _CONFIG.value)
 
 
