@@ -1,105 +1,71 @@
-"""Attention implementations: each equals a NumPy reference (causal, grouped-query, and
-per-document with segment ids), values and gradients; the backend picks for `auto`."""
+"""Attention against a NumPy loop over heads: grouped-query heads, rotary embeddings, and the
+Qwen options (q/k/v biases, per-head q/k RMSNorm, a head size other than d_model / H)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from flax import nnx
 
-from moetrain.config import ConfigError
-from moetrain.model import attention
-from moetrain.parallel import mesh as mesh_lib
+from moetrain.model.attention import Attention
 
 RNG = np.random.default_rng()
-B, L, H, G, K = 2, 128, 4, 2, 16  # the splash kernel needs L a multiple of 128.
+B, L, D, H, G = 2, 10, 24, 4, 2
 
 
-def inputs(segments: bool):
-  q = RNG.standard_normal((B, L, H, K)).astype(np.float32)
-  k = RNG.standard_normal((B, L, G, K)).astype(np.float32)
-  v = RNG.standard_normal((B, L, G, K)).astype(np.float32)
-  # Documents of random lengths per row (ids rise along the row, as packing makes them).
-  seg = np.cumsum(RNG.random((B, L)) < 0.05, axis=1).astype(np.int32) if segments else None
-  return q, k, v, seg
+def np_rope(x_LK, positions_L, theta):
+  half = x_LK.shape[-1] // 2
+  freq = theta ** (-np.arange(half) / half)
+  angle = positions_L[:, None] * freq
+  x1, x2 = x_LK[:, :half], x_LK[:, half:]
+  return np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle),
+                         x2 * np.cos(angle) + x1 * np.sin(angle)], axis=-1)
 
 
-def numpy_attention(q, k, v, seg):
-  """Loop reference: query head h reads key-value head h // (H / G)."""
-  out = np.zeros_like(q)
-  rep = q.shape[2] // k.shape[2]
-  for b in range(q.shape[0]):
-    allowed = np.tril(np.ones((L, L), bool))
-    if seg is not None:
-      allowed &= seg[b][:, None] == seg[b][None, :]
-    for h in range(q.shape[2]):
-      s = q[b, :, h] @ k[b, :, h // rep].T / np.sqrt(K)
-      s = np.where(allowed, s, -np.inf)
-      p = np.exp(s - s.max(-1, keepdims=True))
-      out[b, :, h] = (p / p.sum(-1, keepdims=True)) @ v[b, :, h // rep]
+def np_rms_norm(x, scale, eps):
+  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def np_attention(x_BLD, p, head_dim, eps, theta=10_000.0):
+  """Causal attention one batch row and one query head at a time."""
+  out = np.zeros_like(x_BLD)
+  positions = np.arange(L, dtype=np.float64)
+  for b in range(B):
+    for h in range(H):
+      g = h // (H // G)  # query heads h share key-value head g in consecutive groups.
+      q = x_BLD[b] @ p['w_q'][:, h] + p.get('b_q', np.zeros((H, head_dim)))[h]
+      k = x_BLD[b] @ p['w_k'][:, g] + p.get('b_k', np.zeros((G, head_dim)))[g]
+      v = x_BLD[b] @ p['w_v'][:, g] + p.get('b_v', np.zeros((G, head_dim)))[g]
+      if 'q_norm' in p:
+        q, k = np_rms_norm(q, p['q_norm'], eps), np_rms_norm(k, p['k_norm'], eps)
+      q, k = np_rope(q, positions, theta), np_rope(k, positions, theta)
+      scores = q @ k.T / np.sqrt(head_dim)
+      scores = np.where(np.tril(np.ones((L, L), bool)), scores, -np.inf)
+      probs = np.exp(scores - scores.max(-1, keepdims=True))
+      probs /= probs.sum(-1, keepdims=True)
+      out[b] += (probs @ v) @ p['w_o'][h]
   return out
 
 
-IMPLS = {
-    'xla': attention.xla_attention,
-    'dot_product': attention.dot_product_attention,
-    # The Pallas TPU kernel itself, run by the Pallas interpreter on CPU.
-    'splash': lambda *a: attention.splash_attention(*a, interpret=True),
-}
-
-
-@pytest.mark.parametrize('segments', [False, True])
-@pytest.mark.parametrize('impl', list(IMPLS))
-def test_attention_equals_numpy_reference(impl, segments):
-  q, k, v, seg = inputs(segments)
-  fn = IMPLS[impl]
-  got = np.asarray(jax.jit(fn)(q, k, v, seg))
-  np.testing.assert_allclose(got, numpy_attention(q, k, v, seg), rtol=2e-4, atol=2e-5)
-
-
-@pytest.mark.parametrize('impl', ['dot_product', 'splash'])
-def test_attention_gradients_equal_the_xla_path(impl):
-  q, k, v, seg = inputs(True)
-  cot = RNG.standard_normal((B, L, H, K)).astype(np.float32)
-  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v, seg) * cot)
-  want = jax.grad(loss(IMPLS['xla']), argnums=(0, 1, 2))(q, k, v)
-  got = jax.jit(jax.grad(loss(IMPLS[impl]), argnums=(0, 1, 2)))(q, k, v)
-  for name, a, b in zip('qkv', got, want):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-4,
-                               err_msg=name)
-
-
-def test_splash_runs_per_device_on_a_mesh():
-  """Under a mesh the kernel runs under shard_map over the batch axes: same result."""
-  q, k, v, seg = inputs(True)
-  mesh = jax.make_mesh((1, 2, 1), mesh_lib.AXES, devices=jax.devices()[:2],
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  with jax.set_mesh(mesh):
-    put = lambda x: jax.device_put(x, NamedSharding(mesh, P(mesh_lib.BATCH_AXES)))
-    got = jax.jit(IMPLS['splash'])(*map(put, (q, k, v, seg)))
-  np.testing.assert_allclose(np.asarray(got), numpy_attention(q, k, v, seg), rtol=2e-4,
-                             atol=2e-5)
-
-
-@pytest.mark.parametrize('platform,dtype,seq_len,expected', [
-    ('cpu', 'float32', 128, 'xla'),
-    ('cpu', 'bfloat16', 128, 'xla'),
-    ('gpu', 'bfloat16', 100, 'cudnn'),
-    ('gpu', 'float32', 128, 'xla'),
-    ('tpu', 'bfloat16', 4096, 'splash'),
-    ('tpu', 'float32', 100, 'xla'),
-])
-def test_auto_picks_by_backend(platform, dtype, seq_len, expected):
-  assert attention.choose_impl('auto', seq_len=seq_len, dtype=dtype,
-                               platform=platform) == expected
-
-
-@pytest.mark.parametrize('impl,platform,dtype,seq_len,message', [
-    ('cudnn', 'cpu', 'bfloat16', 128, r"attention_impl='cudnn' needs a GPU"),
-    ('cudnn', 'gpu', 'float32', 128, r"needs a GPU and model\.dtype='bfloat16'"),
-    ('splash', 'tpu', 'bfloat16', 100, r'data\.seq_len a multiple of 128'),
-    ('splash', 'cpu', 'float32', 128, r"attention_impl='splash' needs a TPU"),
-])
-def test_kernels_a_backend_lacks_are_config_errors(impl, platform, dtype, seq_len, message):
-  with pytest.raises(ConfigError, match=message):
-    attention.choose_impl(impl, seq_len=seq_len, dtype=dtype, platform=platform)
+@pytest.mark.parametrize('qkv_bias,qk_norm,head_dim', [(False, False, 0), (True, True, 10)])
+def test_attention_matches_numpy_loop(qkv_bias, qk_norm, head_dim):
+  eps = 1e-5
+  layer = Attention(D, H, G, rope_theta=10_000.0, rngs=nnx.Rngs(0), dtype=jnp.float32,
+                    param_dtype=jnp.float32, qkv_bias=qkv_bias, qk_norm=qk_norm,
+                    norm_eps=eps, head_dim=head_dim)
+  k = head_dim or D // H
+  assert layer.w_q.shape == (D, H, k) and layer.w_o.shape == (H, k, D)
+  assert (layer.q_norm is not None) == qk_norm and (layer.b_q is not None) == qkv_bias
+  params = {}
+  for name in ('w_q', 'w_k', 'w_v', 'w_o') + (('b_q', 'b_k', 'b_v') if qkv_bias else ()):
+    variable = getattr(layer, name)
+    params[name] = RNG.standard_normal(variable.shape) * (0.3 if name[0] == 'b' else D ** -0.5)
+    variable[...] = jnp.asarray(params[name], jnp.float32)
+  if qk_norm:
+    for name in ('q_norm', 'k_norm'):
+      params[name] = 1 + 0.3 * RNG.standard_normal(k)
+      getattr(layer, name).scale[...] = jnp.asarray(params[name], jnp.float32)
+  x = RNG.standard_normal((B, L, D))
+  positions = jnp.broadcast_to(jnp.arange(L), (B, L))
+  y = layer(jnp.asarray(x, jnp.float32), positions)
+  np.testing.assert_allclose(np.asarray(y), np_attention(x, params, k, eps), rtol=1e-4,
+                             atol=1e-5)
