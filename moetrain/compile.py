@@ -167,7 +167,7 @@ class Report:
         f'  model FLOPs per step       '
         f'{self.model_flops_per_step / self.num_devices / 1e12:8.2f} TFLOP  '
         f'({self.model_flops_per_step / 1e15:.2f} PFLOP on all chips)',
-        f'  XLA cost analysis          {xla}  (counts recomputation and padding)',
+        f'  XLA cost analysis          {xla}  (a scanned loop body counts once)',
         'collectives in the program (a scanned layer counts once):',
         '  ' + ', '.join(f'{name} {n}' for name, n in self.collectives.items())]
 

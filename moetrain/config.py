@@ -152,8 +152,9 @@ def default_config() -> ml_collections.ConfigDict:
   # spikes) instead of stopping, until max_bad_in_a_row bad steps in a row stop the run.
   t.skip_nonfinite = False
   t.max_bad_in_a_row = 3
-  # Split each batch into this many micro-batches, run them in a lax.scan and apply the
-  # mean gradient once (the same update as the whole batch; capacity and the balance loss
+  # Split each batch into this many micro-batches, run them in a lax.scan and apply their
+  # summed gradient once (each micro-batch's cross-entropy divides by the whole batch's
+  # token count: the same update as the whole batch; capacity and the balance statistics
   # are per micro-batch, see the README).
   t.grad_accum_steps = 1
 

@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from moetrain import accumulate
 from moetrain import checkpoint as checkpoint_lib
 from moetrain import config as config_lib
 from moetrain import data as data_lib
@@ -197,58 +198,14 @@ def make_loss_fn(graphdef, cfg):
   return loss_fn
 
 
-def micro_batches(batch, n: int):
-  """[B, ...] arrays -> [n, B/n, ...]: micro-batch i takes rows i, i+n, i+2n, ..., so each
-  device's rows (a contiguous block of the batch sharding) split evenly between the
-  micro-batches and none has to move."""
-  def split(x):
-    x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
-    return mesh_lib.constrain_batch(x, batch_dim=1)
-
-  return jax.tree.map(split, batch)
-
-
-def combine_micro_stats(stats):
-  """Per-layer statistics stacked over micro-batches [n, ...] -> one dict per layer: the
-  mean over micro-batches (max for max_logit). Every micro-batch has the same number of
-  tokens, so the mean load is the whole batch's load share."""
-  return [{k: (jnp.max(v, 0) if k == 'max_logit' else jnp.mean(v, 0)) for k, v in s.items()}
-          for s in stats]
-
-
 def make_grad_fn(graphdef, cfg):
   """(params, model_state, batch, rng) -> ((loss, (parts, stats)), grads) for the whole
-  batch; with train.grad_accum_steps = n > 1 the n micro-batches run in a `lax.scan` and
-  their gradients are summed (the same update as the whole batch, see make_loss_fn).
-
-  Across micro-batches: ce adds up exactly (each micro-batch divides by the whole
-  batch's token count); the balance and z-losses and the routing metrics are means of
-  the per-micro-batch values (max_logit: the max). Capacity, and balance statistics of
-  balance_scope='micro_batch' or 'global', are per micro-batch, so with drops or those
-  scopes the update differs from the whole batch's; 'sequence' balance is the same.
-  """
-  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg), has_aux=True)
-  n = cfg.train.grad_accum_steps
-  if n == 1:
-    return grad_fn
-
-  def accumulated(params, model_state, batch, rng):
-    num_tokens = jnp.maximum(jnp.sum(batch['mask']), 1.0)
-
-    def body(grads, xs):
-      micro, i = xs
-      (loss, (parts, stats)), g = grad_fn(params, model_state, micro,
-                                          jax.random.fold_in(rng, i), num_tokens, 1.0 / n)
-      return jax.tree.map(jnp.add, grads, g), (loss, parts, stats)
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, (losses, parts, stats) = jax.lax.scan(
-        body, zeros, (micro_batches(batch, n), jnp.arange(n)))
-    parts = dict(ce=jnp.sum(parts['ce']), balance_loss=jnp.mean(parts['balance_loss']),
-                 z_loss=jnp.mean(parts['z_loss']))
-    return (jnp.sum(losses), (parts, combine_micro_stats(stats))), grads
-
-  return accumulated
+  batch; with train.grad_accum_steps > 1 over micro-batches in a `lax.scan`
+  (`moetrain.accumulate`: the same update as the whole batch, see make_loss_fn)."""
+  loss_fn = make_loss_fn(graphdef, cfg)
+  if cfg.train.grad_accum_steps == 1:
+    return jax.value_and_grad(loss_fn, has_aux=True)
+  return accumulate.accumulated_grad_fn(loss_fn, cfg.train.grad_accum_steps)
 
 
 def make_train_step(graphdef, tx, cfg):

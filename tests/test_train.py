@@ -7,6 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
+from moetrain import accumulate
 from moetrain import config as config_lib
 from moetrain import data as data_lib
 from moetrain import metrics as metrics_lib
@@ -225,6 +226,6 @@ def test_micro_batches_must_divide_the_batch():
 
 def test_micro_batch_i_takes_every_nth_row():
   batch = {'inputs': np.arange(8 * 3).reshape(8, 3)}
-  micro = np.asarray(train.micro_batches(batch, 4)['inputs'])
+  micro = np.asarray(accumulate.micro_batches(batch, 4)['inputs'])
   assert micro.shape == (4, 2, 3)
   np.testing.assert_array_equal(micro[1], batch['inputs'][[1, 5]])
