@@ -37,7 +37,6 @@ from moetrain import workdir as workdir_lib
 from moetrain.interop import params as params_lib
 from moetrain.interop import upcycle
 from moetrain.model import attention, routing
-from moetrain.model.moe import MoE
 from moetrain.model.transformer import Transformer
 from moetrain.parallel import mesh as mesh_lib
 

@@ -2,19 +2,14 @@
 per-chip report for local devices, and (tests marked libtpu, run by tests/newest_jax.sh)
 ahead-of-time compiles for TPU topologies on this CPU host."""
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 
 from moetrain import compile as compile_lib
 from moetrain.config import ConfigError
 
 from conftest import tiny_config
+from test_cli import moetrain as run_cli
 
-ROOT = pathlib.Path(__file__).parents[1]
 SMALL = ['--config.model.d_model=64', '--config.model.num_layers=2',
          '--config.model.num_heads=4', '--config.model.num_kv_heads=2',
          '--config.model.d_ff=128', '--config.data.seq_len=128',
@@ -22,11 +17,8 @@ SMALL = ['--config.model.d_model=64', '--config.model.num_layers=2',
 
 
 def moetrain(*args, devices=8):
-  env = dict(os.environ, PYTHONPATH=str(ROOT),
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
-                       '--xla_backend_optimization_level=0')
-  return subprocess.run([sys.executable, '-m', 'moetrain.cli', 'compile', *args], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=900)
+  """`moetrain compile ARGS` in a subprocess."""
+  return run_cli('compile', *args, devices=devices, timeout=900)
 
 
 @pytest.mark.parametrize('name,expected', [

@@ -4,7 +4,6 @@ unscanned model computes, and every remat policy leaves loss and gradients uncha
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
