@@ -130,10 +130,6 @@ def block_fn(graphdef, *, train: bool, remat: str, scanned: bool):
   """(block state, x_BLD, positions_BL, segment_ids_BL, rng) -> (x_BLD, stats or None):
   the block as a pure function of its state, rematerialized by `remat`."""
   def apply(state, x_BLD, positions_BL, segment_ids_BL, rng):
-    if scanned:  # the layer's weights as stored: without the barrier XLA hoists their
-      # cast to the compute dtype out of the (backward) loop, a bfloat16 copy of every
-      # layer's weights at once.
-      state = jax.lax.optimization_barrier(state)
     block = nnx.merge(graphdef, state)
     return block(x_BLD, positions_BL, segment_ids_BL, train=train, rng=rng)
 
