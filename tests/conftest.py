@@ -51,3 +51,15 @@ def tiny_config(**overrides):
 @pytest.fixture
 def tiny():
   return tiny_config
+
+
+@pytest.fixture(scope='session')
+def trained_run(tmp_path_factory):
+  """A tiny run trained 3 steps on 2 expert shards (checkpoints at steps 2 and 3), shared
+  by the tests of the commands that read a run (eval, sample)."""
+  from moetrain import train
+  workdir = tmp_path_factory.mktemp('trained_run')
+  cfg = tiny_config(**{'train.steps': 3, 'mesh.data': -1, 'mesh.expert': 2,
+                       'checkpoint.every_steps': 2})
+  train.train(cfg, workdir, log=lambda *_: None)
+  return workdir
