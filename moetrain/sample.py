@@ -119,7 +119,7 @@ class _Contexts:
     shifted = []
     for b, ids in enumerate(self.ids):
       if len(ids) - self.start[b] > self.window:
-        self.start[b] = len(ids) - self.window // 2
+        self.start[b] = len(ids) - max(1, self.window // 2)
         shifted.append(b)
     return shifted
 
