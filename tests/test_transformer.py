@@ -28,7 +28,7 @@ def np_attention(q, k, v, mask):
   return np.einsum('bhls,bshk->blhk', p, v)
 
 
-def test_attend_matches_numpy_with_a_cache_mask():
+def test_masked_attention_matches_numpy_with_a_cache_mask():
   b, l, s, h, g, k = 2, 3, 7, 4, 2, 8
   q = RNG.standard_normal((b, l, h, k)).astype(np.float32)
   keys = RNG.standard_normal((b, s, g, k)).astype(np.float32)
@@ -36,8 +36,8 @@ def test_attend_matches_numpy_with_a_cache_mask():
   positions = np.array([[2, 3, 4], [0, 5, 6]], np.int32)
   mask = np.asarray(attention.cache_mask(jnp.asarray(positions), s))
   np.testing.assert_array_equal(mask, np.arange(s)[None, None] <= positions[..., None])
-  got = attention.attend(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values),
-                         jnp.asarray(mask), jnp.float32)
+  got = attention.masked_attention(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values),
+                                   jnp.asarray(mask))
   np.testing.assert_allclose(np.asarray(got), np_attention(q, keys, values, mask),
                              rtol=1e-5, atol=1e-5)
 

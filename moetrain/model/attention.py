@@ -1,4 +1,6 @@
-"""Causal self-attention with grouped-query heads and rotary embeddings."""
+"""Causal self-attention with grouped-query heads and rotary embeddings, over a whole
+sequence (`Attention.__call__`) or for new tokens against a key-value cache
+(`Attention.decode`, for sampling)."""
 
 from __future__ import annotations
 
@@ -23,10 +25,10 @@ def cache_mask(positions_BL: jax.Array, cache_len: int) -> jax.Array:
   return jnp.arange(cache_len)[None, None, :] <= positions_BL[:, :, None]
 
 
-def attend(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, mask_BLS: jax.Array,
-           dtype) -> jax.Array:
+def masked_attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array,
+                     mask_BLS: jax.Array) -> jax.Array:
   """Softmax attention of L queries over S keys, H query heads sharing G key-value heads:
-  out [B, L, H, K] in `dtype`; mask [B or 1, L, S] (True: attend), scores in float32."""
+  out [B, L, H, K] in q's dtype; mask [B or 1, L, S] (True: attend), scores in float32."""
   batch, length, num_heads, head_dim = q_BLHK.shape
   keys, num_kv_heads = k_BSGK.shape[1], k_BSGK.shape[2]
   group = num_heads // num_kv_heads
@@ -43,7 +45,7 @@ def attend(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, mask_BLS: ja
   mask = jnp.broadcast_to(mask_BLS[:, None, None], (rows, 1, group, length, keys)).reshape(
       rows, 1, group * length, keys)
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q_BLHK.dtype)
   out_BGQK = jnp.einsum('bgqm,bgmk->bgqk', probs, v_BGSK)
   return out_BGQK.reshape(batch, num_kv_heads, group, length, head_dim) \
       .transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads, head_dim)
@@ -59,7 +61,7 @@ def write_cache(cache_BSGK: jax.Array, new_BLGK: jax.Array, positions_BL: jax.Ar
 class Attention(nnx.Module):
   """Multi-head causal attention; H query heads share G = num_kv_heads key/value heads.
 
-  `qkv` (projections and rotary embeddings) and `project_out` are separate from the
+  `project` (projections and rotary embeddings) and `output` are separate from the
   attention itself, so the full-sequence call and the KV-cache `decode` share them."""
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, *, rope_theta: float,
@@ -77,7 +79,7 @@ class Attention(nnx.Module):
     self.rope_theta = rope_theta
     self.dtype = dtype
 
-  def qkv(self, x_BLD, positions_BL):
+  def project(self, x_BLD, positions_BL):
     """Queries [B, L, H, K] and keys [B, L, G, K] with rotary embeddings, values [B, L, G, K]."""
     x_BLD = x_BLD.astype(self.dtype)
     batch, length, d_model = x_BLD.shape
@@ -93,7 +95,7 @@ class Attention(nnx.Module):
     k_BLGK = rope(project(self.w_k), positions_BL, self.rope_theta)
     return q_BLHK, k_BLGK, project(self.w_v)
 
-  def project_out(self, out_BLHK):
+  def output(self, out_BLHK):
     """Attention output [B, L, H, K] -> [B, L, D]."""
     batch, length = out_BLHK.shape[:2]
     w_o = self.w_o[...].astype(self.dtype)
@@ -101,18 +103,18 @@ class Attention(nnx.Module):
     return (out_BLHK.reshape(batch * length, -1) @ w_MD).reshape(batch, length, -1)
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL=None):
-    q_BLHK, k_BLGK, v_BLGK = self.qkv(x_BLD, positions_BL)
+    q_BLHK, k_BLGK, v_BLGK = self.project(x_BLD, positions_BL)
     mask_BLL = attention_mask(segment_ids_BL, x_BLD.shape[1])
-    return self.project_out(attend(q_BLHK, k_BLGK, v_BLGK, mask_BLL, self.dtype))
+    return self.output(masked_attention(q_BLHK, k_BLGK, v_BLGK, mask_BLL))
 
   def decode(self, x_BLD, positions_BL, k_BSGK, v_BSGK):
     """L new tokens per row against a key-value cache of S slots (slot = position).
 
     Writes the new keys and values at their positions, attends each query to the slots
     up to its position, and returns (y [B, L, D], k_BSGK, v_BSGK)."""
-    q_BLHK, k_BLGK, v_BLGK = self.qkv(x_BLD, positions_BL)
+    q_BLHK, k_BLGK, v_BLGK = self.project(x_BLD, positions_BL)
     k_BSGK = write_cache(k_BSGK, k_BLGK, positions_BL)
     v_BSGK = write_cache(v_BSGK, v_BLGK, positions_BL)
     mask_BLS = cache_mask(positions_BL, k_BSGK.shape[1])
-    out_BLHK = attend(q_BLHK, k_BSGK, v_BSGK, mask_BLS, self.dtype)
-    return self.project_out(out_BLHK), k_BSGK, v_BSGK
+    out_BLHK = masked_attention(q_BLHK, k_BSGK, v_BSGK, mask_BLS)
+    return self.output(out_BLHK), k_BSGK, v_BSGK
