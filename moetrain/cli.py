@@ -60,7 +60,8 @@ _EVAL_BATCHES = flags.DEFINE_integer('eval_batches', None, 'eval: batches to rea
                                      "the run's train.eval_batches).")
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'multi-process with the cluster detected by JAX (Cloud TPU pod '
-    'slices, SLURM, Open MPI).')
+    'slices, SLURM, Open MPI) or given by JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and '
+    'JAX_PROCESS_ID.')
 
 
 def _require_workdir(command: str):

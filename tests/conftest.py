@@ -1,6 +1,7 @@
 """Test setup: 8 simulated CPU devices and fast compiles (set before jax is imported),
 offline HF, tiny configs."""
 
+import contextlib
 import os
 
 _flags = os.environ.get('XLA_FLAGS', '')
@@ -63,3 +64,31 @@ def trained_run(tmp_path_factory):
                        'checkpoint.every_steps': 2})
   train.train(cfg, workdir, log=lambda *_: None)
   return workdir
+
+
+@pytest.fixture(scope='session')
+def one_process_run(tmp_path_factory):
+  """The workdir of multihost_runs.ARGS trained in one process on 4 devices: the reference
+  the multi-process launchers (local.sh, SLURM, the TPU pod script) must reproduce."""
+  from multihost_runs import train_one_process
+  return train_one_process(tmp_path_factory.mktemp('one_process'))
+
+
+@pytest.fixture(scope='session')
+def gcs(tmp_path_factory):
+  """A local GCS emulator (tests/gcs_emulator.py) for the whole session, with this process's
+  environment pointing every GCS client at it (tensorstore reads its URL once per process,
+  so there is one emulator per session). Skips, saying why, when it cannot start."""
+  import gcs_emulator
+  reason = gcs_emulator.unavailable()
+  if reason:
+    pytest.skip(reason)
+  with contextlib.ExitStack() as stack:
+    try:
+      emulator = stack.enter_context(gcs_emulator.start(tmp_path_factory.mktemp('gcs')))
+    except RuntimeError as e:
+      pytest.skip(f'the GCS emulator did not start on this machine: {e}')
+    patch = stack.enter_context(pytest.MonkeyPatch.context())
+    for key, value in emulator.env.items():
+      patch.setenv(key, value)
+    yield emulator
