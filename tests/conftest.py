@@ -92,3 +92,18 @@ def gcs(tmp_path_factory):
     for key, value in emulator.env.items():
       patch.setenv(key, value)
     yield emulator
+
+
+def model_logits(cfg, params: dict, tokens):
+  """float32 [B, L, V] logits (eval mode) of the model of `cfg` with flat parameters
+  `params` (as `moetrain.interop.params.to_flat` gives them) on int tokens [B, L]."""
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from moetrain.interop import params as params_lib
+  from moetrain.model.transformer import Transformer
+  model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+  graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
+  model = nnx.merge(graphdef, params_lib.from_flat(abstract, params), rest)
+  return np.asarray(model(jnp.asarray(tokens, jnp.int32), train=False)[0])
