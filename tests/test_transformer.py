@@ -1,6 +1,6 @@
-"""The decoder LM's cache path: attention against a NumPy reference, and prefill + one-token
-decode steps equal the full forward (MoE dropless, dense, untied), with prompts of
-different lengths in one batch."""
+"""The decoder LM's cache path: prefill + one-token decode steps equal the full forward
+(MoE dropless, dense, untied, Qwen attention options), with prompts of different lengths
+in one batch."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +8,6 @@ import pytest
 from flax import nnx
 
 from moetrain import data as data_lib
-from moetrain.model import attention
 from moetrain.model.transformer import Transformer
 
 from conftest import tiny_config
@@ -16,45 +15,11 @@ from conftest import tiny_config
 RNG = np.random.default_rng()
 
 
-def np_attention(q, k, v, mask):
-  """q [B, L, H, K], k/v [B, S, G, K], mask [B, L, S] -> [B, L, H, K]; head h reads
-  key-value head h // (H / G)."""
-  group = q.shape[2] // k.shape[2]
-  k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
-  scores = np.einsum('blhk,bshk->bhls', q, k) / np.sqrt(q.shape[-1])
-  scores = np.where(mask[:, None], scores, -np.inf)
-  p = np.exp(scores - scores.max(-1, keepdims=True))
-  p /= p.sum(-1, keepdims=True)
-  return np.einsum('bhls,bshk->blhk', p, v)
-
-
-def test_masked_attention_matches_numpy_with_a_cache_mask():
-  b, l, s, h, g, k = 2, 3, 7, 4, 2, 8
-  q = RNG.standard_normal((b, l, h, k)).astype(np.float32)
-  keys = RNG.standard_normal((b, s, g, k)).astype(np.float32)
-  values = RNG.standard_normal((b, s, g, k)).astype(np.float32)
-  positions = np.array([[2, 3, 4], [0, 5, 6]], np.int32)
-  mask = np.asarray(attention.cache_mask(jnp.asarray(positions), s))
-  np.testing.assert_array_equal(mask, np.arange(s)[None, None] <= positions[..., None])
-  got = attention.masked_attention(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values),
-                                   jnp.asarray(mask))
-  np.testing.assert_allclose(np.asarray(got), np_attention(q, keys, values, mask),
-                             rtol=1e-5, atol=1e-5)
-
-
-def test_write_cache_writes_at_positions_and_drops_out_of_range():
-  cache = jnp.zeros((2, 4, 1, 2))
-  new = jnp.asarray(RNG.standard_normal((2, 2, 1, 2)), jnp.float32)
-  out = np.asarray(attention.write_cache(cache, new, jnp.asarray([[1, 2], [3, 4]])))
-  np.testing.assert_array_equal(out[0, 1:3], np.asarray(new[0]))
-  np.testing.assert_array_equal(out[1, 3], np.asarray(new[1, 0]))
-  assert not out[0, [0, 3]].any() and not out[1, :3].any()
-
-
 @pytest.mark.parametrize('overrides', [
     {'model.moe.dropless': True},
     {'model.num_experts': 0, 'model.tie_embeddings': False},
-    {'model.moe.dropless': True, 'model.moe.num_shared_experts': 1, 'model.first_k_dense': 1},
+    {'model.moe.dropless': True, 'model.moe.num_shared_experts': 1, 'model.first_k_dense': 1,
+     'model.qkv_bias': True, 'model.qk_norm': True, 'model.head_dim': 16},
 ])
 def test_prefill_and_decode_steps_equal_the_full_forward(overrides):
   """Row 0 has a 5-token prompt, row 1 a 3-token one (left-aligned, the rest of the block
