@@ -7,6 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from moetrain import evaluate as evaluate_lib
 from moetrain import metrics as metrics_lib
@@ -85,6 +86,12 @@ def test_model_override_and_its_limits(evaluated):
   starved = evaluate_lib.evaluate(
       run, batches, model=run.model({'model.moe.eval_capacity_factor': 0.1}))
   assert starved.loss != pytest.approx(totals.loss) and starved.bytes == totals.bytes
+  compiles = evaluate_lib.eval_step.cache_info().misses
+  graphdef, params, rest = nnx.split(run.model(), nnx.Param, ...)
+  halved = nnx.merge(graphdef, jax.tree.map(lambda w: w / 2, params), rest)  # same structure
+  other = evaluate_lib.evaluate(run, batches, model=halved)
+  assert other.loss != pytest.approx(totals.loss)
+  assert evaluate_lib.eval_step.cache_info().misses == compiles
   with pytest.raises(ConfigError, match='model.d_model change the shapes'):
     run.model({'model.d_model': 64})
 
