@@ -1,9 +1,12 @@
-"""Causal self-attention with grouped-query heads and rotary embeddings; optional q/k/v
-biases (Qwen2) and per-head RMSNorm of queries and keys before the rotation (Qwen3).
+"""Causal self-attention with grouped-query heads and rotary embeddings, over a whole
+sequence (`Attention.__call__`) or for new tokens against a key-value cache
+(`Attention.decode`, for sampling); optional q/k/v biases (Qwen2) and per-head RMSNorm of
+queries and keys before the rotation (Qwen3).
 
 The layer is three separable steps: `Attention.project` (q/k/v projections and rotary
-embeddings), `attend` (the scores, by one of several implementations), and
-`Attention.output` (the output projection).
+embeddings), the attention itself (`attend` over a whole sequence, by one of several
+implementations; `masked_attention` against a cache), and `Attention.output` (the output
+projection).
 
 Implementations of `attend` (`model.attention_impl`), all with the same inputs and output:
 - xla: the scores as batched einsums, heads-major (any backend; materializes [L, L]).
@@ -36,12 +39,50 @@ SPLASH_BLOCK = 128  # the splash kernel's default block: the sequence must be a 
 
 
 def attention_mask(segment_ids_BL: jax.Array | None, length: int) -> jax.Array:
-  """bool [B or 1, 1, 1, L, L]: causal, and within one document when segment ids are given."""
+  """bool [B or 1, L, L]: causal, and within one document when segment ids are given."""
   causal_LL = jnp.tril(jnp.ones((length, length), bool))
   if segment_ids_BL is None:
-    return causal_LL[None, None, None]
+    return causal_LL[None]
   same_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
-  return (causal_LL & same_BLL)[:, None, None]
+  return causal_LL & same_BLL
+
+
+def cache_mask(positions_BL: jax.Array, cache_len: int) -> jax.Array:
+  """bool [B, L, S]: a query at position p sees the cache slots 0..p (slot = position)."""
+  return jnp.arange(cache_len)[None, None, :] <= positions_BL[:, :, None]
+
+
+def masked_attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array,
+                     mask_BLS: jax.Array) -> jax.Array:
+  """Softmax attention of L queries over S keys, H query heads sharing G key-value heads:
+  out [B, L, H, K] in q's dtype; mask [B or 1, L, S] (True: attend), scores in float32."""
+  batch, length, num_heads, head_dim = q_BLHK.shape
+  keys, num_kv_heads = k_BSGK.shape[1], k_BSGK.shape[2]
+  group = num_heads // num_kv_heads
+  # Heads-major layout: the R = H / G queries sharing a key-value head are stacked along
+  # the query axis, so scores and outputs are plain batched GEMMs over [B, G]
+  # ([R*L, K] x [K, S]); the 5-d einsum form ran 2x slower on XLA:CPU (bench/NOTES.md).
+  q_BGQK = q_BLHK.reshape(batch, length, num_kv_heads, group, head_dim) \
+      .transpose(0, 2, 3, 1, 4).reshape(batch, num_kv_heads, group * length, head_dim)
+  k_BGSK = k_BSGK.transpose(0, 2, 1, 3)
+  v_BGSK = v_BSGK.transpose(0, 2, 1, 3)
+  scores = jnp.einsum('bgqk,bgmk->bgqm', q_BGQK, k_BGSK).astype(jnp.float32)
+  scores = scores * head_dim ** -0.5
+  rows = mask_BLS.shape[0]
+  mask = jnp.broadcast_to(mask_BLS[:, None, None], (rows, 1, group, length, keys)).reshape(
+      rows, 1, group * length, keys)
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q_BLHK.dtype)
+  out_BGQK = jnp.einsum('bgqm,bgmk->bgqk', probs, v_BGSK)
+  return out_BGQK.reshape(batch, num_kv_heads, group, length, head_dim) \
+      .transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads, head_dim)
+
+
+def write_cache(cache_BSGK: jax.Array, new_BLGK: jax.Array, positions_BL: jax.Array):
+  """The cache with each new key (or value) written at the slot of its position."""
+  rows_BL = jnp.broadcast_to(jnp.arange(cache_BSGK.shape[0])[:, None], positions_BL.shape)
+  return cache_BSGK.at[rows_BL, positions_BL].set(new_BLGK.astype(cache_BSGK.dtype),
+                                                  mode='drop')
 
 
 def choose_impl(impl: str, *, seq_len: int, dtype: str, platform: str | None = None) -> str:
@@ -66,29 +107,10 @@ def choose_impl(impl: str, *, seq_len: int, dtype: str, platform: str | None = N
 
 
 def xla_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=None):
-  """softmax(q k^T / sqrt(K) + causal/document mask) v, scores in float32: [B, L, H, K].
-
-  Heads-major layout: the R = H / G queries sharing a key-value head are stacked along
-  the query axis, so scores and outputs are plain batched GEMMs over [B, G]
-  ([R*L, K] x [K, L]); the 5-d einsum form ran 2x slower on XLA:CPU (bench/NOTES.md).
-  """
-  batch, length, heads, head_dim = q_BLHK.shape
-  groups = k_BLGK.shape[2]
-  rep = heads // groups
-  q_BGQK = q_BLHK.reshape(batch, length, groups, rep, head_dim) \
-      .transpose(0, 2, 3, 1, 4).reshape(batch, groups, rep * length, head_dim)
-  k_BGLK = k_BLGK.transpose(0, 2, 1, 3)
-  v_BGLK = v_BLGK.transpose(0, 2, 1, 3)
-  scores = jnp.einsum('bgqk,bgmk->bgqm', q_BGQK, k_BGLK).astype(jnp.float32)
-  scores = scores * head_dim ** -0.5
-  mask = attention_mask(segment_ids_BL, length)  # [B or 1, 1, 1, L, L]
-  mask = jnp.broadcast_to(mask, (mask.shape[0], 1, rep, length, length)).reshape(
-      mask.shape[0], 1, rep * length, length)
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(q_BLHK.dtype)
-  out_BGQK = jnp.einsum('bgqm,bgmk->bgqk', probs, v_BGLK)
-  return out_BGQK.reshape(batch, groups, rep, length, head_dim).transpose(0, 3, 1, 2, 4) \
-      .reshape(batch, length, heads, head_dim)
+  """softmax(q k^T / sqrt(K) + causal/document mask) v, scores in float32: [B, L, H, K]
+  (`masked_attention` over the sequence's own keys)."""
+  mask_BLL = attention_mask(segment_ids_BL, q_BLHK.shape[1])
+  return masked_attention(q_BLHK, k_BLGK, v_BLGK, mask_BLL)
 
 
 def dot_product_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=None, *,
@@ -96,7 +118,7 @@ def dot_product_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=None, *,
   """`jax.nn.dot_product_attention` (causal; document mask from segment ids): [B, L, H, K]."""
   mask = None
   if segment_ids_BL is not None:
-    mask = attention_mask(segment_ids_BL, q_BLHK.shape[1])[:, 0]  # [B, 1, L, L]
+    mask = attention_mask(segment_ids_BL, q_BLHK.shape[1])[:, None]  # [B, 1, L, L]
   return jax.nn.dot_product_attention(q_BLHK, k_BLGK, v_BLGK, mask=mask,
                                       is_causal=mask is None,
                                       implementation=implementation)
@@ -166,7 +188,9 @@ class Attention(nnx.Module):
 
   `qkv_bias` adds biases b_q [H, K], b_k, b_v [G, K] to the projections; `qk_norm` applies
   an RMSNorm over each head's K features (scales q_norm, k_norm [K], eps `norm_eps`) to
-  queries and keys before the rotary embedding.
+  queries and keys before the rotary embedding. `project` (all of that) and `output` are
+  separate from the attention itself, so the full-sequence call and the KV-cache `decode`
+  share them.
   """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, *, rope_theta: float,
@@ -194,7 +218,7 @@ class Attention(nnx.Module):
     self.impl = impl  # model.attention_impl, resolved per call by `choose_impl`.
 
   def project(self, x_BLD, positions_BL):
-    """q [B, L, H, K], k and v [B, L, G, K] in the compute dtype, rotary on q and k."""
+    """Queries [B, L, H, K] and keys [B, L, G, K] with rotary embeddings, values [B, L, G, K]."""
     x_BLD = x_BLD.astype(self.dtype)
     batch, length, d_model = x_BLD.shape
     # Projections as GEMMs over flattened tokens [B*L, D]: XLA:CPU runs the weight
@@ -222,3 +246,15 @@ class Attention(nnx.Module):
     q_BLHK, k_BLGK, v_BLGK = self.project(x_BLD, positions_BL)
     impl = choose_impl(self.impl, seq_len=x_BLD.shape[1], dtype=jnp.dtype(self.dtype).name)
     return self.output(attend(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, impl=impl))
+
+  def decode(self, x_BLD, positions_BL, k_BSGK, v_BSGK):
+    """L new tokens per row against a key-value cache of S slots (slot = position).
+
+    Writes the new keys and values at their positions, attends each query to the slots
+    up to its position, and returns (y [B, L, D], k_BSGK, v_BSGK)."""
+    q_BLHK, k_BLGK, v_BLGK = self.project(x_BLD, positions_BL)
+    k_BSGK = write_cache(k_BSGK, k_BLGK, positions_BL)
+    v_BSGK = write_cache(v_BSGK, v_BLGK, positions_BL)
+    mask_BLS = cache_mask(positions_BL, k_BSGK.shape[1])
+    out_BLHK = masked_attention(q_BLHK, k_BSGK, v_BSGK, mask_BLS)
+    return self.output(out_BLHK), k_BSGK, v_BSGK

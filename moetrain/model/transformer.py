@@ -11,6 +11,10 @@ builds) and compute the same function.
 
 `model.remat` wraps each block in `jax.checkpoint` with a policy (`REMAT_POLICIES`): a
 pure function of the block's nnx state, so it works on every flax version.
+
+`Transformer.__call__` runs whole sequences (training, eval); `Transformer.decode` runs new
+tokens against a key-value cache (`KVCache`) for sampling: prefill a prompt once, then one
+position per generated token (a scanned model decodes layer by layer from its stacks).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -58,12 +63,32 @@ class Block(nnx.Module):
   def __call__(self, x_BLD, positions_BL, segment_ids_BL, *, train: bool, rng):
     x_BLD = constrain_batch(x_BLD)
     x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL)
+    return self.ffn_residual(x_BLD, train=train, rng=rng)
+
+  def ffn_residual(self, x_BLD, *, train: bool, rng):
+    """x + ffn(norm(x)) and the MoE layer's statistics (None for a dense FFN)."""
     h_BLD = self.ffn_norm(x_BLD)
     if self.is_moe:
       y_BLD, stats = self.ffn(h_BLD, train=train, rng=rng)
     else:
       y_BLD, stats = self.ffn(h_BLD), None
     return x_BLD + y_BLD.astype(x_BLD.dtype), stats
+
+  def decode(self, x_BLD, positions_BL, k_BSGK, v_BSGK):
+    """The block on L new tokens per row against this layer's key-value cache (eval mode);
+    returns (x [B, L, D], k_BSGK, v_BSGK) with the new keys and values written."""
+    y_BLD, k_BSGK, v_BSGK = self.attn.decode(self.attn_norm(x_BLD), positions_BL, k_BSGK,
+                                             v_BSGK)
+    x_BLD, _ = self.ffn_residual(x_BLD + y_BLD, train=False, rng=None)
+    return x_BLD, k_BSGK, v_BSGK
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer, [B, layers, S, G, K] each: row b's token at position p
+  sits in slot p (S slots: positions 0..S-1)."""
+  k: jax.Array
+  v: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +139,20 @@ def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
 
   stacked = jax.tree.map(add_axis, stacked, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return nnx.merge(graphdef, stacked)
+
+
+def unstack_module(module: nnx.Module, index: int) -> nnx.Module:
+  """Repetition `index` of a module made by `stack_modules`: every variable's slice, without
+  the leading 'layers' axis."""
+  graphdef, state = nnx.split(module)
+
+  def take(v):
+    axes = v.get_metadata().get('axes')
+    v = v.replace(v[...][index])
+    return v.replace(axes=tuple(axes)[1:]) if axes else v
+
+  return nnx.merge(graphdef, jax.tree.map(take, state,
+                                          is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 class ScannedRun(nnx.Module):
@@ -172,7 +211,7 @@ class Transformer(nnx.Module):
       positions_BL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     if rng is None:
       rng = jax.random.key(0)
-    x_BLD = use(self.embed, self.dtype)[tokens_BL]
+    x_BLD = self.embed_tokens(tokens_BL)
     args = (positions_BL, segment_ids_BL)
     stats = []
     if self.runs is None:
@@ -224,6 +263,45 @@ class Transformer(nnx.Module):
         if unit.is_moe:
           out.append((unit.ffn, scanned.run.layers()[j::u]))
     return out
+
+  def embed_tokens(self, tokens_BL):
+    """tokens [B, L] int32 -> embeddings [B, L, D] in the compute dtype."""
+    return use(self.embed, self.dtype)[tokens_BL]
+
+  def logits(self, x_BLD):
+    """Final norm and unembedding: [B, L, D] -> float32 logits [B, L, V]."""
+    return self.logits_fn()(self.final_norm(x_BLD))
+
+  def layer_blocks(self) -> list[Block]:
+    """The blocks in layer order; a scanned model's are sliced out of its stacks."""
+    if self.runs is None:
+      return list(self.blocks)
+    blocks = {}
+    for scanned in self.runs:
+      u = len(scanned.run.unit)
+      for j, unit in enumerate(scanned.units):
+        for r, layer in enumerate(scanned.run.layers()[j::u]):
+          blocks[layer] = unstack_module(unit, r)
+    return [blocks[layer] for layer in sorted(blocks)]
+
+  def init_cache(self, batch: int, length: int) -> KVCache:
+    """An empty cache of `length` slots for `batch` rows, in the compute dtype."""
+    blocks = self.layer_blocks()
+    attn = blocks[0].attn
+    shape = (batch, len(blocks), length, attn.num_kv_heads, attn.head_dim)
+    return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+
+  def decode(self, tokens_BL, positions_BL, cache: KVCache):
+    """L new tokens per row at `positions_BL` against `cache` (eval mode, no statistics):
+    float32 logits [B, L, V] and the cache with their keys and values written. A position
+    >= the cache length writes nothing (its logits are then meaningless)."""
+    x_BLD = self.embed_tokens(tokens_BL)
+    ks, vs = [], []
+    for i, block in enumerate(self.layer_blocks()):
+      x_BLD, k_BSGK, v_BSGK = block.decode(x_BLD, positions_BL, cache.k[:, i], cache.v[:, i])
+      ks.append(k_BSGK)
+      vs.append(v_BSGK)
+    return self.logits(x_BLD), KVCache(jnp.stack(ks, axis=1), jnp.stack(vs, axis=1))
 
   def logits_fn(self):
     """x_BLD -> logits [B, L, V] float32: `output_logits` over this model's output weights
