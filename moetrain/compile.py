@@ -182,14 +182,21 @@ def prepare(cfg, num_devices: int, platform: str):
   return cfg
 
 
-def lower(cfg, mesh):
-  """The jitted train step lowered on abstract, sharded inputs (nothing allocated)."""
+def abstract_step(cfg, mesh):
+  """The jitted train step and its abstract, sharded inputs (state, batch): nothing
+  allocated, the model built once under `jax.eval_shape`."""
   tx = train.make_optimizer(cfg.train)
   graphdef, abstract, shardings = train.abstract_state(cfg, mesh, tx)
   state = train.restore_target(abstract, shardings)
   batch = abstract_batch(cfg, mesh_lib.batch_sharding(mesh))
+  return train.jit_train_step(graphdef, tx, cfg, shardings), (state, batch)
+
+
+def lower(cfg, mesh):
+  """The jitted train step lowered on abstract, sharded inputs (nothing allocated)."""
+  step, inputs = abstract_step(cfg, mesh)
   with jax.set_mesh(mesh):
-    return train.jit_train_step(graphdef, tx, cfg, shardings).lower(state, batch)
+    return step.lower(*inputs)
 
 
 def _hbm_bytes(device) -> int | None:
