@@ -53,6 +53,7 @@ COMMAND_FLAGS = {
     'sample': ('workdir', 'prompt', 'prompts_file', 'max_new_tokens', 'temperature', 'top_k',
                'top_p', 'seed', 'kv_cache'),
     'params': ('config',),
+    'compile': ('config', 'topology', 'num_slices', 'dump'),
     'tokenizer train': ('config', 'vocab_size', 'output'),
     'export': ('workdir', 'output', 'format', 'inexact'),
     'import': ('from', 'workdir', 'config'),
