@@ -290,7 +290,7 @@ def test_each_process_reads_only_its_streams_stdlib_files(tiny, monkeypatch):
   paths = data_lib.stdlib_paths(24)
   train_idx, eval_idx = data_lib.split_documents(24, cfg.data.eval_fraction, cfg.seed)
   read, read_text_file = [], data_lib.read_text_file
-  monkeypatch.setattr(data_lib, 'read_text_file', lambda p: read.append(p) or read_text_file(p))
+  monkeypatch.setattr(data_lib.sources, 'read_text_file', lambda p: read.append(p) or read_text_file(p))
   shards = []
   for p in range(2):
     read.clear()
