@@ -1,5 +1,5 @@
-"""The `moetrain` command: `moetrain train|sweep|report|sample|params|tokenizer train
---config=configs/x.py [--config.a.b=v]`.
+"""The `moetrain` command: `moetrain train|sweep|report|sample|params|tokenizer train|data
+prepare --config=configs/x.py [--config.a.b=v]`.
 
 Config files are read with ml_collections `config_flags`, so any key can be overridden on
 the command line; unknown keys and bad values stop the command with one sentence before
@@ -26,14 +26,17 @@ COMMANDS = {
     'params': 'print total and active parameters and training FLOPs per token',
     'tokenizer': "'tokenizer train': fit a byte-level BPE on the configured corpus: "
                  '--vocab_size=N --output=PATH',
+    'data': "'data prepare': tokenize the configured source once into token shards for "
+            "data.source='prepared': --output=DIR",
 }
-SUBCOMMANDS = {'tokenizer': ('train',)}
+SUBCOMMANDS = {'tokenizer': ('train',), 'data': ('prepare',)}
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for logs and checkpoints.')
 _VOCAB_SIZE = flags.DEFINE_integer('vocab_size', None, 'tokenizer train: vocabulary size.')
-_OUTPUT = flags.DEFINE_string('output', None, 'tokenizer train: path of the .json to write.')
+_OUTPUT = flags.DEFINE_string('output', None, 'tokenizer train: path of the .json to write; '
+                              'data prepare: the directory to write.')
 _SWEEP = flags.DEFINE_multi_string('sweep', [], 'sweep: KEY=V1,V2,... (repeat for a grid).')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'multi-process: HOST:PORT of process 0 (with '
@@ -118,8 +121,19 @@ def _tokenizer_train(_):
         f'{tokenizer.eod_id}; use it with --config.data.tokenizer={_OUTPUT.value}')
 
 
+def _data_prepare(_):
+  from moetrain.data import prepare
+  if not _OUTPUT.value:
+    raise config_lib.ConfigError('data prepare needs --output=DIR, the directory to write the '
+                                 'token files to; pass it.')
+  cfg = config_lib.validate(_CONFIG.value)
+  prepare.prepare(cfg, _OUTPUT.value, progress=cfg.train.progress)
+  print(f"train from it with --config.data.source=prepared --config.data.paths={_OUTPUT.value}")
+
+
 RUNNERS = {'train': _train, 'sweep': _sweep, 'report': _report, 'sample': _sample,
-           'params': _params, 'tokenizer train': _tokenizer_train}
+           'params': _params, 'tokenizer train': _tokenizer_train,
+           'data prepare': _data_prepare}
 
 
 def _runtime_errors() -> tuple:

@@ -1,30 +1,37 @@
-"""Loader: row streams, per-process batch slices, prefetch off the training thread, global
-arrays, and `make_data`, which builds the training iterator and the eval batches.
+"""Loader: prepared token files read at random, the seeded row order, per-process batch
+slices, prefetch off the training thread, global arrays, and `make_data`, which builds the
+training iterator and the eval batches.
 
-Training documents are dealt round-robin to data.batch_size row streams (stream j feeds
-row j of every global batch); each stream joins its documents, each followed by the
-end-of-document id, and cuts the result into rows of `seq_len + 1` tokens (inputs are
-row[:-1], targets row[1:]), visited in a seeded order per (seed, stream, epoch). Each process
-reads, tokenizes and packs only the documents of its streams (its slice of the batch rows),
-so the global batch does not depend on the number of processes, and the iterator state
-(`state()` / `restore()`, the global step) is global too.
+Every source trains from prepared token files: `data.source='prepared'` names them (one
+directory in data.paths, or several in data.mixture); stdlib, files and hub sources are
+first tokenized into the cache (`prepare.prepare_cached`). A directory's training tokens
+are one stream (documents in source order, each followed by the end-of-document id) cut
+into rows of seq_len + 1 tokens (inputs are row[:-1], targets row[1:]; the tail shorter than
+a row is unused). Row slot k of the batch at step t is global row n = t * batch_size + k;
+the mixture gives it a component and a position p in that component's rows, and the row
+read is `permute(p mod N, N, key(seed, component, epoch = p // N))` of the component's N
+rows. Each process builds only its slice of the batch rows and reads only those rows, so
+the global batch does not depend on the number of processes; opening reads only the index,
+so start-up time and memory do not grow with the corpus; the iterator state is the step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import queue
 import threading
-from collections.abc import Sequence
 
 import numpy as np
 
+from moetrain import config as config_lib
 from moetrain.config import ConfigError
-from moetrain.data import sources
-from moetrain.data.packing import (deal_streams, epoch_order, pack, pack_streams,
-                                   split_documents, to_batch, unigram_entropy)
+from moetrain.data import mixture, prepare, shuffle
+from moetrain.data.packing import to_batch, unigram_entropy
 from moetrain.data.tokenizers import (ByteTokenizer, HFTokenizer, SentencePieceTokenizer,
-                                      make_tokenizer)
+                                      fingerprint, make_tokenizer)
+
+ROW_TAG = 0x120E  # keys the row order apart from the other uses of the seed.
 
 
 def process_slice(batch_size: int, process_index: int, process_count: int) -> slice:
@@ -36,58 +43,162 @@ def process_slice(batch_size: int, process_index: int, process_count: int) -> sl
   return slice(process_index * local, (process_index + 1) * local)
 
 
-class Batches:
-  """Endless batches of row streams: row slot j of every global batch is fed by stream j.
+class TokenFiles:
+  """The token files of one split of a prepared directory, read as one int32 array:
+  `read(start, stop)` reads only those tokens from disk (nothing is mapped or kept, so
+  memory does not grow with what has been read)."""
 
-  This process holds the rows int32 [n_j, L + 1] of its streams (`stream_ids`, a slice of
-  range(num_streams)). At global step t stream j gives rows_j[order[t % n_j]], with order =
-  epoch_order(seed, j, t // n_j, n_j). Each call returns this process's slice [streams, L]
-  of the global batch; `state()` / `restore(state)` are the global step, so a resumed run
-  (with any number of processes) sees exactly the batches the uninterrupted run would have.
+  def __init__(self, paths: list[pathlib.Path], counts: list[int], dtype: str):
+    self.paths, self.dtype = list(paths), np.dtype(dtype)
+    self.offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  def read(self, start: int, stop: int) -> np.ndarray:
+    """int32 [stop - start]: tokens start .. stop - 1 of the split."""
+    out = np.empty(stop - start, np.int32)
+    shard = int(np.searchsorted(self.offsets, start, side='right')) - 1
+    position = start
+    while position < stop:
+      low, high = int(self.offsets[shard]), min(int(self.offsets[shard + 1]), stop)
+      if high > position:
+        out[position - start:high - start] = np.fromfile(
+            self.paths[shard], self.dtype, high - position,
+            offset=(position - low) * self.dtype.itemsize)
+      position, shard = max(position, high), shard + 1
+    return out
+
+
+@dataclasses.dataclass
+class Prepared:
+  """An opened prepared directory: its index and its train and eval token files."""
+  path: pathlib.Path
+  index: dict
+  train: TokenFiles
+  eval: TokenFiles
+
+
+def open_prepared(path, tokenizer_fingerprint: dict, where: str) -> Prepared:
+  """Opens a prepared directory after checking, without reading any token, that its index
+  is of this format version, was made with this tokenizer, and lists shard files that are
+  there with the sizes it gives. Each problem is one sentence naming the file and the fix."""
+  path = pathlib.Path(path).expanduser()
+  index_path = path / prepare.INDEX
+  rerun = 'run the same `moetrain data prepare` command again to finish it'
+  if not path.is_dir():
+    raise ConfigError(f'{where}={str(path)!r} is not a directory; write one with `moetrain '
+                      f'data prepare --config=... --output={path}`.')
+  if not index_path.is_file():
+    if (path / prepare.PLAN).is_file():
+      raise ConfigError(f'{index_path} does not exist because its preparation did not '
+                        f'finish; {rerun}.')
+    raise ConfigError(f'{index_path} does not exist; point {where} at a directory written '
+                      'by `moetrain data prepare`.')
+  index = prepare.read_json(index_path)
+  if index.get('format') != prepare.FORMAT or index.get('version') != prepare.VERSION:
+    raise ConfigError(f'{index_path} is an index of format {index.get("format")!r} version '
+                      f'{index.get("version")!r}, and this moetrain reads {prepare.FORMAT!r} '
+                      f'version {prepare.VERSION}; prepare the directory again with `moetrain '
+                      'data prepare`.')
+  made_with = index['tokenizer']
+  if made_with['sha256'] != tokenizer_fingerprint['sha256']:
+    raise ConfigError(f'{index_path} was prepared with data.tokenizer={made_with["name"]!r} '
+                      f'(sha256 {made_with["sha256"][:12]}), not data.tokenizer='
+                      f'{tokenizer_fingerprint["name"]!r} (sha256 '
+                      f'{tokenizer_fingerprint["sha256"][:12]}); set data.tokenizer to the '
+                      'one it was prepared with, or prepare it again with this one.')
+  itemsize = np.dtype(index['dtype']).itemsize
+  for meta in index['shards']:
+    if problem := prepare.shard_problem(path, meta, itemsize):
+      raise ConfigError(f'{problem}; run the same `moetrain data prepare` command again, '
+                        'which redoes only the damaged shards.')
+  files = {split: TokenFiles([path / m[split]['file'] for m in index['shards']],
+                             [m[split]['tokens'] for m in index['shards']], index['dtype'])
+           for split in prepare.SPLITS}
+  return Prepared(path, index, files['train'], files['eval'])
+
+
+@dataclasses.dataclass
+class Component:
+  """One prepared directory of the data (of a mixture, or the only one)."""
+  name: str
+  prepared: Prepared
+  weight: float
+
+
+def read_rows(files: TokenFiles, rows, seq_len: int) -> np.ndarray:
+  """int32 [n, seq_len + 1]: rows `rows` of the split's token stream."""
+  width = seq_len + 1
+  return np.stack([files.read(int(r) * width, (int(r) + 1) * width) for r in rows]) \
+      if len(rows) else np.zeros((0, width), np.int32)
+
+
+class Batches:
+  """Endless batches: this process's slice [local rows, seq_len] of each global batch.
+
+  Global row n = step * batch_size + slot comes from component c at position p
+  (`mixture.assign`), which reads row permute(p mod N_c, N_c, key(seed, c, p // N_c)) of
+  c's N_c training rows. `state()` / `restore(state)` hold the global step (the tokens
+  each component has given are a function of it), so a resumed run with any number of
+  processes sees exactly the batches the uninterrupted run would have.
   """
 
-  def __init__(self, stream_rows: list[np.ndarray], stream_ids: Sequence[int],
-               num_streams: int, seed: int, *, eod_id: int | None = None,
+  def __init__(self, components: list[Component], seq_len: int, batch_size: int,
+               local: slice, seed: int, *, eod_id: int | None = None,
                document_mask: bool = False):
-    for j, rows_NR in zip(stream_ids, stream_rows):
-      if not len(rows_NR):
-        raise ConfigError(
-            f'training stream {j} of data.batch_size={num_streams} packs into no row of '
-            f'data.seq_len={rows_NR.shape[1] - 1} tokens (documents are dealt round-robin to '
-            'one stream per batch row); lower data.batch_size or data.seq_len, or add '
-            'documents.')
-    self.stream_rows, self.stream_ids = list(stream_rows), list(stream_ids)
-    self.num_streams, self.seed = num_streams, seed
-    self.eod_id, self.document_mask = eod_id, document_mask
+    self.components, self.seq_len, self.batch_size = components, seq_len, batch_size
+    self.slots = np.arange(batch_size)[local]
+    self.seed, self.eod_id, self.document_mask = seed, eod_id, document_mask
+    self.weights = [c.weight for c in components]
+    self.num_rows = [len(c.prepared.train) // (seq_len + 1) for c in components]
+    for c, n in zip(components, self.num_rows):
+      if not n:
+        raise ConfigError(f'{c.prepared.path} holds {len(c.prepared.train)} training '
+                          f'tokens, less than one row of data.seq_len={seq_len} + 1; lower '
+                          'data.seq_len or add documents.')
     self.step = 0
-    self._orders = {}  # stream -> (epoch, order [n_j]) of the last epoch used.
 
-  def _row(self, k: int, step: int) -> np.ndarray:
-    """int32 [L + 1]: the row local stream k gives at global step `step`."""
-    j, rows_NR = self.stream_ids[k], self.stream_rows[k]
-    epoch, index = divmod(step, len(rows_NR))
-    cached_epoch, order = self._orders.get(j, (-1, None))
-    if cached_epoch != epoch:
-      order = epoch_order(self.seed, j, epoch, len(rows_NR))
-      self._orders[j] = (epoch, order)
-    return rows_NR[order[index]]
+  def rows_at(self, step: int) -> np.ndarray:
+    """int32 [local rows, seq_len + 1]: this process's rows of the batch at `step`."""
+    component_R, position_R = mixture.assign(step * self.batch_size + self.slots,
+                                             self.weights, self.seed)
+    rows_RW = np.zeros((len(self.slots), self.seq_len + 1), np.int32)
+    for c in np.unique(component_R):
+      chosen = np.flatnonzero(component_R == c)
+      epoch_R, index_R = np.divmod(position_R[chosen], self.num_rows[c])
+      for epoch in np.unique(epoch_R):
+        same = epoch_R == epoch
+        key = shuffle.hash_ints(self.seed, ROW_TAG, c, epoch)
+        row_ids = shuffle.permute(index_R[same], self.num_rows[c], key)
+        rows_RW[chosen[same]] = read_rows(self.components[c].prepared.train, row_ids,
+                                          self.seq_len)
+    return rows_RW
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    rows_BR = np.stack([self._row(k, self.step) for k in range(len(self.stream_rows))])
+    rows_RW = self.rows_at(self.step)
     self.step += 1
-    return to_batch(rows_BR, self.eod_id, self.document_mask)
+    return to_batch(rows_RW, self.eod_id, self.document_mask)
+
+  def tokens_seen(self, step: int) -> dict[str, int]:
+    """Target tokens each component has given in steps 0 .. step - 1 (all processes)."""
+    rows_K = mixture.counts(step * self.batch_size, self.weights, self.seed)
+    return {c.name: int(n) * self.seq_len for c, n in zip(self.components, rows_K)}
 
   def state(self) -> dict:
-    return dict(step=self.step, streams=self.num_streams)
+    state = dict(step=self.step, batch_size=self.batch_size)
+    if len(self.components) > 1:
+      state['tokens_seen'] = self.tokens_seen(self.step)
+    return state
 
   def restore(self, state: dict):
-    if 'step' not in state or int(state.get('streams', -1)) != self.num_streams:
-      raise ConfigError(f'the saved data iterator state {state} is not one of '
-                        f'data.batch_size={self.num_streams} row streams; resume with the '
-                        'data config (and code version) the run was started with.')
+    if 'step' not in state or state.get('batch_size') != self.batch_size:
+      raise ConfigError(f'the saved data iterator state {state} is not one of this data '
+                        f'layout with data.batch_size={self.batch_size}; resume with the data '
+                        'config (and code version) the run was started with.')
     self.step = int(state['step'])
 
 
@@ -162,75 +273,93 @@ def to_global(batch: dict, sharding) -> dict:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
+def state_metrics(state: dict) -> dict[str, int]:
+  """The metrics of an iterator state: `data/mixture/<name>/tokens_seen` per component."""
+  return {f'data/mixture/{name}/tokens_seen': tokens
+          for name, tokens in state.get('tokens_seen', {}).items()}
+
+
+def open_components(cfg, tokenizer, log=None) -> list[Component]:
+  """The prepared directories the config trains from, opened and checked: data.paths or
+  data.mixture for source 'prepared'; for a text source, its cache directory (tokenized
+  first if it is not there yet)."""
+  d = cfg.data
+  if d.source == 'prepared' and d.mixture.strip():
+    entries, where = config_lib.parse_mixture(d.mixture), 'data.mixture'
+  elif d.source == 'prepared':
+    path = d.paths.strip()
+    entries, where = [(pathlib.Path(path).name, path, 1.0)], 'data.paths'
+  else:
+    path = prepare.prepare_cached(cfg, progress=bool(log) and cfg.train.progress, log=log)
+    entries, where = [(d.source, str(path), 1.0)], 'data.cache_dir'
+  tokenizer_fingerprint = fingerprint(d, tokenizer)
+  return [Component(name, open_prepared(path, tokenizer_fingerprint, where), weight)
+          for name, path, weight in entries]
+
+
+def eval_rows(components: list[Component], seq_len: int, batch_size: int, num_batches: int,
+              seed: int) -> list[np.ndarray]:
+  """The global eval batches, int32 [batch_size, seq_len + 1] each: up to num_batches, the
+  rows of each component's eval stream in order, mixed by the weights like training rows."""
+  available = [len(c.prepared.eval) // (seq_len + 1) for c in components]
+  component_N, position_N = mixture.assign(np.arange(num_batches * batch_size),
+                                           [c.weight for c in components], seed)
+  short = np.flatnonzero(position_N >= np.asarray(available)[component_N])
+  usable = (int(short[0]) if len(short) else len(component_N)) // batch_size * batch_size
+  if not usable:
+    c = int(component_N[short[0]])
+    raise ConfigError(f'the eval split of {components[c].prepared.path} has {available[c]} '
+                      f'rows of data.seq_len={seq_len} + 1 tokens, too few for one batch of '
+                      f'data.batch_size={batch_size}; raise data.eval_fraction, lower '
+                      'data.batch_size or add documents.')
+  rows_NW = np.zeros((usable, seq_len + 1), np.int32)
+  for c in range(len(components)):
+    chosen = np.flatnonzero(component_N[:usable] == c)
+    if len(chosen):
+      rows_NW[chosen] = read_rows(components[c].prepared.eval, position_N[chosen], seq_len)
+  return [rows_NW[i:i + batch_size] for i in range(0, usable, batch_size)]
+
+
+def describe(components: list[Component], num_train_tokens: int) -> str:
+  if len(components) == 1:
+    return f'{num_train_tokens:,} training tokens in {components[0].prepared.path}'
+  parts = ', '.join(f'{c.name} {c.weight:.3g}' for c in components)
+  return f'{num_train_tokens:,} training tokens in a mixture of {parts}'
+
+
 @dataclasses.dataclass
 class Data:
   train: Prefetch  # endless batches (this process's slice), with state() / restore().
   eval_batches: list  # fixed list of eval batches (dicts), this process's slices.
   tokenizer: ByteTokenizer | HFTokenizer | SentencePieceTokenizer
   eval_unigram_entropy: float  # of the global eval targets (the same in every process).
-  num_train_tokens: int  # target tokens in the rows of THIS process's streams.
+  num_train_tokens: int  # target tokens in one pass over every component's training rows.
+  description: str  # e.g. '1,234 training tokens in DIR', for the log.
 
 
-def agree_on_error(failed_here: bool) -> ConfigError | None:
-  """Multi-process: an error only some processes can see (a stream of theirs packs into no
-  row) must stop every process, or the others would wait for it in a collective."""
-  from jax.experimental import multihost_utils
-  failed_N = multihost_utils.process_allgather(np.int32(failed_here))
-  if failed_here or not failed_N.any():
-    return None
-  return ConfigError(f'process {int(np.argmax(failed_N))} found a training stream with no '
-                     'row (its log names it); lower data.batch_size or data.seq_len, or add '
-                     'documents.')
-
-
-def make_data(cfg, process_index: int | None = None, process_count: int | None = None) -> Data:
+def make_data(cfg, process_index: int | None = None, process_count: int | None = None, *,
+              log=None) -> Data:
   """Builds the training iterator and the fixed eval batches from the config.
 
-  process_index / process_count default to jax's. Training documents are dealt to
-  data.batch_size row streams; this process reads and tokenizes only the documents of its
-  streams (process_slice of the batch rows). The eval split is small: every process reads
-  all eval documents, packs the global eval rows and keeps its slice of each eval batch.
+  process_index / process_count default to jax's; each process builds and reads only its
+  slice (process_slice) of every batch. A text source is tokenized into the cache on first
+  use (with a line to `log` and, when train.progress, a progress bar).
   """
-  jax_processes = process_index is None or process_count is None
-  if jax_processes:
+  if process_index is None or process_count is None:
     import jax
     process_index, process_count = jax.process_index(), jax.process_count()
   d = cfg.data
   local = process_slice(d.batch_size, process_index, process_count)
   tokenizer = make_tokenizer(d)
-  corpus = sources.open_corpus(d)
-  train_idx, eval_idx = split_documents(corpus.num_documents, d.eval_fraction, cfg.seed)
-  if len(train_idx) < d.batch_size:
-    raise ConfigError(f'the training split has {len(train_idx)} documents, fewer than the '
-                      f'data.batch_size={d.batch_size} row streams they are dealt to; lower '
-                      'data.batch_size or add documents.')
-  streams_docs = deal_streams(train_idx, d.batch_size)[local]
-  local_train = np.concatenate(streams_docs)
-  wanted = np.concatenate([local_train, eval_idx])
-  texts = dict(zip(wanted.tolist(), corpus.read(wanted)))
-  encode = lambda idx: dict(zip(idx.tolist(), tokenizer.encode_batch([texts[i] for i in idx])))
-  stream_rows = pack_streams(encode(local_train), streams_docs, tokenizer.eod_id, d.seq_len)
-  error = None
-  try:
-    batches = Batches(stream_rows, range(d.batch_size)[local], d.batch_size, cfg.seed,
-                      eod_id=tokenizer.eod_id, document_mask=d.document_mask)
-  except ConfigError as e:
-    error = e
-  if jax_processes and process_count > 1:
-    error = error or agree_on_error(error is not None)
-  if error is not None:
-    raise error
-  eval_tokens = encode(eval_idx)
-  eval_rows = pack([eval_tokens[i] for i in eval_idx.tolist()], tokenizer.eod_id, d.seq_len)
-  if len(eval_rows) < d.batch_size:
-    raise ConfigError(f'the eval split has {len(eval_rows)} rows, fewer than '
-                      f'data.batch_size={d.batch_size}; raise data.eval_fraction, lower '
-                      'batch_size or add documents.')
-  eval_rows = eval_rows[:cfg.train.eval_batches * d.batch_size]
-  global_eval = [eval_rows[i:i + d.batch_size]
-                 for i in range(0, len(eval_rows) - d.batch_size + 1, d.batch_size)]
+  components = open_components(cfg, tokenizer, log if process_index == 0 else None)
+  batches = Batches(components, d.seq_len, d.batch_size, local, cfg.seed,
+                    eod_id=tokenizer.eod_id, document_mask=d.document_mask)
+  global_eval = eval_rows(components, d.seq_len, d.batch_size, cfg.train.eval_batches,
+                          cfg.seed)
   eval_batches = [to_batch(rows[local], tokenizer.eod_id, d.document_mask)
                   for rows in global_eval]
   targets = np.concatenate([rows[:, 1:] for rows in global_eval])
+  num_train_tokens = sum(batches.num_rows) * d.seq_len
   return Data(Prefetch(batches, d.prefetch), eval_batches, tokenizer,
-              unigram_entropy(targets), sum(rows[:, 1:].size for rows in stream_rows))
+              unigram_entropy(targets), num_train_tokens,
+              describe(components, num_train_tokens))

@@ -6,16 +6,36 @@ from __future__ import annotations
 import numpy as np
 
 from moetrain.config import ConfigError
+from moetrain.data import shuffle
+
+SPLIT_TAG = 0x5EED  # keys the split apart from the other uses of the seed.
+
+
+def is_eval_document(doc_ids, eval_fraction: float, seed: int) -> np.ndarray:
+  """bool [...]: whether each document (its number in the source's order) is held out for
+  eval: a keyed uniform of (seed, number) below eval_fraction. Each document is decided
+  alone, so a streamed source is split without being counted first."""
+  return shuffle.uniform(shuffle.hash_ints(seed, SPLIT_TAG), doc_ids) < eval_fraction
 
 
 def split_documents(num_documents: int, eval_fraction: float, seed: int):
   """Deterministic split by document: (train indices, eval indices), a function of seed."""
-  order = np.random.default_rng(seed).permutation(num_documents)
-  num_eval = max(1, round(eval_fraction * num_documents))
-  if num_eval >= num_documents:
+  held_out = is_eval_document(np.arange(num_documents), eval_fraction, seed)
+  if held_out.all():
     raise ConfigError(f'data.eval_fraction leaves no training documents out of '
                       f'{num_documents}; lower data.eval_fraction or add documents.')
-  return np.sort(order[num_eval:]), np.sort(order[:num_eval])
+  return np.flatnonzero(~held_out), np.flatnonzero(held_out)
+
+
+def join_documents(token_lists, eod_id: int, dtype=np.int32) -> np.ndarray:
+  """[sum(len + 1)]: the documents' tokens, each followed by eod_id, as one array."""
+  lengths = np.fromiter((len(t) for t in token_lists), np.int64, len(token_lists))
+  ends = np.cumsum(lengths + 1)
+  stream = np.empty(int(ends[-1]) if len(ends) else 0, dtype)
+  stream[ends - 1] = eod_id
+  for tokens, start, length in zip(token_lists, ends - lengths - 1, lengths):
+    stream[start:start + length] = tokens
+  return stream
 
 
 def pack(token_lists, eod_id: int, seq_len: int) -> np.ndarray:
@@ -23,7 +43,7 @@ def pack(token_lists, eod_id: int, seq_len: int) -> np.ndarray:
 
   Consecutive rows share no tokens; the tail shorter than a row is dropped.
   """
-  stream = np.concatenate([np.append(t, eod_id) for t in token_lists]).astype(np.int32)
+  stream = join_documents(token_lists, eod_id)
   rows = len(stream) // (seq_len + 1)
   return stream[:rows * (seq_len + 1)].reshape(rows, seq_len + 1)
 
@@ -65,27 +85,10 @@ def to_batch(rows: np.ndarray, eod_id: int | None = None,
   return batch
 
 
-def deal_streams(train_idx: np.ndarray, num_streams: int) -> list[np.ndarray]:
-  """Deals the (sorted) training documents round-robin: stream j owns train_idx[j::S]."""
-  return [train_idx[j::num_streams] for j in range(num_streams)]
-
-
-def epoch_order(seed: int, stream: int, epoch: int, num_rows: int) -> np.ndarray:
-  """int [n]: the order in which stream `stream` visits its rows in `epoch`."""
-  return np.random.default_rng([seed, stream, epoch]).permutation(num_rows)
-
-
 def unigram_entropy(tokens: np.ndarray) -> float:
   """Entropy (nats/token) of the empirical token distribution: the loss of the best
   model that ignores context, the bar a trained model must beat."""
   counts = np.bincount(tokens.reshape(-1)).astype(np.float64)
   p = counts[counts > 0] / counts.sum()
   return float(-(p * np.log(p)).sum())
-
-
-def pack_streams(token_lists: dict, streams_docs: list[np.ndarray], eod_id: int,
-                 seq_len: int) -> list[np.ndarray]:
-  """Packs each stream's documents (ids -> token arrays in token_lists) into its rows
-  int32 [n_j, seq_len + 1]."""
-  return [pack([token_lists[int(i)] for i in docs], eod_id, seq_len) for docs in streams_docs]
 

@@ -153,12 +153,14 @@ def file_format(files: list[str], fmt: str) -> str:
 
 
 def _text_columns(ds, field: str, where: str):
-  """Yields the `field` column of each batch of an iterable dataset, as lists of str."""
-  for batch in ds.iter(batch_size=1024):
-    if field not in batch:
+  """Yields the `field` column of each batch of an iterable dataset, as lists of str (read
+  as Arrow tables: several times faster than HF's per-row Python dicts)."""
+  for batch in ds.with_format('arrow').iter(batch_size=1024):
+    if field not in batch.column_names:
       raise ConfigError(f'data.text_field={field!r} is not a column of {where} (columns: '
-                        f'{", ".join(sorted(batch))}); set data.text_field to the text column.')
-    yield [t for t in batch[field] if t]
+                        f'{", ".join(sorted(batch.column_names))}); set data.text_field to '
+                        'the text column.')
+    yield [t for t in batch.column(field).to_pylist() if t]
 
 
 def _first_texts(ds, d, where: str):
@@ -266,6 +268,24 @@ def open_corpus(d) -> Corpus:
     raise ConfigError(f'data.source={d.source!r} gave no documents (empty files or text '
                       'column); point data.paths or data.hub_name at non-empty data.')
   return corpus
+
+
+def iter_texts(d):
+  """Yields the texts of the configured source one by one, in its fixed order, keeping
+  none: stdlib reads its files one at a time, files and hub are streamed."""
+  if d.source == 'stdlib':
+    set_offline()
+    before = _REPLACED.count
+    for path in stdlib_paths(d.max_documents):
+      yield read_text_file(path)
+    log_replacements(before, f'the standard library ({stdlib_root()})')
+  elif d.source in ('files', 'hub'):
+    if d.source == 'files':
+      set_offline()
+    yield from (file_texts(d) if d.source == 'files' else hub_texts(d))()
+  else:
+    raise ConfigError(f"data.source={d.source!r} is not a text source; use 'stdlib', "
+                      "'files' or 'hub'.")
 
 
 def load_documents(d) -> list[str]:

@@ -7,6 +7,7 @@ and `decode`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import pathlib
 
@@ -108,6 +109,17 @@ def make_tokenizer(data_cfg):
   except Exception as e:  # the libraries raise bare Exception / RuntimeError on bad files.
     raise ConfigError(f'data.tokenizer={name!r} could not be read ({e}); pass a valid '
                       'tokenizer file.') from e
+
+
+def fingerprint(data_cfg, tokenizer) -> dict:
+  """What identifies the tokenizer of data.tokenizer: its name, the sha256 of its file
+  ('byte' for the byte tokenizer), its vocabulary size and end-of-document id."""
+  name = data_cfg.tokenizer
+  digest = 'byte'
+  if name != 'byte':
+    digest = hashlib.sha256(pathlib.Path(name).read_bytes()).hexdigest()
+  return dict(name=name, sha256=digest, vocab_size=int(tokenizer.vocab_size),
+              eod_id=int(tokenizer.eod_id))
 
 
 def padded_vocab_size(tokenizer_vocab: int, multiple: int = 128) -> int:
