@@ -82,7 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
   # normalized; NAME defaults to the directory's name and labels the logged tokens seen).
   d.mixture = ''
   d.cache_dir = ''  # tokens of stdlib/files/hub sources; '' = $MOETRAIN_CACHE or ~/.cache/moetrain
-  d.shard_mb = 32  # prepare: MB of text per token shard (the unit of parallel work and resume).
+  d.shard_mb = 32.0  # prepare: MB of text per token shard (the unit of parallel work and resume).
   d.prepare_workers = 0  # prepare: tokenizer processes; 0 = one per CPU core.
   d.format = 'auto'  # source=files: auto (from the suffix) | text | json | parquet
   d.text_field = 'text'  # the column holding the text (files in json/parquet, hub).

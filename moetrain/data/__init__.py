@@ -18,7 +18,7 @@ from moetrain.data.loader import (Batches, Component, Data, Prefetch, Prepared, 
 from moetrain.data.packing import (document_positions, document_starts, is_eval_document,
                                    join_documents, pack, segment_ids, split_documents,
                                    to_batch, unigram_entropy)
-from moetrain.data.prepare import prepare, prepare_cached
+from moetrain.data.prepare import prepare_cached
 from moetrain.data.sources import (Corpus, expand_paths, file_format, iter_texts,
                                    load_documents, open_corpus, read_stdlib, read_text_file,
                                    set_offline, stdlib_documents, stdlib_paths, stdlib_root)
@@ -32,7 +32,7 @@ __all__ = [
     'document_positions', 'document_starts', 'expand_paths', 'file_format', 'fingerprint',
     'is_eval_document', 'iter_texts', 'join_documents', 'load_documents', 'make_data',
     'make_tokenizer', 'open_corpus', 'open_prepared', 'pack', 'padded_vocab_size',
-    'prepare', 'prepare_cached', 'process_slice', 'read_stdlib', 'read_text_file',
+    'prepare_cached', 'process_slice', 'read_stdlib', 'read_text_file',
     'resolve_vocab', 'segment_ids', 'set_offline', 'split_documents', 'state_metrics',
     'stdlib_documents', 'stdlib_paths', 'stdlib_root', 'to_batch', 'to_global',
     'train_tokenizer', 'unigram_entropy',

@@ -5,7 +5,7 @@ chain of two-way splits: component 0 takes row n when floor((m + 1) p_0 + b_0) e
 floor(m p_0 + b_0) with m = n, p_0 = w_0 and a seeded offset b_0 in [0, 1); the rows it
 leaves are renumbered m - floor(m p_0 + b_0) and split the same way between component 1
 (p_1 = w_1 / (w_1 + ... + w_{K-1})) and the rest, and so on. So among any first n rows
-component c has within one row of w_c * n of them, the rows a component receives are
+each component has within K - 1 rows of w_c * n of them, the rows a component receives are
 numbered 0, 1, 2, ... (its own row stream, shuffled per epoch by the loader), and both the
 choice and the counts are closed-form functions of (seed, n): nothing to replay on resume.
 """
