@@ -424,7 +424,7 @@ def test_validate_checks_data_keys(tiny):
          ({'data.source': 'hub'}, "data.source='hub' needs data.hub_name"),
          ({'data.format': 'csv'}, "data.format='csv' is not known"),
          ({'data.prefetch': -1}, 'data.prefetch=-1 must be non-negative'),
-         ({'data.shard_mb': 0}, 'data.shard_mb=0 must be positive'),
+         ({'data.shard_mb': 0}, 'data.shard_mb=0.0 must be positive'),
          ({'data.prepare_workers': -2}, 'data.prepare_workers=-2 must be a non-negative'),
          ({'data.source': 'prepared'}, "data.source='prepared' needs exactly one of"),
          ({'data.source': 'prepared', 'data.paths': 'a', 'data.mixture': 'b:1'},
