@@ -166,14 +166,15 @@ def test_errors_name_the_file_and_the_fix(corpus, tmp_path, tiny):
   message = error_of(prepared_config(tiny, copy, **{'data.tokenizer': str(bpe)}))
   assert message.startswith(f"{copy / 'index.json'} was prepared with data.tokenizer='byte'")
   assert f"not data.tokenizer='{bpe}' (sha256 " in message
-  assert message.endswith('set data.tokenizer to the one it was prepared with, or prepare it '
-                          'again with this one.')
+  assert message.endswith('set data.tokenizer to the one it was prepared with, or prepare the '
+                          'source again with this one.')
   index = json.loads((copy / 'index.json').read_text())
   (copy / 'index.json').write_text(json.dumps(dict(index, version=0)))
   message = error_of(prepared_config(tiny, copy))
   assert message.startswith(f"{copy / 'index.json'} is an index of format 'moetrain-tokens' "
                             'version 0, and this moetrain reads')
-  assert message.endswith('prepare the directory again with `moetrain data prepare`.')
+  assert message.endswith('prepare the source again into a new directory with `moetrain '
+                          'data prepare --output=NEW_DIR`.')
   (copy / 'index.json').unlink()
   assert error_of(prepared_config(tiny, copy)).startswith(
       f"{copy / 'index.json'} does not exist because its preparation did not finish; run "

@@ -79,6 +79,12 @@ class Prepared:
   eval: TokenFiles
 
 
+def describe(tokenizer_fingerprint: dict) -> str:
+  """'byte', or a tokenizer file's name and the start of its sha256."""
+  name, digest = tokenizer_fingerprint['name'], tokenizer_fingerprint['sha256']
+  return repr(name) if digest == 'byte' else f'{name!r} (sha256 {digest[:12]})'
+
+
 def open_prepared(path, tokenizer_fingerprint: dict, where: str) -> Prepared:
   """Opens a prepared directory after checking, without reading any token, that its index
   is of this format version, was made with this tokenizer, and lists shard files that are
@@ -99,15 +105,14 @@ def open_prepared(path, tokenizer_fingerprint: dict, where: str) -> Prepared:
   if index.get('format') != prepare.FORMAT or index.get('version') != prepare.VERSION:
     raise ConfigError(f'{index_path} is an index of format {index.get("format")!r} version '
                       f'{index.get("version")!r}, and this moetrain reads {prepare.FORMAT!r} '
-                      f'version {prepare.VERSION}; prepare the directory again with `moetrain '
-                      'data prepare`.')
+                      f'version {prepare.VERSION}; prepare the source again into a new '
+                      'directory with `moetrain data prepare --output=NEW_DIR`.')
   made_with = index['tokenizer']
   if made_with['sha256'] != tokenizer_fingerprint['sha256']:
-    raise ConfigError(f'{index_path} was prepared with data.tokenizer={made_with["name"]!r} '
-                      f'(sha256 {made_with["sha256"][:12]}), not data.tokenizer='
-                      f'{tokenizer_fingerprint["name"]!r} (sha256 '
-                      f'{tokenizer_fingerprint["sha256"][:12]}); set data.tokenizer to the '
-                      'one it was prepared with, or prepare it again with this one.')
+    raise ConfigError(f'{index_path} was prepared with data.tokenizer={describe(made_with)}, '
+                      f'not data.tokenizer={describe(tokenizer_fingerprint)}; set '
+                      'data.tokenizer to the one it was prepared with, or prepare the source '
+                      'again with this one.')
   itemsize = np.dtype(index['dtype']).itemsize
   for meta in index['shards']:
     if problem := prepare.shard_problem(path, meta, itemsize):
@@ -320,7 +325,7 @@ def eval_rows(components: list[Component], seq_len: int, batch_size: int, num_ba
   return [rows_NW[i:i + batch_size] for i in range(0, usable, batch_size)]
 
 
-def describe(components: list[Component], num_train_tokens: int) -> str:
+def describe_components(components: list[Component], num_train_tokens: int) -> str:
   if len(components) == 1:
     return f'{num_train_tokens:,} training tokens in {components[0].prepared.path}'
   parts = ', '.join(f'{c.name} {c.weight:.3g}' for c in components)
@@ -362,4 +367,4 @@ def make_data(cfg, process_index: int | None = None, process_count: int | None =
   num_train_tokens = sum(batches.num_rows) * d.seq_len
   return Data(Prefetch(batches, d.prefetch), eval_batches, tokenizer,
               unigram_entropy(targets), num_train_tokens,
-              describe(components, num_train_tokens))
+              describe_components(components, num_train_tokens))

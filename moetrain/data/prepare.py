@@ -299,7 +299,8 @@ def prepare(cfg, output, *, where: str = '--output', progress: bool = True,
   seconds = time.perf_counter() - start
   log(f'prepared {out}: {sum(m["documents"] for m in ordered):,} documents '
       f'({totals["eval"]["documents"]:,} held out for eval), {totals["train"]["tokens"]:,} '
-      f'training and {totals["eval"]["tokens"]:,} eval tokens in {len(ordered)} shards; '
+      f'training and {totals["eval"]["tokens"]:,} eval tokens in {len(ordered)} '
+      f'shard{"s" if len(ordered) > 1 else ""}; '
       f'{chars:,.1f} MB of text in {seconds:.1f} s ({chars / max(seconds, 1e-9):,.1f} MB/s, '
       f'{workers} worker{"s" if workers > 1 else ""})')
   return index

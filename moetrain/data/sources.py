@@ -262,8 +262,8 @@ def open_corpus(d) -> Corpus:
     count = sum(1 for _ in texts())
     corpus = Corpus(count, lambda indices: select_streamed(texts, indices))
   else:
-    raise ConfigError(f"data.source={d.source!r} is not known; use 'stdlib', 'files' or "
-                      "'hub'.")
+    raise ConfigError(f"data.source={d.source!r} is not a text source; use 'stdlib', "
+                      "'files' or 'hub'.")
   if not corpus.num_documents:
     raise ConfigError(f'data.source={d.source!r} gave no documents (empty files or text '
                       'column); point data.paths or data.hub_name at non-empty data.')
