@@ -8,7 +8,8 @@ consumes, and the token-file format comparison that chose raw token files.
 1. Corpora: jsonl files of the Python standard library's .py sources repeated, each copy's
    documents prefixed with '# copy K of PATH' (no two documents are equal), cut at the size.
 2. `moetrain data prepare` of each corpus with byte tokens (data.prepare_workers=0: one
-   worker per core): MB of text per second of the whole command.
+   worker per core): MB of text per second from its first read to its index (the rate the
+   command prints), and per second of the whole command.
 3. A 32k BPE from `moetrain tokenizer train` (default config: the standard library), then
    `moetrain data prepare` of the first --bpe_mb MB with it.
 4. `moetrain train --config=configs/tiny.py` from each prepared corpus, --repeats times,
@@ -103,12 +104,16 @@ def prepare(work: pathlib.Path, corpus: pathlib.Path, name: str, tokenizer='byte
   config = config_file(work / f'{name}.py', source='files', paths=str(corpus),
                        tokenizer=tokenizer)
   out = work / name
+  log = work / f'{name}.log'
   seconds = run(moetrain_command('data', 'prepare', f'--config={config}', f'--output={out}'),
-                work / f'{name}.log')
+                log)
   index = json.loads((out / 'index.json').read_text())
   text_mb = sum(index['totals'][s]['bytes'] for s in ('train', 'eval')) / 1e6
-  return dict(name=name, dir=str(out), text_mb=text_mb, seconds=seconds,
-              mb_per_s=text_mb / seconds, shards=len(index['shards']),
+  # The command's own line: '... MB of text in S s (...)', from the first read to the index.
+  work_seconds = float(log.read_text().split(' MB of text in ')[-1].split(' s ')[0])
+  return dict(name=name, dir=str(out), text_mb=text_mb, command_s=seconds,
+              prepare_s=work_seconds, mb_per_s=text_mb / work_seconds,
+              command_mb_per_s=text_mb / seconds, shards=len(index['shards']),
               tokens=sum(index['totals'][s]['tokens'] for s in ('train', 'eval')))
 
 
@@ -119,7 +124,8 @@ def train_from(work: pathlib.Path, prepared: str, steps: int, tag: str) -> dict:
   command = [sys.executable, '-c', RSS_WRAPPER, *moetrain_command(
       'train', '--config=configs/tiny.py', f'--workdir={workdir}',
       '--config.data.source=prepared', f'--config.data.paths={prepared}',
-      f'--config.train.steps={steps}', '--config.train.log_every=1',
+      f'--config.train.steps={steps}', '--config.train.warmup_steps=1',
+      '--config.train.log_every=1',
       '--config.train.eval_every=100000', '--config.train.progress=False')]
   metrics = workdir / 'metrics.jsonl'
   start = time.perf_counter()
@@ -232,7 +238,7 @@ def main():
   work.mkdir(parents=True, exist_ok=True)
   sizes = [float(s) for s in args.sizes_mb.split(',')]
   result = dict(cpus=os.cpu_count(), sizes_mb=sizes)
-  try:
+  try:  # on failure the folder stays, with the logs.
     corpora = {}
     for size in sizes:
       corpora[size] = work / f'corpus-{size:g}mb.jsonl'
@@ -266,9 +272,11 @@ def main():
     result['loader_ratio'] = min(result['loader_tokens_per_s'].values()) / train_rate
     if not args.skip_formats:
       result['formats'] = formats(work, prepared[largest]['dir'], args.format_tokens, 20000)
-  finally:
-    if not args.keep:
-      shutil.rmtree(work, ignore_errors=True)
+  except BaseException:
+    print(f'stopped; the generated data and logs are in {work}', file=sys.stderr)
+    raise
+  if not args.keep:
+    shutil.rmtree(work, ignore_errors=True)
   report(result)
   print(json.dumps(result))
   if args.json:
@@ -276,10 +284,12 @@ def main():
 
 
 def report(r: dict):
-  print(f'prepare ({r["cpus"]} cores; MB of text / seconds of `moetrain data prepare`):')
+  print(f'prepare ({r["cpus"]} cores): MB of text / seconds from the first read to the index '
+        '(and / seconds of the whole command, start-up and imports included)')
   for name, p in r['prepare'].items():
-    print(f'  {p["name"]:<14} {p["text_mb"]:>9,.1f} MB {p["seconds"]:>8.1f} s '
-          f'{p["mb_per_s"]:>7.1f} MB/s  {p["shards"]} shards, {p["tokens"]:,} tokens')
+    print(f'  {p["name"]:<10} {p["text_mb"]:>8,.1f} MB {p["prepare_s"]:>7.1f} s '
+          f'{p["mb_per_s"]:>6.1f} MB/s  ({p["command_s"]:.1f} s, {p["command_mb_per_s"]:.1f} '
+          f'MB/s)  {p["shards"]} shards, {p["tokens"]:,} tokens')
   print('training configs/tiny.py from each prepared corpus (median of the repeats):')
   for size, t in r['training'].items():
     print(f'  {float(size):>7g} MB  start-up {t["startup_s"]:6.1f} s   peak RSS '

@@ -58,9 +58,10 @@ class HFTokenizer:
     return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
 
   def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-    """Token ids of each text (tokenized in parallel by the Rust library)."""
-    encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
-    return [np.asarray(e.ids, np.int32) for e in encodings]
+    """Token ids of each text (tokenized in parallel by the Rust library; without the
+    character offsets, which `encode_batch_fast` skips: ~1.5x faster, the same ids)."""
+    encode = getattr(self.tokenizer, 'encode_batch_fast', self.tokenizer.encode_batch)
+    return [np.asarray(e.ids, np.int32) for e in encode(texts, add_special_tokens=False)]
 
   def decode(self, ids) -> str:
     size = self.tokenizer.get_vocab_size(with_added_tokens=True)
