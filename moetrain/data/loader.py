@@ -135,8 +135,10 @@ class Component:
 def read_rows(files: TokenFiles, rows, seq_len: int) -> np.ndarray:
   """int32 [n, seq_len + 1]: rows `rows` of the split's token stream."""
   width = seq_len + 1
-  return np.stack([files.read(int(r) * width, (int(r) + 1) * width) for r in rows]) \
-      if len(rows) else np.zeros((0, width), np.int32)
+  rows_NW = np.zeros((len(rows), width), np.int32)
+  for i, r in enumerate(rows):
+    rows_NW[i] = files.read(int(r) * width, (int(r) + 1) * width)
+  return rows_NW
 
 
 class Batches:

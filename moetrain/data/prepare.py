@@ -128,12 +128,13 @@ class ShardJob:
   texts: list
   directory: str
   tokenizer: str  # data.tokenizer
+  tokenizer_sha256: str  # its fingerprint: a changed file is another tokenizer.
   dtype: str
   seed: int
   eval_fraction: float
 
 
-_TOKENIZERS = {}  # data.tokenizer -> tokenizer, one per worker process.
+_TOKENIZERS = {}  # (data.tokenizer, sha256) -> tokenizer, made once per process.
 
 
 def shard_name(split: str, number: int) -> str:
@@ -155,15 +156,16 @@ def encode_documents(tokenizer, texts: list[str], dtype: str) -> tuple[np.ndarra
 def write_shard(job: ShardJob) -> dict:
   """Tokenizes one shard's documents, writes its train and eval token files, then its
   shard-N.json; returns that JSON's contents."""
-  if job.tokenizer not in _TOKENIZERS:
-    _TOKENIZERS[job.tokenizer] = make_tokenizer(types.SimpleNamespace(tokenizer=job.tokenizer))
+  key = (job.tokenizer, job.tokenizer_sha256)
+  if key not in _TOKENIZERS:
+    _TOKENIZERS[key] = make_tokenizer(types.SimpleNamespace(tokenizer=job.tokenizer))
   held_out = is_eval_document(job.first_document + np.arange(len(job.texts)),
                               job.eval_fraction, job.seed)
   directory = pathlib.Path(job.directory)
   meta = dict(number=job.number, first_document=job.first_document, documents=len(job.texts))
   for split, chosen in zip(SPLITS, (~held_out, held_out)):
     picked = np.flatnonzero(chosen)
-    tokens, text_bytes = encode_documents(_TOKENIZERS[job.tokenizer],
+    tokens, text_bytes = encode_documents(_TOKENIZERS[key],
                                           [job.texts[i] for i in picked], job.dtype)
     name = shard_name(split, job.number)
     write_atomic(directory / name, tokens)
@@ -250,12 +252,13 @@ def prepare(cfg, output, *, where: str = '--output', progress: bool = True,
   shards = text_shards(sources.iter_texts(d), d.shard_mb * 10**6)
   head = list(itertools.islice(shards, 2))
   workers = resolve_workers(d.prepare_workers) if len(head) > 1 else 1
-  job = lambda number, first, texts: ShardJob(number, first, texts, str(out), d.tokenizer,
-                                              plan['dtype'], cfg.seed, d.eval_fraction)
+  job = lambda number, first, texts: ShardJob(
+      number, first, texts, str(out), d.tokenizer, plan['tokenizer']['sha256'],
+      plan['dtype'], cfg.seed, d.eval_fraction)
   from tqdm import tqdm
   bar = tqdm(desc=f'tokenizing into {out}', unit='MB', disable=not progress,
              bar_format='{desc}: {n:.0f} MB of text [{elapsed}, {rate_fmt}]')
-  metas, chars = dict(done), 0
+  metas = dict(done)
   with contextlib.ExitStack() as stack:
     pool = None
     if workers > 1:
@@ -264,8 +267,7 @@ def prepare(cfg, output, *, where: str = '--output', progress: bool = True,
     pending, first, count = {}, 0, 0
     for number, texts in enumerate(itertools.chain(head, shards)):
       count += 1
-      size = sum(len(t) for t in texts) / 1e6
-      chars += size
+      size = sum(len(t) for t in texts) / 1e6  # characters: the progress bar's MB.
       if number in done:
         if done[number]['first_document'] != first or done[number]['documents'] != len(texts):
           raise ConfigError(f'{out}/shard-{number:05d}.json does not match the source (it '
@@ -297,12 +299,12 @@ def prepare(cfg, output, *, where: str = '--output', progress: bool = True,
   index = dict(plan, shards=ordered, totals=totals)
   write_json(out / INDEX, index)
   seconds = time.perf_counter() - start
+  written = sum(m[s]['bytes'] for m in ordered if m['number'] not in done for s in SPLITS) / 1e6
   log(f'prepared {out}: {sum(m["documents"] for m in ordered):,} documents '
       f'({totals["eval"]["documents"]:,} held out for eval), {totals["train"]["tokens"]:,} '
       f'training and {totals["eval"]["tokens"]:,} eval tokens in {len(ordered)} '
-      f'shard{"s" if len(ordered) > 1 else ""}; '
-      f'{chars:,.1f} MB of text in {seconds:.1f} s ({chars / max(seconds, 1e-9):,.1f} MB/s, '
-      f'{workers} worker{"s" if workers > 1 else ""})')
+      f'shard{"s" if len(ordered) > 1 else ""}; {written:,.1f} MB of text in {seconds:.1f} s '
+      f'({written / max(seconds, 1e-9):,.1f} MB/s, {workers} worker{"s" if workers > 1 else ""})')
   return index
 
 
