@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import pathlib
+import resource
 import shutil
 import statistics
 import subprocess
@@ -88,16 +89,22 @@ def config_file(path: pathlib.Path, **data) -> str:
   return str(path)
 
 
-def run(command: list[str], log: pathlib.Path) -> float:
-  """Runs a command (output to `log`); returns its wall seconds."""
-  start = time.perf_counter()
+def children_cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
+def run(command: list[str], log: pathlib.Path) -> tuple[float, float]:
+  """Runs a command (output to `log`); returns its wall seconds and the CPU seconds of it
+  and its processes."""
+  start, cpu = time.perf_counter(), children_cpu_seconds()
   with open(log, 'w') as out:
     code = subprocess.run(command, cwd=ROOT, env=environment(), stdout=out,
                           stderr=subprocess.STDOUT).returncode
   seconds = time.perf_counter() - start
   if code:
     raise SystemExit(f'{" ".join(command)} failed; see {log}')
-  return seconds
+  return seconds, children_cpu_seconds() - cpu
 
 
 def prepare(work: pathlib.Path, corpus: pathlib.Path, name: str, tokenizer='byte') -> dict:
@@ -105,15 +112,16 @@ def prepare(work: pathlib.Path, corpus: pathlib.Path, name: str, tokenizer='byte
                        tokenizer=tokenizer)
   out = work / name
   log = work / f'{name}.log'
-  seconds = run(moetrain_command('data', 'prepare', f'--config={config}', f'--output={out}'),
-                log)
+  seconds, cpu_seconds = run(moetrain_command('data', 'prepare', f'--config={config}',
+                                              f'--output={out}'), log)
   index = json.loads((out / 'index.json').read_text())
   text_mb = sum(index['totals'][s]['bytes'] for s in ('train', 'eval')) / 1e6
   # The command's own line: '... MB of text in S s (...)', from the first read to the index.
   work_seconds = float(log.read_text().split(' MB of text in ')[-1].split(' s ')[0])
   return dict(name=name, dir=str(out), text_mb=text_mb, command_s=seconds,
               prepare_s=work_seconds, mb_per_s=text_mb / work_seconds,
-              command_mb_per_s=text_mb / seconds, shards=len(index['shards']),
+              command_mb_per_s=text_mb / seconds, cpu_s=cpu_seconds,
+              mb_per_cpu_s=text_mb / cpu_seconds, shards=len(index['shards']),
               tokens=sum(index['totals'][s]['tokens'] for s in ('train', 'eval')))
 
 
@@ -284,12 +292,13 @@ def main():
 
 
 def report(r: dict):
-  print(f'prepare ({r["cpus"]} cores): MB of text / seconds from the first read to the index '
-        '(and / seconds of the whole command, start-up and imports included)')
+  print(f'prepare ({r["cpus"]} cores): MB of text / seconds from the first read to the index;'
+        ' the whole command: seconds, CPU seconds of all its processes, MB per CPU second')
   for name, p in r['prepare'].items():
     print(f'  {p["name"]:<10} {p["text_mb"]:>8,.1f} MB {p["prepare_s"]:>7.1f} s '
-          f'{p["mb_per_s"]:>6.1f} MB/s  ({p["command_s"]:.1f} s, {p["command_mb_per_s"]:.1f} '
-          f'MB/s)  {p["shards"]} shards, {p["tokens"]:,} tokens')
+          f'{p["mb_per_s"]:>6.1f} MB/s   command {p["command_s"]:6.1f} s, CPU '
+          f'{p["cpu_s"]:6.1f} s, {p["mb_per_cpu_s"]:5.1f} MB/CPU-s   shards {p["shards"]}, '
+          f'tokens {p["tokens"]:,}')
   print('training configs/tiny.py from each prepared corpus (median of the repeats):')
   for size, t in r['training'].items():
     print(f'  {float(size):>7g} MB  start-up {t["startup_s"]:6.1f} s   peak RSS '
