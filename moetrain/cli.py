@@ -28,6 +28,10 @@ COMMANDS = {
                  '--vocab_size=N --output=PATH',
     'data': "'data prepare': tokenize the configured source once into token shards for "
             "data.source='prepared': --output=DIR",
+    'export': 'write a run as a Hugging Face model directory: --workdir=DIR --output=DIR '
+              '[--format=auto|llama|mistral|mixtral|qwen3_moe|qwen2_moe --inexact]',
+    'import': 'read a Hugging Face model directory into a new run at step 0: --from=DIR '
+              '--workdir=DIR [--config=FILE]',
 }
 SUBCOMMANDS = {'tokenizer': ('train',), 'data': ('prepare',)}
 
@@ -36,7 +40,12 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for logs and checkpoints.')
 _VOCAB_SIZE = flags.DEFINE_integer('vocab_size', None, 'tokenizer train: vocabulary size.')
 _OUTPUT = flags.DEFINE_string('output', None, 'tokenizer train: path of the .json to write; '
-                              'data prepare: the directory to write.')
+                              'data prepare and export: the directory to write.')
+_FORMAT = flags.DEFINE_string('format', 'auto', 'export: auto (from the config), llama, '
+                              'mistral, mixtral, qwen3_moe or qwen2_moe.')
+_INEXACT = flags.DEFINE_bool('inexact', False, 'export: write a model whose transformers '
+                             'outputs differ from moetrain\'s (the differences are printed).')
+_FROM = flags.DEFINE_string('from', None, 'import: the Hugging Face model directory to read.')
 _SWEEP = flags.DEFINE_multi_string('sweep', [], 'sweep: KEY=V1,V2,... (repeat for a grid).')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'multi-process: HOST:PORT of process 0 (with '
@@ -48,7 +57,8 @@ _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 200, 'sample: tokens to
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'sample: 0 is greedy.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'multi-process with the cluster detected by JAX (Cloud TPU pod '
-    'slices, SLURM, Open MPI).')
+    'slices, SLURM, Open MPI) or given by JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and '
+    'JAX_PROCESS_ID.')
 
 
 def _require_workdir(command: str):
@@ -131,9 +141,25 @@ def _data_prepare(_):
   print(f"train from it with --config.data.source=prepared --config.data.paths={_OUTPUT.value}")
 
 
+def _export(_):
+  _require_workdir('export')
+  if not _OUTPUT.value:
+    raise config_lib.ConfigError('export needs --output=DIR, a new directory to write.')
+  from moetrain.interop import hf
+  hf.export(_WORKDIR.value, _OUTPUT.value, fmt=_FORMAT.value, inexact=_INEXACT.value)
+
+
+def _import(_):
+  _require_workdir('import')
+  if not _FROM.value:
+    raise config_lib.ConfigError('import needs --from=DIR, a Hugging Face model directory.')
+  from moetrain.interop import hf
+  hf.import_model(_FROM.value, _WORKDIR.value, _CONFIG.value)
+
+
 RUNNERS = {'train': _train, 'sweep': _sweep, 'report': _report, 'sample': _sample,
            'params': _params, 'tokenizer train': _tokenizer_train,
-           'data prepare': _data_prepare}
+           'data prepare': _data_prepare, 'export': _export, 'import': _import}
 
 
 def _runtime_errors() -> tuple:
@@ -162,6 +188,19 @@ def _check_args(argv):
       config_lib.check_key(key)
 
 
+def _saved_config_args(command: str, argv: list[str]) -> list[str]:
+  """`train --workdir=RUN` without --config: the config RUN saved (RUN/config.json), so an
+  imported or earlier run continues with one argument."""
+  if command != 'train' or any(a == '--config' or a.startswith('--config=') for a in argv):
+    return argv
+  workdirs = [a.split('=', 1)[1] for a in argv if a.startswith('--workdir=')]
+  saved = pathlib.Path(workdirs[-1]) / 'config.json' if workdirs else None
+  if saved is None or not saved.is_file():
+    return argv
+  from moetrain import saved_config
+  return argv[:1] + [f'--config={saved_config.__file__}:{saved}'] + argv[1:]
+
+
 def main(argv=None):
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] not in COMMANDS:
@@ -176,8 +215,9 @@ def main(argv=None):
     command = f'{command} {argv.pop(1)}'
   try:
     _check_args(argv)
+    argv = _saved_config_args(command, argv)
     args = flags.FLAGS(argv)
-    if _CONFIG.value is None and command not in ('report', 'sample'):
+    if _CONFIG.value is None and command not in ('report', 'sample', 'export', 'import'):
       raise config_lib.ConfigError('--config is required; pass e.g. --config=configs/tiny.py.')
     RUNNERS[command](args)
   except (config_lib.ConfigError, flags.Error) as e:

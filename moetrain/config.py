@@ -34,6 +34,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.num_layers = 4
   m.num_heads = 4
   m.num_kv_heads = 2  # grouped-query attention; == num_heads is multi-head attention.
+  m.head_dim = 0  # features per attention head; 0: d_model // num_heads.
   m.d_ff = 512  # hidden size of the dense SwiGLU feed-forward.
   m.num_experts = 8  # 0: every feed-forward is dense (the dense baseline).
   m.moe_every = 1  # every n-th feed-forward (after first_k_dense) is a MoE layer.
@@ -41,6 +42,8 @@ def default_config() -> ml_collections.ConfigDict:
   m.rope_theta = 10_000.0
   m.norm_eps = 1e-6
   m.tie_embeddings = True
+  m.qk_norm = False  # RMSNorm of each query and key head before rotary embeddings (Qwen3).
+  m.qkv_bias = False  # biases on the query, key and value projections (Qwen2).
   m.dtype = 'float32'  # compute dtype of matmuls; the router is always float32.
   m.param_dtype = 'float32'
   m.init_std = 0.02  # embedding init; kernels use 1/sqrt(fan_in).
@@ -65,6 +68,8 @@ def default_config() -> ml_collections.ConfigDict:
   e.jitter = 0.0  # multiplicative router-input noise, U(1-j, 1+j), training only.
   e.d_expert = 0  # expert hidden size; 0 means model.d_ff.
   e.num_shared_experts = 0
+  # scale the shared experts' output per token by sigmoid(x @ w), w [d_model, 1] (Qwen2-MoE).
+  e.shared_expert_gate = False
   e.balance_coef = 0.01
   e.balance_scope = 'micro_batch'  # micro_batch | global | sequence
   e.z_coef = 0.001
@@ -118,6 +123,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 0  # async saves; 0: only the final one (and on SIGTERM/SIGINT).
   c.checkpoint.keep = 3  # newest checkpoints kept; older ones go once the newest reads back.
+
+  c.init = ml_collections.ConfigDict()
+  # a workdir whose newest checkpoint's parameters start this run (a fresh optimizer, step
+  # 0; used only when this run's workdir has no checkpoint yet). '': a random init.
+  c.init.from_workdir = ''
+  # with from_workdir: sparse upcycling (Komatsuzaki et al. 2022): every expert of a MoE
+  # layer copies the source's dense feed-forward of that layer, routers start fresh.
+  c.init.upcycle = False
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes.
@@ -250,10 +263,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     positive(f'model.{name}', m[name])
   for name in ('vocab_size', 'num_experts', 'first_k_dense'):
     positive(f'model.{name}', m[name], allow_zero=True)
-  _require(m.d_model % m.num_heads == 0,
+  positive('model.head_dim', m.head_dim, allow_zero=True)
+  _require(m.head_dim or m.d_model % m.num_heads == 0,
            f'model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; '
-           'choose num_heads so that d_model % num_heads == 0.')
-  _require((m.d_model // m.num_heads) % 2 == 0,
+           'choose num_heads so that d_model % num_heads == 0, or set model.head_dim.')
+  _require(m.head_dim % 2 == 0, f'model.head_dim={m.head_dim} is odd; rotary embeddings '
+           'need an even head size, so set an even head_dim (or 0).')
+  _require(m.head_dim or (m.d_model // m.num_heads) % 2 == 0,
            f'model.d_model / model.num_heads = {m.d_model // m.num_heads} is odd; rotary '
            'embeddings need an even head size, so change d_model or num_heads.')
   _require(m.num_heads % m.num_kv_heads == 0,
@@ -268,6 +284,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   positive('model.rope_theta', m.rope_theta)
   positive('model.norm_eps', m.norm_eps)
   positive('model.init_std', m.init_std)
+  for name in ('qk_norm', 'qkv_bias'):
+    _require(isinstance(m[name], bool), f'model.{name}={m[name]!r} must be True or False; '
+             'set it to a bool.')
 
   if m.num_experts > 0:
     positive('model.moe.top_k', e.top_k)
@@ -299,6 +318,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(not (e.bias_update_rate > 0 and e.router != 'token_choice'),
              f"model.moe.bias_update_rate>0 needs router='token_choice' (got {e.router!r}); "
              'set bias_update_rate=0.')
+    _require(not (e.shared_expert_gate and not e.num_shared_experts),
+             'model.moe.shared_expert_gate=True needs shared experts; set '
+             'model.moe.num_shared_experts >= 1 or shared_expert_gate=False.')
     _require(moe_layers(m), f'no layer is a MoE layer with model.num_layers={m.num_layers},'
              f' first_k_dense={m.first_k_dense}, moe_every={m.moe_every}; lower '
              'first_k_dense or moe_every, or set num_experts=0 for a dense model.')
@@ -346,6 +368,14 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   _require(isinstance(t.skip_nonfinite, bool), f'train.skip_nonfinite='
            f'{t.skip_nonfinite!r} must be True or False; set it to a bool.')
+
+  i = cfg.init
+  _require(isinstance(i.from_workdir, str), f'init.from_workdir={i.from_workdir!r} must be '
+           "a path; set it to a run's --workdir, or '' for a random init.")
+  _require(not (i.upcycle and not i.from_workdir), 'init.upcycle=True needs '
+           'init.from_workdir; set it to the dense run to upcycle, or init.upcycle=False.')
+  _require(not i.upcycle or m.num_experts > 0, 'init.upcycle=True builds a MoE from a dense '
+           'run, but model.num_experts=0; set model.num_experts > 0.')
 
   positive('checkpoint.every_steps', cfg.checkpoint.every_steps, allow_zero=True)
   positive('checkpoint.keep', cfg.checkpoint.keep)

@@ -59,12 +59,12 @@ def _group(path: tuple, ndim: int) -> str:
   if 'ffn' in names:
     if names[-1] in EXPERT_WEIGHTS and 'shared' not in names and ndim == 3:
       return 'routed_experts'
-    if 'shared' in names:
+    if 'shared' in names or names[-1] == 'shared_gate':
       return 'shared_experts'
     if names[-1] in ('router', 'bias'):
       return 'router'
     return 'dense_ffn'
-  if 'attn' in names:
+  if 'attn' in names and names[-1] != 'scale':  # q_norm/k_norm scales are norms.
     return 'attention'
   return 'norms'
 

@@ -29,6 +29,8 @@ from moetrain import config as config_lib
 from moetrain import data as data_lib
 from moetrain import metrics as metrics_lib
 from moetrain import objective
+from moetrain.interop import params as params_lib
+from moetrain.interop import upcycle
 from moetrain.model import routing
 from moetrain.model.moe import MoE
 from moetrain.model.transformer import Transformer
@@ -112,6 +114,23 @@ def init_state(cfg, mesh, tx):
   graphdef, _, shardings = abstract_state(cfg, mesh, tx)
   with jax.set_mesh(mesh):
     state = jax.jit(_create_fn(cfg, tx), out_shardings=shardings)()
+  return graphdef, state, shardings
+
+
+def state_with_params(cfg, mesh, tx, params):
+  """A train state at step 0 whose parameters are `params` (an nnx.State of arrays with the
+  structure of the model's), with a fresh optimizer state, model state and RNG.
+
+  Returns (graphdef, state, state_shardings), like `init_state`.
+  """
+  graphdef, _, shardings = abstract_state(cfg, mesh, tx)
+  create = _create_fn(cfg, tx)
+
+  def replace(params):
+    return create().replace(params=params, opt_state=tx.init(params))
+
+  with jax.set_mesh(mesh):
+    state = jax.jit(replace, out_shardings=shardings)(params)
   return graphdef, state, shardings
 
 
@@ -319,6 +338,24 @@ def restore_target(abstract, shardings):
                       abstract, shardings)
 
 
+def init_from_run(cfg, mesh, tx, log=print):
+  """A step-0 train state whose parameters come from the newest checkpoint of
+  `init.from_workdir`: copied (warm start) or, with `init.upcycle`, upcycled into this
+  config's MoE. Returns (graphdef, state, state_shardings)."""
+  source = cfg.init.from_workdir
+  step, source_params = params_lib.newest_params(source)
+  graphdef, fresh, _ = init_state(cfg, mesh, tx)
+  fresh_params = params_lib.to_flat(fresh.params)
+  if cfg.init.upcycle:
+    flat = upcycle.upcycle_params(source_params, fresh_params, source=source)
+    how = 'upcycled (each expert copies the dense feed-forward, routers fresh)'
+  else:
+    flat = upcycle.warm_start_params(source_params, fresh_params, source=source)
+    how = 'copied'
+  log(f'parameters {how} from {source} at step {step}')
+  return state_with_params(cfg, mesh, tx, params_lib.from_flat(fresh.params, flat))
+
+
 def restore_or_init(cfg, checkpointer, data, mesh, tx, log=print):
   """The train state to start from: the newest checkpoint that reads back (resharded onto
   `mesh`, with `data.train` moved to its position) or, when there is none, a fresh one.
@@ -327,6 +364,8 @@ def restore_or_init(cfg, checkpointer, data, mesh, tx, log=print):
   (graphdef, state, state_shardings).
   """
   if not checkpointer.steps():
+    if cfg.init.from_workdir:
+      return init_from_run(cfg, mesh, tx, log=log)
     return init_state(cfg, mesh, tx)
   graphdef, abstract, shardings = abstract_state(cfg, mesh, tx)
   target = restore_target(abstract, shardings)
@@ -338,7 +377,8 @@ def restore_or_init(cfg, checkpointer, data, mesh, tx, log=print):
     raise config_lib.ConfigError(
         f'the checkpoint in {checkpointer.directory} is at step {step}, beyond '
         f'train.steps={cfg.train.steps}; raise train.steps or choose a new --workdir.')
-  data.train.restore(meta['data'])
+  if meta.get('data') is not None:  # None: an imported model, data not yet read.
+    data.train.restore(meta['data'])
   log(f'resuming from the checkpoint at step {step}')
   return graphdef, state, shardings
 

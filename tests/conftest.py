@@ -2,6 +2,7 @@
 offline HF, a token cache of this session (removed at exit), tiny configs."""
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -57,3 +58,46 @@ def tiny_config(**overrides):
 @pytest.fixture
 def tiny():
   return tiny_config
+
+
+@pytest.fixture(scope='session')
+def one_process_run(tmp_path_factory):
+  """The workdir of multihost_runs.ARGS trained in one process on 4 devices: the reference
+  the multi-process launchers (local.sh, SLURM, the TPU pod script) must reproduce."""
+  from multihost_runs import train_one_process
+  return train_one_process(tmp_path_factory.mktemp('one_process'))
+
+
+@pytest.fixture(scope='session')
+def gcs(tmp_path_factory):
+  """A local GCS emulator (tests/gcs_emulator.py) for the whole session, with this process's
+  environment pointing every GCS client at it (tensorstore reads its URL once per process,
+  so there is one emulator per session). Skips, saying why, when it cannot start."""
+  import gcs_emulator
+  reason = gcs_emulator.unavailable()
+  if reason:
+    pytest.skip(reason)
+  with contextlib.ExitStack() as stack:
+    try:
+      emulator = stack.enter_context(gcs_emulator.start(tmp_path_factory.mktemp('gcs')))
+    except RuntimeError as e:
+      pytest.skip(f'the GCS emulator did not start on this machine: {e}')
+    patch = stack.enter_context(pytest.MonkeyPatch.context())
+    for key, value in emulator.env.items():
+      patch.setenv(key, value)
+    yield emulator
+
+
+def model_logits(cfg, params: dict, tokens):
+  """float32 [B, L, V] logits (eval mode) of the model of `cfg` with flat parameters
+  `params` (as `moetrain.interop.params.to_flat` gives them) on int tokens [B, L]."""
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from moetrain.interop import params as params_lib
+  from moetrain.model.transformer import Transformer
+  model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+  graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
+  model = nnx.merge(graphdef, params_lib.from_flat(abstract, params), rest)
+  return np.asarray(model(jnp.asarray(tokens, jnp.int32), train=False)[0])

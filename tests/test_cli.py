@@ -78,6 +78,8 @@ def test_bad_input_is_one_sentence(args, message, tmp_path):
     (['sample', '--workdir=WORKDIR', '--prompt=x'], 'has no config.json'),
     (['report', '--workdir=WORKDIR'], 'holds no finished runs'),
     (['sweep', '--config=configs/tiny.py', '--workdir=WORKDIR'], 'at least one --sweep'),
+    (['export', '--workdir=WORKDIR'], 'export needs --output=DIR'),
+    (['import', '--workdir=WORKDIR', '--from=WORKDIR'], 'has no config.json'),
 ])
 def test_other_commands_bad_input(args, message, tmp_path):
   out = moetrain(*[a.replace('WORKDIR', str(tmp_path)) for a in args])

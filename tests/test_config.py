@@ -34,12 +34,24 @@ CONFIGS = sorted((pathlib.Path(__file__).parents[1] / 'configs').glob('*.py'))
     ({'train.warmup_steps': 10}, r'train\.warmup_steps=10 exceeds train\.steps=6'),
     ({'train.lr': 0.0}, r'train\.lr=0\.0 must be positive'),
     ({'mesh.expert': 0}, r'mesh\.expert=0 must be a positive size or -1'),
+    ({'model.head_dim': 7}, r'model\.head_dim=7 is odd'),
+    ({'model.head_dim': -8}, r'model\.head_dim=-8 must be non-negative'),
+    ({'model.num_heads': 3, 'model.head_dim': 0}, r'or set model\.head_dim'),
+    ({'model.moe.shared_expert_gate': True}, r'shared_expert_gate=True needs shared experts'),
+    ({'init.upcycle': True}, r'init\.upcycle=True needs init\.from_workdir'),
+    ({'init.upcycle': True, 'init.from_workdir': 'runs/dense', 'model.num_experts': 0},
+     r'init\.upcycle=True builds a MoE from a dense run, but model\.num_experts=0'),
 ])
 def test_bad_values_raise_one_sentence(overrides, message):
   with pytest.raises(ConfigError, match=message) as info:
     config_lib.validate(tiny_config(**overrides))
   text = str(info.value)
   assert '\n' not in text and text.count('; ') >= 1  # what is wrong; how to fix it.
+
+
+def test_head_dim_may_differ_from_d_model_over_heads():
+  config_lib.validate(tiny_config(**{'model.num_heads': 3, 'model.num_kv_heads': 1,
+                                     'model.head_dim': 16}))
 
 
 def test_unknown_key_suggests_the_close_one():

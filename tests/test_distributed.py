@@ -20,3 +20,28 @@ def test_bad_process_arguments(args, message):
 
 def test_single_process_needs_nothing():
   assert distributed.initialize(None, None, None) is False
+
+
+ADDRESS = {'JAX_COORDINATOR_ADDRESS': '10.0.0.1:8476'}
+
+
+@pytest.mark.parametrize('environ,expected', [
+    ({}, (None, None, None)),
+    (ADDRESS, (None, None, None)),  # JAX itself reads the address alone.
+    ({**ADDRESS, 'JAX_NUM_PROCESSES': '4', 'JAX_PROCESS_ID': '3'}, ('10.0.0.1:8476', 4, 3)),
+])
+def test_process_environment(environ, expected):
+  assert distributed.from_environment(environ) == expected
+
+
+@pytest.mark.parametrize('environ,message', [
+    ({'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': '0'},
+     'found JAX_NUM_PROCESSES and JAX_PROCESS_ID but not JAX_COORDINATOR_ADDRESS'),
+    ({**ADDRESS, 'JAX_PROCESS_ID': '0'}, 'but not JAX_NUM_PROCESSES; set all of'),
+    ({**ADDRESS, 'JAX_NUM_PROCESSES': 'two', 'JAX_PROCESS_ID': '0'}, 'must be integers'),
+    ({**ADDRESS, 'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': '2'},
+     r'JAX_PROCESS_ID=2 is outside \[0, JAX_NUM_PROCESSES=2\)'),
+])
+def test_bad_process_environment(environ, message):
+  with pytest.raises(ConfigError, match=message):
+    distributed.from_environment(environ)

@@ -200,6 +200,25 @@ def test_shared_experts_add_a_dense_swiglu():
   assert isinstance(shared, MLP)
 
 
+def test_shared_expert_gate_scales_the_shared_output_by_a_sigmoid():
+  cfg = tiny_config(**{'model.moe.num_shared_experts': 1, 'model.moe.shared_expert_gate': True,
+                       'model.vocab_size': 128})
+  layer = moe_layer.MoE(cfg.model, rngs=nnx.Rngs(0), dtype=jnp.float32,
+                        param_dtype=jnp.float32)
+  assert layer.shared_gate.shape == (32, 1)
+  gate = RNG.standard_normal((32, 1)).astype(np.float32)
+  layer.shared_gate[...] = jnp.asarray(gate)
+  x = jnp.asarray(RNG.standard_normal((2, 8, 32)), jnp.float32)
+  y, _ = layer(x, train=False)
+  shared, layer.shared = layer.shared, None
+  y_routed, _ = layer(x, train=False)
+  xs = np.asarray(x).reshape(-1, 32)
+  wg, wu, wd = (np.asarray(w[...]) for w in (shared.w_gate, shared.w_up, shared.w_down))
+  expected = np_expert(xs, wg, wu, wd) / (1 + np.exp(-(xs @ gate)))
+  np.testing.assert_allclose(np.asarray(y - y_routed).reshape(-1, 32), expected, rtol=1e-5,
+                             atol=1e-5)
+
+
 def test_statistics_report_load_and_router_state():
   x, r, wg, wu, wd = make_inputs()
   r[:, 0] += 3.0  # expert 0 is everyone's first choice.

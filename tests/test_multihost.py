@@ -1,59 +1,20 @@
 """Multi-host: launch/local.sh starts 2 real processes (2 CPU devices each) that form one
 4-device mesh; the run equals the same config in one process with 4 devices."""
 
-import os
-import pathlib
 import subprocess
 import sys
 
-import numpy as np
-
-from moetrain import checkpoint as checkpoint_lib
-from moetrain import metrics as metrics_lib
-
-ROOT = pathlib.Path(__file__).parents[1]
-ARGS = ['--config=configs/tiny.py', '--config.mesh.expert=4', '--config.model.d_model=32',
-        '--config.model.num_layers=2', '--config.model.d_ff=64',
-        '--config.data.max_documents=40', '--config.data.eval_fraction=0.25',
-        '--config.data.batch_size=8', '--config.data.seq_len=32',
-        '--config.train.steps=4', '--config.train.warmup_steps=1',
-        '--config.train.log_every=1', '--config.train.eval_every=2',
-        '--config.train.eval_batches=2', '--config.train.progress=False']
+from multihost_runs import ARGS, FAST_COMPILE, ROOT, assert_same_run, env
 
 
-def env(**extra):
-  return dict(os.environ, PYTHONPATH=str(ROOT), **extra)
-
-
-def losses(workdir):
-  records = metrics_lib.read_jsonl(workdir / 'metrics.jsonl')
-  return ([r['loss'] for r in records if 'loss' in r],
-          [r['eval/loss'] for r in records if 'eval/loss' in r])
-
-
-def test_two_processes_equal_one(tmp_path):
-  two, one = tmp_path / 'two', tmp_path / 'one'
+def test_two_processes_equal_one(tmp_path, one_process_run):
+  two = tmp_path / 'two'
   out = subprocess.run(
       ['launch/local.sh', '2', sys.executable, '-m', 'moetrain.cli', 'train',
        f'--workdir={two}', *ARGS], cwd=ROOT, capture_output=True, text=True, timeout=600,
-      env=env(LOG_DIR=str(tmp_path / 'logs'), EXTRA_XLA_FLAGS='--xla_backend_optimization_level=0'))
+      env=env(LOG_DIR=str(tmp_path / 'logs'), EXTRA_XLA_FLAGS=FAST_COMPILE))
   logs = '\n'.join(p.read_text() for p in sorted((tmp_path / 'logs').glob('*.log')))
   assert out.returncode == 0, out.stderr + logs[-3000:]
   assert 'final eval loss' in out.stdout  # process 0 reports ...
   assert 'final eval loss' not in (tmp_path / 'logs' / 'process_1.log').read_text()  # alone.
-  out = subprocess.run(
-      [sys.executable, '-m', 'moetrain.cli', 'train', f'--workdir={one}', *ARGS], cwd=ROOT,
-      capture_output=True, text=True, timeout=600,
-      env=env(XLA_FLAGS='--xla_force_host_platform_device_count=4 '
-                        '--xla_backend_optimization_level=0'))
-  assert out.returncode == 0, out.stderr[-3000:]
-  (train_two, eval_two), (train_one, eval_one) = losses(two), losses(one)
-  assert len(train_two) == 4 and len(eval_two) == 2
-  np.testing.assert_allclose(train_two, train_one, rtol=1e-5)
-  np.testing.assert_allclose(eval_two, eval_one, rtol=1e-5)
-  params_two = checkpoint_lib.Checkpointer(two).read_arrays(4)
-  params_one = checkpoint_lib.Checkpointer(one).read_arrays(4)
-  assert params_two.keys() == params_one.keys()
-  for key in params_one:
-    np.testing.assert_allclose(params_two[key], params_one[key], rtol=1e-4, atol=1e-6,
-                               err_msg=key)
+  assert_same_run(two, one_process_run)

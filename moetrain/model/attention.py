@@ -1,4 +1,5 @@
-"""Causal self-attention with grouped-query heads and rotary embeddings."""
+"""Causal self-attention with grouped-query heads and rotary embeddings; optional q/k/v
+biases (Qwen2) and per-head RMSNorm of queries and keys before the rotation (Qwen3)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moetrain.model.layers import param, rope
+from moetrain.model.layers import RMSNorm, param, rope
 
 
 def attention_mask(segment_ids_BL: jax.Array | None, length: int) -> jax.Array:
@@ -19,11 +20,18 @@ def attention_mask(segment_ids_BL: jax.Array | None, length: int) -> jax.Array:
 
 
 class Attention(nnx.Module):
-  """Multi-head causal attention; H query heads share G = num_kv_heads key/value heads."""
+  """Multi-head causal attention; H query heads share G = num_kv_heads key/value heads of
+  K = head_dim features (0: d_model // H).
+
+  `qkv_bias` adds biases b_q [H, K], b_k, b_v [G, K] to the projections; `qk_norm` applies
+  an RMSNorm over each head's K features (scales q_norm, k_norm [K], eps `norm_eps`) to
+  queries and keys before the rotary embedding.
+  """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, *, rope_theta: float,
-               rngs: nnx.Rngs, dtype, param_dtype):
-    head_dim = d_model // num_heads
+               rngs: nnx.Rngs, dtype, param_dtype, qkv_bias: bool = False,
+               qk_norm: bool = False, norm_eps: float = 1e-6, head_dim: int = 0):
+    head_dim = head_dim or d_model // num_heads
     self.w_q = param(rngs, (d_model, num_heads, head_dim), ('embed', 'heads', 'head_dim'),
                      fan_in=d_model, dtype=param_dtype)
     self.w_k = param(rngs, (d_model, num_kv_heads, head_dim), ('embed', 'heads', 'head_dim'),
@@ -32,6 +40,12 @@ class Attention(nnx.Module):
                      fan_in=d_model, dtype=param_dtype)
     self.w_o = param(rngs, (num_heads, head_dim, d_model), ('heads', 'head_dim', 'embed'),
                      fan_in=d_model, dtype=param_dtype)
+    bias = lambda heads: param(rngs, (heads, head_dim), ('heads', 'head_dim'), init='zeros',
+                               dtype=param_dtype) if qkv_bias else None
+    self.b_q, self.b_k, self.b_v = bias(num_heads), bias(num_kv_heads), bias(num_kv_heads)
+    norm = lambda: RMSNorm(head_dim, eps=norm_eps, rngs=rngs, param_dtype=param_dtype,
+                           axis_name='head_dim') if qk_norm else None
+    self.q_norm, self.k_norm = norm(), norm()
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.rope_theta = rope_theta
     self.dtype = dtype
@@ -44,13 +58,15 @@ class Attention(nnx.Module):
     # gradient of a [B, L, D] einsum 2-3x slower (bench/NOTES.md).
     x_TD = x_BLD.reshape(batch * length, d_model)
 
-    def project(w_DHK):
+    def project(w_DHK, b_HK, norm):
       w = cast(w_DHK)
-      return (x_TD @ w.reshape(d_model, -1)).reshape(batch, length, *w.shape[1:])
+      y_BLHK = (x_TD @ w.reshape(d_model, -1)).reshape(batch, length, *w.shape[1:])
+      y_BLHK = y_BLHK if b_HK is None else y_BLHK + cast(b_HK)
+      return y_BLHK if norm is None else norm(y_BLHK)
 
-    q_BLHK = rope(project(self.w_q), positions_BL, self.rope_theta)
-    k_BLGK = rope(project(self.w_k), positions_BL, self.rope_theta)
-    v_BLGK = project(self.w_v)
+    q_BLHK = rope(project(self.w_q, self.b_q, self.q_norm), positions_BL, self.rope_theta)
+    k_BLGK = rope(project(self.w_k, self.b_k, self.k_norm), positions_BL, self.rope_theta)
+    v_BLGK = project(self.w_v, self.b_v, None)
     group = self.num_heads // self.num_kv_heads
     # Heads-major layout: the R = H / G queries sharing a key-value head are stacked along
     # the query axis, so scores and outputs are plain batched GEMMs over [B, G]

@@ -30,10 +30,12 @@ def param(rngs: nnx.Rngs, shape, axes, *, std: float | None = None, fan_in: int 
 
 
 class RMSNorm(nnx.Module):
-  """x / rms(x) * scale, computed in float32, returned in x's dtype."""
+  """x / rms(x) * scale over the last axis, computed in float32, returned in x's dtype.
+  `axis_name` is the logical axis of the scale (`head_dim` for per-head q/k norms)."""
 
-  def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs, param_dtype=jnp.float32):
-    self.scale = param(rngs, (dim,), ('embed',), init='ones', dtype=param_dtype)
+  def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs, param_dtype=jnp.float32,
+               axis_name: str = 'embed'):
+    self.scale = param(rngs, (dim,), (axis_name,), init='ones', dtype=param_dtype)
     self.eps = eps
 
   def __call__(self, x):

@@ -20,7 +20,9 @@ class RouterBias(nnx.Variable):
 
 class MoE(nnx.Module):
   """MoE feed-forward [B, L, D] -> [B, L, D]: E routed SwiGLU experts plus optional
-  always-active shared experts. Returns the output and the layer's statistics."""
+  always-active shared experts, whose output `moe.shared_expert_gate` scales per token by
+  sigmoid(x @ shared_gate) (shared_gate [D, 1], Qwen2-MoE). Returns the output and the
+  layer's statistics."""
 
   def __init__(self, model_cfg, *, rngs: nnx.Rngs, dtype, param_dtype):
     e = model_cfg.moe
@@ -37,6 +39,8 @@ class MoE(nnx.Module):
     self.bias = RouterBias(jnp.zeros((n,), jnp.float32)) if e.bias_update_rate > 0 else None
     self.shared = (MLP(d, f * e.num_shared_experts, rngs=rngs, dtype=dtype,
                        param_dtype=param_dtype) if e.num_shared_experts else None)
+    self.shared_gate = (param(rngs, (d, 1), ('embed', None), fan_in=d, dtype=param_dtype)
+                        if e.num_shared_experts and e.shared_expert_gate else None)
     self.dtype = dtype
 
   def __call__(self, x_BLD, *, train: bool, rng=None):
@@ -50,5 +54,9 @@ class MoE(nnx.Module):
         train=train, dtype=self.dtype)
     y_BLD = y_TD.reshape(batch, length, d).astype(self.dtype)
     if self.shared is not None:
-      y_BLD = y_BLD + self.shared(x_BLD)
+      shared_BLD = self.shared(x_BLD)
+      if self.shared_gate is not None:
+        gate_BL1 = x_BLD.astype(self.dtype) @ self.shared_gate[...].astype(self.dtype)
+        shared_BLD = shared_BLD * jax.nn.sigmoid(gate_BL1)
+      y_BLD = y_BLD + shared_BLD
     return y_BLD, stats

@@ -19,7 +19,9 @@ class Block(nnx.Module):
     m = model_cfg
     self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps, rngs=rngs, param_dtype=param_dtype)
     self.attn = Attention(m.d_model, m.num_heads, m.num_kv_heads, rope_theta=m.rope_theta,
-                          rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                          rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                          qkv_bias=m.qkv_bias, qk_norm=m.qk_norm, norm_eps=m.norm_eps,
+                          head_dim=m.head_dim)
     self.ffn_norm = RMSNorm(m.d_model, eps=m.norm_eps, rngs=rngs, param_dtype=param_dtype)
     if is_moe:
       self.ffn = MoE(m, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
