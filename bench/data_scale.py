@@ -2,7 +2,7 @@
 training from prepared corpora of two sizes, the loader's tokens/s against what training
 consumes, and the token-file format comparison that chose raw token files.
 
-  PYTHONPATH=. python bench/data_scale.py [--sizes_mb=10,1000] [--bpe_mb=64] [--repeats=2]
+  python bench/data_scale.py [--sizes_mb=10,1000] [--bpe_mb=64] [--repeats=2]
       [--steps=20] [--workdir=DIR] [--keep] [--skip_formats] [--json=out.json]
 
 1. Corpora: jsonl files of the Python standard library's .py sources repeated, each copy's
