@@ -3,7 +3,7 @@ training from prepared corpora of two sizes, the loader's tokens/s against what 
 consumes, and the token-file format comparison that chose raw token files.
 
   python bench/data_scale.py [--sizes_mb=10,1000] [--bpe_mb=64] [--repeats=2]
-      [--steps=20] [--workdir=DIR] [--keep] [--skip_formats] [--json=out.json]
+      [--bpe_encoders=tiktoken,tokenizers] [--steps=20] [--workdir=DIR] [--keep] [--skip_formats] [--json=out.json]
 
 1. Corpora: jsonl files of the Python standard library's .py sources repeated, each copy's
    documents prefixed with '# copy K of PATH' (no two documents are equal), cut at the size.
@@ -11,7 +11,8 @@ consumes, and the token-file format comparison that chose raw token files.
    worker per core): MB of text per second from its first read to its index (the rate the
    command prints), and per second of the whole command.
 3. A 32k BPE from `moetrain tokenizer train` (default config: the standard library), then
-   `moetrain data prepare` of the first --bpe_mb MB with it.
+   `moetrain data prepare` of the first --bpe_mb MB with it, once per --bpe_encoders value
+   (data.bpe_encoder: tiktoken, tokenizers); the token counts of the two must agree.
 4. `moetrain train --config=configs/tiny.py` from each prepared corpus, --repeats times,
    interleaved: start-up = seconds from starting the command to the first step's record in
    metrics.jsonl (log_every=1); peak RSS of the process; training tokens/s (median of the
@@ -107,9 +108,10 @@ def run(command: list[str], log: pathlib.Path) -> tuple[float, float]:
   return seconds, children_cpu_seconds() - cpu
 
 
-def prepare(work: pathlib.Path, corpus: pathlib.Path, name: str, tokenizer='byte') -> dict:
+def prepare(work: pathlib.Path, corpus: pathlib.Path, name: str, tokenizer='byte',
+            bpe_encoder='tokenizers') -> dict:
   config = config_file(work / f'{name}.py', source='files', paths=str(corpus),
-                       tokenizer=tokenizer)
+                       tokenizer=tokenizer, bpe_encoder=bpe_encoder)
   out = work / name
   log = work / f'{name}.log'
   seconds, cpu_seconds = run(moetrain_command('data', 'prepare', f'--config={config}',
@@ -233,6 +235,8 @@ def main():
   parser.add_argument('--sizes_mb', default='10,1000')
   parser.add_argument('--bpe_mb', type=float, default=64)
   parser.add_argument('--bpe_vocab', type=int, default=32768)
+  parser.add_argument('--bpe_encoders', default='tiktoken,tokenizers',
+                      help='data.bpe_encoder values to prepare the BPE corpus with.')
   parser.add_argument('--repeats', type=int, default=2)
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--loader_batches', type=int, default=2000)
@@ -258,7 +262,12 @@ def main():
         work / 'bpe-train.log')
     bpe_corpus = work / 'corpus-bpe.jsonl'
     write_corpus(bpe_corpus, args.bpe_mb)
-    prepared['bpe'] = prepare(work, bpe_corpus, 'tok-bpe', tokenizer=str(bpe))
+    for encoder in args.bpe_encoders.split(','):
+      prepared[f'bpe-{encoder}'] = prepare(work, bpe_corpus, f'tok-bpe-{encoder}',
+                                           tokenizer=str(bpe), bpe_encoder=encoder)
+    bpe_tokens = {p['tokens'] for k, p in prepared.items() if str(k).startswith('bpe')}
+    if len(bpe_tokens) > 1:
+      raise SystemExit(f'the BPE encoders wrote different token counts: {bpe_tokens}')
     result['prepare'] = {str(k): v for k, v in prepared.items()}
     training = {size: [] for size in sizes}
     for repeat in range(args.repeats):
@@ -310,7 +319,8 @@ def report(r: dict):
   checks = [('start-up ratio (largest / smallest)', r['startup_ratio'], '<=', 1.2),
             ('peak RSS ratio (largest / smallest)', r['rss_ratio'], '<=', 1.2),
             ('prepare MB/s, byte tokens', byte_rate, '>=', 20),
-            ('prepare MB/s, 32k BPE', r['prepare']['bpe']['mb_per_s'], '>=', 5),
+            *[(f'prepare MB/s, 32k BPE, {p["name"].removeprefix("tok-bpe-")}',
+               p['mb_per_s'], '>=', 5) for k, p in r['prepare'].items() if k.startswith('bpe')],
             ('loader / training tokens/s', r['loader_ratio'], '>=', 20)]
   for name, value, op, target in checks:
     ok = value <= target if op == '<=' else value >= target

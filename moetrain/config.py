@@ -105,6 +105,9 @@ def default_config() -> ml_collections.ConfigDict:
   d.hub_config = ''  # source=hub: the dataset's config name, '' for its default.
   d.hub_split = 'train'  # source=hub: the split to read.
   d.tokenizer = 'byte'  # byte | path to a HF tokenizers .json | a sentencepiece .model
+  # prepare: what encodes a HF byte-level BPE .json: tokenizers | tiktoken (the same ids,
+  # ~7x faster; checked against tokenizers on each batch's first documents).
+  d.bpe_encoder = 'tokenizers'
   d.document_mask = False  # attention and positions restart at each document.
   d.prefetch = 2  # batches built ahead in a background thread; 0: none.
   d.seq_len = 128
@@ -409,9 +412,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            'it to 0 for one worker per CPU core.')
   for key, allowed in (('source', ('stdlib', 'files', 'hub', 'prepared')),
                        ('format', ('auto', 'text', 'json', 'parquet')),
-                       ('sample_by', ('line', 'paragraph', 'document'))):
+                       ('sample_by', ('line', 'paragraph', 'document')),
+                       ('bpe_encoder', ('tokenizers', 'tiktoken'))):
     _require(d[key] in allowed, f'data.{key}={d[key]!r} is not known; use one of '
              f'{", ".join(allowed)}.')
+  _require(d.bpe_encoder != 'tiktoken' or d.tokenizer.endswith('.json'),
+           f"data.bpe_encoder='tiktoken' encodes HF tokenizers .json files, not "
+           f"data.tokenizer={d.tokenizer!r}; set data.bpe_encoder='tokenizers'.")
   _require(d.source != 'files' or d.paths.strip(), "data.source='files' needs data.paths; "
            'set it to comma-separated file globs, e.g. data.paths=corpus/*.jsonl.')
   _require(d.source == 'prepared' or not d.mixture, "data.mixture needs "

@@ -132,9 +132,11 @@ class ShardJob:
   dtype: str
   seed: int
   eval_fraction: float
+  bpe_encoder: str  # data.bpe_encoder
 
 
-_TOKENIZERS = {}  # (data.tokenizer, sha256) -> tokenizer, made once per process.
+_TOKENIZERS = {}  # (data.tokenizer, sha256, data.bpe_encoder) -> tokenizer, made once per
+# process.
 
 
 def shard_name(split: str, number: int) -> str:
@@ -153,12 +155,22 @@ def encode_documents(tokenizer, texts: list[str], dtype: str) -> tuple[np.ndarra
   return tokens, sum(len(t.encode('utf-8')) for t in texts)
 
 
+def encoder(tokenizer_name: str, bpe_encoder: str):
+  """The tokenizer of data.tokenizer, encoding through tiktoken when data.bpe_encoder says
+  so (a ConfigError when it cannot)."""
+  tokenizer = make_tokenizer(types.SimpleNamespace(tokenizer=tokenizer_name))
+  if bpe_encoder == 'tiktoken':
+    from moetrain.data.tiktoken_bpe import TiktokenBPE
+    return TiktokenBPE(tokenizer, tokenizer_name)
+  return tokenizer
+
+
 def write_shard(job: ShardJob) -> dict:
   """Tokenizes one shard's documents, writes its train and eval token files, then its
   shard-N.json; returns that JSON's contents."""
-  key = (job.tokenizer, job.tokenizer_sha256)
+  key = (job.tokenizer, job.tokenizer_sha256, job.bpe_encoder)
   if key not in _TOKENIZERS:
-    _TOKENIZERS[key] = make_tokenizer(types.SimpleNamespace(tokenizer=job.tokenizer))
+    _TOKENIZERS[key] = encoder(job.tokenizer, job.bpe_encoder)
   held_out = is_eval_document(job.first_document + np.arange(len(job.texts)),
                               job.eval_fraction, job.seed)
   directory = pathlib.Path(job.directory)
@@ -239,6 +251,8 @@ def prepare(cfg, output, *, where: str = '--output', progress: bool = True,
   redoes only unfinished shards; on a finished directory it only checks the files."""
   d = cfg.data
   tokenizer = make_tokenizer(d)
+  if d.bpe_encoder == 'tiktoken':
+    encoder(d.tokenizer, d.bpe_encoder)  # a tokenizer tiktoken cannot encode stops here.
   plan = make_plan(cfg, tokenizer)
   out = pathlib.Path(output)
   index = claim_directory(out, plan, where)
@@ -254,7 +268,7 @@ def prepare(cfg, output, *, where: str = '--output', progress: bool = True,
   workers = resolve_workers(d.prepare_workers) if len(head) > 1 else 1
   job = lambda number, first, texts: ShardJob(
       number, first, texts, str(out), d.tokenizer, plan['tokenizer']['sha256'],
-      plan['dtype'], cfg.seed, d.eval_fraction)
+      plan['dtype'], cfg.seed, d.eval_fraction, d.bpe_encoder)
   from tqdm import tqdm
   bar = tqdm(desc=f'tokenizing into {out}', unit='MB', disable=not progress,
              bar_format='{desc}: {n:.0f} MB of text [{elapsed}, {rate_fmt}]')
