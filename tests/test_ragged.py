@@ -267,5 +267,5 @@ def test_dropless_training_on_meshes_matches_one_device(emulated, impl):
   """Loss, gradients and params after 3 train steps of the dropless Mixtral-style model,
   tokens exchanged by (emulated) ragged all-to-all, equal the single-device run."""
   from test_dispatch import assert_meshes_match_one_device
-  assert_meshes_match_one_device('mixtral', [(2, 4), (1, 8)],
+  assert_meshes_match_one_device('mixtral', [(2, 1, 4), (1, 1, 8)],
                                  **{'model.moe.dropless_impl': impl})

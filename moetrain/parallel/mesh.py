@@ -54,9 +54,10 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      given = ' x '.join(f'{a}={s}' for a, s in zip(AXES, sizes) if s != -1)
-      raise ConfigError(f'mesh {given} = {known} does not divide the {num_devices} '
-                        'devices; choose sizes whose product divides the device count.')
+      named = [f'mesh.{a}={s}' for a, s in zip(AXES, sizes) if s not in (-1, 1)]
+      given = ' x '.join(named) + (f' = {known}' if len(named) > 1 else '')
+      raise ConfigError(f'{given} does not divide the {num_devices} devices; choose sizes '
+                        'whose product divides the device count.')
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
     given = ' x '.join(f'{a}={s}' for a, s in zip(AXES, sizes))
