@@ -67,7 +67,18 @@ def summary_lines(r: dict) -> list[str]:
   return lines
 
 
-def plot_specialization(entry: dict, path: pathlib.Path):
+def repository_path(path) -> pathlib.Path:
+  """`path` as given when absolute, else under the repository root: the first directory
+  from the current one upward that holds pyproject.toml (notebooks run in notebooks/),
+  or the current directory."""
+  path, here = pathlib.Path(path), pathlib.Path.cwd().resolve()
+  if path.is_absolute():
+    return path
+  root = next((d for d in (here, *here.parents) if (d / 'pyproject.toml').is_file()), here)
+  return root / path
+
+
+def plot_specialization(entry: dict):
   """Per scheme, the share of each category's assignments that went to each expert."""
   import matplotlib.pyplot as plt
   schemes = entry['schemes']
@@ -87,11 +98,11 @@ def plot_specialization(entry: dict, path: pathlib.Path):
   fig.suptitle(f"layer {entry['layer']}: share of each category's assignments per expert (%)",
                fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  return fig
 
 
-def plot_ablation(r: dict, path: pathlib.Path):
+def plot_ablation(r: dict):
+  """Eval loss change per removed expert (layers x experts)."""
   import matplotlib.pyplot as plt
   a = r['ablation']
   delta = np.array(a['expert_loss']) - a['base_loss']
@@ -104,11 +115,11 @@ def plot_ablation(r: dict, path: pathlib.Path):
   for (i, j), v in np.ndenumerate(delta):
     ax.text(j, i, f'{v:+.3f}', ha='center', va='center', fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  return fig
 
 
-def plot_capacity(r: dict, path: pathlib.Path):
+def plot_capacity(r: dict):
+  """Eval loss (and dropless) and the dropped fraction against the eval capacity factor."""
   import matplotlib.pyplot as plt
   finite = [c for c in r['capacity'] if c['capacity_factor'] != 'dropless']
   factors = [float(c['capacity_factor']) for c in finite]
@@ -125,6 +136,11 @@ def plot_capacity(r: dict, path: pathlib.Path):
   drop_ax.set_ylabel('dropped fraction', color='C3')
   ax.legend(loc='upper center')
   fig.tight_layout()
+  return fig
+
+
+def _save(fig, path: pathlib.Path):
+  import matplotlib.pyplot as plt
   fig.savefig(path, dpi=80)
   plt.close(fig)
 
@@ -141,9 +157,9 @@ def write(directory: pathlib.Path, result: dict) -> list[str]:
   (tmp / 'analysis.json').write_text(json.dumps(result, indent=1))
   (tmp / 'summary.md').write_text('\n'.join(lines) + '\n')
   for entry in result['specialization']:
-    plot_specialization(entry, tmp / f"specialization_layer{entry['layer']}.png")
-  plot_ablation(result, tmp / 'ablation.png')
-  plot_capacity(result, tmp / 'capacity.png')
+    _save(plot_specialization(entry), tmp / f"specialization_layer{entry['layer']}.png")
+  _save(plot_ablation(result), tmp / 'ablation.png')
+  _save(plot_capacity(result), tmp / 'capacity.png')
   if directory.exists():
     shutil.rmtree(directory)
   tmp.rename(directory)
