@@ -130,6 +130,7 @@ def plot_capacity(r: dict):
       ax.axhline(c['loss'], ls='--', color='gray', label='dropless')
   ax.set(xscale='log', xlabel='eval capacity factor', ylabel='eval loss (nats/token)')
   ax.set_xticks(factors, [f'{f:g}' for f in factors])
+  ax.minorticks_off()
   drop_ax = ax.twinx()
   drop_ax.plot(factors, [np.mean(c['dropped']) for c in finite], 's:', color='C3',
                label='dropped')
