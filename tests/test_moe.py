@@ -310,13 +310,13 @@ def test_removed_experts_and_choices_get_zero_weight(dropless, drop_order):
   s = spec(dropless=dropless, drop_order=drop_order, capacity_factor=0.75,
            eval_capacity_factor=0.75)
   expert_TK, _ = np_top_k(x, r, 2)
-  for experts, choices in ((removed, ()), ((), (0,)), ((), (1,)), (removed[:1], (1,))):
+  _, plain_stats = run(s, x, r, wg, wu, wd, train=False)
+  table, _ = routing.route(jnp.asarray(x) @ jnp.asarray(r), router='token_choice', top_k=2,
+                           capacity=s.capacity(T, False), drop_order=drop_order)
+  for experts, choices in ((removed, ()), ((), (0,)), (removed[:1], (1,))):
     ablated = dataclasses.replace(s, remove_experts=experts, remove_choices=choices)
     y, stats = run(ablated, x, r, wg, wu, wd, train=False)
-    _, plain_stats = run(s, x, r, wg, wu, wd, train=False)
     assert float(stats['dropped_frac']) == float(plain_stats['dropped_frac'])
-    table, _ = routing.route(jnp.asarray(x) @ jnp.asarray(r), router='token_choice', top_k=2,
-                             capacity=s.capacity(T, False), drop_order=drop_order)
     token_EC, weight_EC = np.asarray(table.token_EC), np.asarray(table.weight_EC).copy()
     for e, c in np.ndindex(*token_EC.shape):
       t = token_EC[e, c]

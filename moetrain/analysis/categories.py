@@ -8,8 +8,8 @@ token or a token that decodes to no bytes):
               line), whitespace (other blanks), other (what tokenize rejects).
   char class  the token's characters: letter, digit, space, punctuation (punctuation and
               symbols), other (control characters, U+FFFD for partial UTF-8).
-A token holding characters of several categories takes the most frequent one among its
-UTF-8 bytes (ties: the first in the list above).
+A token holding characters of several categories takes the most frequent one (python:
+among its UTF-8 bytes; char class: among its characters; ties: the first in the list).
 """
 
 from __future__ import annotations
