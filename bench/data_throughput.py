@@ -1,6 +1,6 @@
 """Input pipeline throughput vs what training consumes.
 
-  PYTHONPATH=. python bench/data_throughput.py [--config=configs/tiny.py] [--batches=2000]
+  python bench/data_throughput.py [--config=configs/tiny.py] [--batches=2000]
       [--train_tokens_per_s=10000] [--tokenizer=byte|PATH] [--json=out.json]
 
 Measures, for the config's data section (document_mask off and on):

@@ -1,6 +1,6 @@
 """Per-op profile of one bench config's train step: where the step's time goes.
 
-  PYTHONPATH=. python bench/profile.py moe8 [--d-model=512 --batch-size=32 --steps=2 --top=40]
+  python bench/profile.py moe8 [--d-model=512 --batch-size=32 --steps=2 --top=40]
 
 Runs the compiled step under `jax.profiler`, sums the XLA op events per step and groups
 them by op kind and source (the HLO metadata op_name, e.g. `jvp(ecd,edf->ecf)/dot_general`).
@@ -17,10 +17,15 @@ import collections
 import glob
 import gzip
 import json
+import pathlib
 import re
+import sys
 import tempfile
 
-from bench import configs
+if not __package__:  # `python bench/profile.py`: the repo root holds bench/.
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from bench import configs  # noqa: E402
 
 
 def main(argv=None):

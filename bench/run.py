@@ -1,10 +1,10 @@
 """Performance harness: matmul rate, per-config compile / step time / tokens/s / MFU, the
 speed ratios R1-R4, as JSON and a table.
 
-  PYTHONPATH=. python bench/run.py                 # everything, ~3-4 min on 2 busy CPU cores
-  PYTHONPATH=. python bench/run.py --d-model=256 --batch-size=8 --steps=3   # small, ~1 min
-  PYTHONPATH=. python bench/run.py --a2a-only      # R4 alone (8 simulated devices)
-  PYTHONPATH=. python bench/run.py --no-a2a --d-model=1024 --batch-size=64 --matmul-n=8192 \
+  python bench/run.py                 # everything, ~3-4 min on 2 busy CPU cores
+  python bench/run.py --d-model=256 --batch-size=8 --steps=3   # small, ~1 min
+  python bench/run.py --a2a-only      # R4 alone (8 simulated devices)
+  python bench/run.py --no-a2a --d-model=1024 --batch-size=64 --matmul-n=8192 \
       --configs=dense,moe8,moe64,drop_ragged,drop_padded   # one GPU (bench/gpu_check.sh)
 
 Timings are interleaved: each round measures the matmul rate once and runs every config for
@@ -23,7 +23,10 @@ import statistics
 import subprocess
 import sys
 
-from bench import configs  # no jax import: a2a_measure sets XLA_FLAGS first
+if not __package__:  # `python bench/run.py`, as the README writes it: the repo root
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # holds bench/.
+
+from bench import configs  # noqa: E402 -- no jax import: a2a_measure sets XLA_FLAGS first
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 A2A_DEVICES = 8

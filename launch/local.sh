@@ -35,10 +35,26 @@ for ((i = 0; i < num_processes; i++)); do
   pids+=($!)
 done
 
+# Processes in the order they end: each failure is named (with its signal, and the
+# process's own one-line reason if it gave one) as it happens, so a dead process shows at
+# once, not after the others. The others stop on their own within moetrain's
+# --heartbeat_timeout (10 s), naming the dead one.
+declare -A index
+for i in "${!pids[@]}"; do index[${pids[$i]}]=$i; done
 status=0
-for i in "${!pids[@]}"; do
-  if ! wait "${pids[$i]}"; then
-    echo "process $i failed; see $log_dir/process_$i.log" >&2
+while ((${#index[@]})); do
+  set +e
+  wait -n -p done_pid "${!index[@]}" 2>/dev/null  # bash would add its own "Killed" line.
+  rc=$?
+  set -e
+  [[ -n ${index[${done_pid:-none}]:-} ]] || continue
+  i=${index[$done_pid]}
+  unset "index[$done_pid]"
+  if ((rc != 0)); then
+    how="exit status $rc"
+    ((rc > 128)) && how="killed by SIG$(kill -l $((rc - 128)))"
+    reason=$(grep '^moetrain: ' "$log_dir/process_$i.log" | tail -n 1 || true)
+    echo "process $i failed ($how); see $log_dir/process_$i.log${reason:+: $reason}" >&2
     status=1
   fi
 done

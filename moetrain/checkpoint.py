@@ -4,10 +4,14 @@
 Guarantees:
 - saves are async and atomic (orbax writes a temporary folder and renames it when done;
   a save cut short leaves only an ignored `*.orbax-checkpoint-tmp-*` folder);
+- every array's checksum (moetrain.checksum, independent of the mesh) is saved in the
+  metadata and verified on every read, so silent corruption (a flipped bit) is damage;
 - a damaged checkpoint is never deleted: `restore_latest` moves damaged steps newer than
   the one it restores to `checkpoints.damaged/` and says so with a warning;
 - retention (`keep`) is ours, not orbax's `max_to_keep`: old steps are deleted only after
-  the newest one has been read back in full, so the only valid checkpoint is never lost.
+  the newest one has been read back in full, so the only valid checkpoint is never lost,
+  and the last good one the divergence guard recorded in the newest checkpoint's metadata
+  (meta['guard']['last_good']) is kept beside the newest `keep`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import SingleDeviceSharding
+
+from moetrain import checksum
+from moetrain import workdir as workdir_lib
 
 # Config keys that decide the shapes (or dtypes) of the saved arrays.
 SHAPE_KEYS = (
@@ -38,6 +45,21 @@ class CheckpointError(RuntimeError):
 
 class DamagedCheckpointWarning(UserWarning):
   """A checkpoint step that could not be read; it is kept aside, never deleted."""
+
+
+class ChecksumMismatch(ValueError):
+  """An array read back differs from the checksum saved with it."""
+
+
+def verify(checksums: dict, saved: dict | None):
+  """Raises ChecksumMismatch naming the arrays whose `checksums` differ from `saved`
+  (the meta['checksums'] of a checkpoint; None in checkpoints of older versions)."""
+  if saved is None:
+    return
+  bad = sorted(k for k, v in checksums.items() if saved.get(k) != v)
+  if bad:
+    raise ChecksumMismatch(f'{", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""} '
+                           'differ from their saved checksums')
 
 
 def flatten(tree) -> dict:
@@ -125,15 +147,20 @@ class Checkpointer:
   def save(self, step: int, state, meta: dict, force: bool = False):
     """Starts an async save of `state` (a pytree of arrays) and `meta` (JSON-able).
 
-    Waits for the previous save and prunes old steps first. The arrays are copied to
-    host memory before this returns, so the caller may then donate them.
+    Waits for the previous save and prunes old steps first; raises OSError(ENOSPC) when
+    the disk has no room for another checkpoint the size of the newest. The arrays are
+    copied to host memory before this returns, so the caller may then donate them.
     """
     self.manager.wait_until_finished()
     self.prune()
-    meta = dict(meta, shapes=shapes_of(state))
+    steps = self.steps()
+    if steps:  # room for another one the size of the newest, or stop before writing.
+      workdir_lib.check_room(self.directory, workdir_lib.tree_bytes(self.directory /
+                                                                     str(steps[-1])))
+    flat = flatten(state)
+    meta = dict(meta, shapes=shapes_of(state), checksums=checksum.device_checksums(flat))
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(flatten(state)), meta=ocp.args.JsonSave(meta)),
-        force=force)
+        state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)), force=force)
 
   def read_meta(self, step: int) -> dict:
     """The JSON metadata saved at `step`."""
@@ -147,6 +174,7 @@ class Checkpointer:
                 for k, v in flatten(target).items()}
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    verify(checksum.device_checksums(out['state']), out['meta'].get('checksums'))
     return unflatten_like(target, out['state']), out['meta']
 
   def read_arrays(self, step: int) -> dict:
@@ -157,14 +185,18 @@ class Checkpointer:
                 for k, (shape, dtype) in meta['shapes'].items()}
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))['state']
-    return {k: np.asarray(v) for k, v in out.items()}
+    arrays = {k: np.asarray(v) for k, v in out.items()}
+    verify({k: checksum.numpy_checksum(v) for k, v in arrays.items()}, meta.get('checksums'))
+    return arrays
 
-  def restore_latest(self, target, check=None, warn=True):
+  def restore_latest(self, target, check=None, warn=True, move_damaged=True):
     """Restores the newest step that reads back, falling back past damaged ones.
 
     `check(meta, step)` may raise to reject a readable checkpoint (e.g. a config whose
     shapes differ); its error propagates. Damaged steps newer than the restored one are
-    moved to `checkpoints.damaged/` with a DamagedCheckpointWarning naming step and cause.
+    moved to `checkpoints.damaged/` (left in place when not `move_damaged`: a reader such
+    as `moetrain eval` changes nothing in a run that may be training) with a
+    DamagedCheckpointWarning naming step and cause.
     Returns (step, state, meta); raises CheckpointError when no step reads back.
     """
     damaged = []
@@ -182,11 +214,12 @@ class Checkpointer:
         damaged.append((step, e))
         continue
       for bad, cause in damaged:
-        where = self.quarantine(bad)
+        done = f'moved it to {self.quarantine(bad)} and resuming' if move_damaged else \
+            'left it in place and reading'
         if warn:
           warnings.warn(DamagedCheckpointWarning(
-              f'checkpoint at step {bad} is damaged ({_cause(cause)}); moved it to {where} '
-              f'and resuming from step {step}.'), stacklevel=2)
+              f'checkpoint at step {bad} is damaged ({_cause(cause)}); {done} from step '
+              f'{step}.'), stacklevel=2)
       return step, state, meta
     causes = '; '.join(f'step {s}: {_cause(e)}' for s, e in damaged)
     raise CheckpointError(
@@ -194,37 +227,69 @@ class Checkpointer:
         'to start afresh, or repair it, since resuming from scratch would discard them.')
 
   def quarantine(self, step: int) -> pathlib.Path:
-    """Moves the folder of `step` to `checkpoints.damaged/` (never deletes it); process 0
-    moves it while the others wait."""
-    dest, n = self.damaged_directory / str(step), 1
+    """Moves the folder of a damaged `step` to `checkpoints.damaged/` (never deletes it)."""
+    return self.move_aside(step, self.damaged_directory)
+
+  def move_aside(self, step: int, folder: pathlib.Path) -> pathlib.Path:
+    """Moves the folder of `step` into `folder` (as `<step>`, or `<step>.<n>` when taken);
+    process 0 moves it while the others wait. Returns where it went."""
+    dest, n = folder / str(step), 1
     while dest.exists():
-      dest, n = self.damaged_directory / f'{step}.{n}', n + 1
+      dest, n = folder / f'{step}.{n}', n + 1
     self.manager.wait_until_finished()
     self.manager.close()
     if jax.process_index() == 0:
-      self.damaged_directory.mkdir(parents=True, exist_ok=True)
+      folder.mkdir(parents=True, exist_ok=True)
       os.rename(self.directory / str(step), dest)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices(f'moetrain_quarantine_{step}')
+      multihost_utils.sync_global_devices(f'moetrain_move_aside_{step}')
     self.manager = self._open()
     return dest
 
+  def restore_step(self, step: int, target, check=None):
+    """Restores exactly `step` (`checkpoint.restore_step`), after `check(meta, step)`;
+    damage raises CheckpointError (no fallback: the user asked for this step). Returns
+    (state, meta)."""
+    if step not in self.steps():
+      raise CheckpointError(
+          f'checkpoint.restore_step={step} is not a checkpoint in {self.directory} (there '
+          f'are {", ".join(map(str, self.steps())) or "none"}); pick one of them, or 0 for '
+          'the newest.')
+    try:
+      meta = self.read_meta(step)
+      if check is not None:
+        check(meta, step)
+      return self.restore(step, target)
+    except CheckpointError:
+      raise
+    except Exception as e:  # noqa: BLE001 -- any failure to read means damage.
+      raise CheckpointError(
+          f'checkpoint.restore_step={step} cannot be read ({_cause(e)}); pick another step '
+          'or 0 for the newest that reads back.') from None
+
   def prune(self):
-    """Deletes all but the newest `keep` steps, but only once the newest one reads back
-    in full; otherwise deletes nothing."""
+    """Deletes all but the newest `keep` steps and the last good one named in the newest
+    one's metadata, but only once the newest one reads back in full (checksums
+    included); otherwise deletes nothing."""
     steps = self.steps()
     if len(steps) <= self.keep:
       return
     try:
       self.read_arrays(steps[-1])
+      last_good = self.read_meta(steps[-1]).get('guard', {}).get('last_good')
     except Exception as e:  # noqa: BLE001
       warnings.warn(DamagedCheckpointWarning(
           f'checkpoint at step {steps[-1]} does not read back ({_cause(e)}); keeping all '
           f'older checkpoints.'), stacklevel=2)
       return
     for step in steps[:-self.keep]:
-      self.manager.delete(step)
+      if step != last_good:
+        self.manager.delete(step)
+
+  def check_for_errors(self):
+    """Raises the error of an async save that failed (a full disk, say), if any."""
+    self.manager.check_for_errors()
 
   def wait(self):
     """Blocks until the async save in flight (if any) is committed."""

@@ -9,8 +9,10 @@ anything compiles. `eval`, `analyze` and `sample` read the run's own config
 
 from __future__ import annotations
 
+import difflib
 import pathlib
 import sys
+import traceback
 
 from absl import flags
 from ml_collections import config_flags
@@ -39,6 +41,23 @@ COMMANDS = {
               '--workdir=DIR [--config=FILE]',
 }
 SUBCOMMANDS = {'tokenizer': ('train',)}
+MULTI_PROCESS_FLAGS = ('coordinator_address', 'num_processes', 'process_id', 'distributed',
+                       'heartbeat_timeout')
+# The flags each command reads (`moetrain COMMAND --help` lists them); a command missing
+# here lists every flag.
+COMMAND_FLAGS = {
+    'train': ('config', 'workdir', *MULTI_PROCESS_FLAGS),
+    'sweep': ('config', 'workdir', 'sweep', *MULTI_PROCESS_FLAGS),
+    'report': ('workdir',),
+    'eval': ('workdir', 'eval_batches'),
+    'sample': ('workdir', 'prompt', 'prompts_file', 'max_new_tokens', 'temperature', 'top_k',
+               'top_p', 'seed', 'kv_cache'),
+    'params': ('config',),
+    'tokenizer train': ('config', 'vocab_size', 'output'),
+    'export': ('workdir', 'output', 'format', 'inexact'),
+    'import': ('from', 'workdir', 'config'),
+}
+HELP_ARGS = ('--help', '-h', '--helpfull', '--helpshort')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -57,6 +76,9 @@ _COORDINATOR = flags.DEFINE_string(
     '--num_processes and --process_id); not needed on TPU pods and SLURM.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'multi-process: process count.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'multi-process: this process index.')
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    'heartbeat_timeout', 10, 'multi-process: seconds without a heartbeat after which a '
+    'process counts as dead and the others stop, naming it.')
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'sample: a text to continue (repeat for '
                                      'a batch of prompts).')
 _PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'sample: a file of prompts, one '
@@ -86,7 +108,7 @@ def _initialize_processes():
   """Joins the other processes of a multi-process run before jax touches a device."""
   from moetrain.parallel import distributed
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                         auto=_DISTRIBUTED.value)
+                         auto=_DISTRIBUTED.value, heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
 
 
 def _train(_):
@@ -224,25 +246,60 @@ _OVERRIDES: list[str] = []  # their `--config.KEY=VALUE` arguments.
 
 def _runtime_errors() -> tuple:
   """Errors that stop a command with one sentence (exit 1) instead of a traceback: a
-  checkpoint folder that cannot be resumed, a non-finite loss (from modules already
-  imported, so `params` never imports jax for this)."""
-  names = (('moetrain.checkpoint', 'CheckpointError'), ('moetrain.train', 'NonFiniteError'))
+  checkpoint folder that cannot be resumed, a diverged run, a workdir that is locked or
+  refuses writes (from modules already imported, so `params` never imports jax for this)."""
+  names = (('moetrain.checkpoint', 'CheckpointError'), ('moetrain.guard', 'DivergenceError'),
+           ('moetrain.workdir', 'WorkdirError'))
   return tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
 
 
 def _usage() -> str:
   lines = ['usage: moetrain COMMAND --config=configs/FILE.py [--config.KEY=VALUE ...]', '']
   lines += [f'  {name:<9} {help_}' for name, help_ in COMMANDS.items()]
+  lines += ['', '`moetrain COMMAND --help` lists the flags of a command.']
   return '\n'.join(lines)
 
 
+def _command_help(command: str) -> str:
+  """`moetrain COMMAND --help`: what the command does and the flags it reads."""
+  head = command.split()[0]
+  names = COMMAND_FLAGS.get(command) or sorted(
+      name for name, flag in flags.FLAGS.__flags.items() if flag.module_name == __name__)
+  lines = [f'usage: moetrain {command} [--FLAG=VALUE ...]', '', f'  {COMMANDS[head]}', '']
+  for name in names:
+    flag = flags.FLAGS[name]
+    unset = flag.default is None or flag.default is False or flag.default == []
+    default = '' if unset else f' (default {flag.default})'
+    lines.append(f'  --{name:<21} {flag.help}{default}')
+  if 'config' in names:
+    lines.append(f'  --config.KEY=VALUE{"":<5} override any key of the config file, e.g. '
+                 '--config.train.steps=100 (every key: moetrain/config.py default_config())')
+  if command in RUN_COMMANDS:
+    lines.append(f'  --config.KEY=VALUE{"":<5} override a key of the run\'s config.json, e.g. '
+                 '--config.data.source=files --config.data.paths=PATH')
+  return '\n'.join(lines)
+
+
+def _unknown_command(name: str) -> str:
+  close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+  hint = f"did you mean '{close[0]}'? " if close else ''
+  return (f"moetrain: unknown command '{name}'; {hint}the commands are "
+          f"{', '.join(COMMANDS)} (`moetrain --help` says what each does).")
+
+
 def _check_args(argv):
-  """A missing config file or an unknown `--config.KEY=` override: one sentence instead
-  of absl's traceback."""
+  """A config file that is missing or fails to load (syntax error, an exception, no
+  get_config) or an unknown `--config.KEY=` override: one sentence instead of absl's
+  traceback."""
   for arg in argv:
-    if arg.startswith('--config=') and not pathlib.Path(arg.split('=', 1)[1]).is_file():
-      raise config_lib.ConfigError(f'config file {arg.split("=", 1)[1]!r} does not exist; '
-                                   'pass --config=PATH to a file such as configs/tiny.py.')
+    if arg.startswith('--config='):
+      value = arg.split('=', 1)[1]
+      path, _, config_arg = (value, '', '') if pathlib.Path(value).is_file() else \
+          value.partition(':')
+      if not pathlib.Path(path).is_file():
+        raise config_lib.ConfigError(f'config file {path!r} does not exist; pass '
+                                     '--config=PATH to a file such as configs/tiny.py.')
+      config_lib.load(path, *([config_arg] if config_arg else []))
     if arg.startswith('--config.'):
       key = arg[len('--config.'):].split('=', 1)[0]
       config_lib.check_key(key)
@@ -273,16 +330,30 @@ def _saved_config_args(command: str, argv: list[str]) -> list[str]:
 
 def main(argv=None):
   argv = list(sys.argv if argv is None else argv)
-  if len(argv) < 2 or argv[1] not in COMMANDS:
+  if len(argv) < 2:
     print(_usage(), file=sys.stderr)
+    sys.exit(2)
+  if argv[1] in HELP_ARGS + ('help',):
+    topic = argv[2] if len(argv) > 2 and argv[1] == 'help' else None
+    if topic and topic not in COMMANDS:
+      print(_unknown_command(topic), file=sys.stderr)
+      sys.exit(2)
+    print(_command_help(topic) if topic in COMMAND_FLAGS else _usage())
+    sys.exit(0)
+  if argv[1] not in COMMANDS:
+    print(_unknown_command(argv[1]), file=sys.stderr)
     sys.exit(2)
   command = argv.pop(1)
   if command in SUBCOMMANDS:
     if len(argv) < 2 or argv[1] not in SUBCOMMANDS[command]:
+      stream, code = (sys.stdout, 0) if any(a in HELP_ARGS for a in argv) else (sys.stderr, 2)
       print(f'usage: moetrain {command} {"|".join(SUBCOMMANDS[command])} ...\n\n'
-            f'  {command:<9} {COMMANDS[command]}', file=sys.stderr)
-      sys.exit(2)
+            f'  {command:<9} {COMMANDS[command]}', file=stream)
+      sys.exit(code)
     command = f'{command} {argv.pop(1)}'
+  if any(a in HELP_ARGS for a in argv[1:]):
+    print(_command_help(command))
+    sys.exit(0)
   try:
     _check_args(argv)
     argv = _saved_config_args(command, argv)
@@ -294,12 +365,38 @@ def main(argv=None):
     RUNNERS[command](args)
   except (config_lib.ConfigError, flags.Error) as e:
     print(f'moetrain: {e}', file=sys.stderr)
-    sys.exit(2)
+    _exit(2)
+  except KeyboardInterrupt:  # a second SIGTERM/SIGINT while the first one's save ran.
+    print('moetrain: stopped at once by a second signal; checkpoints committed before are '
+          'intact.', file=sys.stderr)
+    _exit(130)
   except Exception as e:  # noqa: BLE001 -- re-raised unless it is a one-sentence error.
     if not isinstance(e, _runtime_errors()):
-      raise
+      if not _multi_process():
+        raise
+      if type(e).__name__ == 'JaxRuntimeError':
+        _distributed().give_the_watch_time()  # a dead peer ends this process, naming it.
+      traceback.print_exc()
+      _exit(1)
     print(f'moetrain: {e}', file=sys.stderr)
-    sys.exit(1)
+    _exit(1)
+
+
+def _distributed():
+  from moetrain.parallel import distributed
+  return distributed
+
+
+def _multi_process() -> bool:
+  return 'moetrain.parallel.distributed' in sys.modules and _distributed().WATCH is not None
+
+
+def _exit(code: int):
+  """sys.exit, or in a multi-process run an exit that skips jax.distributed's exit barrier
+  (the other processes may be dead, or still running)."""
+  if _multi_process():
+    _distributed().exit_now(code)
+  sys.exit(code)
 
 
 if __name__ == '__main__':

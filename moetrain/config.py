@@ -9,9 +9,11 @@ compiled.
 from __future__ import annotations
 
 import difflib
+import fractions
 import importlib.util
 import math
 import pathlib
+import traceback
 
 import ml_collections
 
@@ -57,7 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
   e.renormalize = False  # renormalize the k combine weights to sum to one.
   e.routed_scaling = 1.0  # multiplies the routed output (DeepSeek-V3).
   e.top_k = 2
-  e.capacity_factor = 1.25  # training; capacity = ceil(cf * tokens * k / experts).
+  # training; capacity = ceil(cf * tokens * k / experts), exact: cf counts as the decimal
+  # written (1.1 * 50 * 2 / 10 is 11 slots).
+  e.capacity_factor = 1.25
   e.eval_capacity_factor = 2.0
   e.drop_order = 'position'  # position (GShard) | probability (batch-prioritized).
   e.dropless = False
@@ -73,7 +77,12 @@ def default_config() -> ml_collections.ConfigDict:
   e.balance_coef = 0.01
   e.balance_scope = 'micro_batch'  # micro_batch | global | sequence
   e.z_coef = 0.001
-  e.bias_update_rate = 0.0  # > 0 turns on aux-loss-free bias balancing (DeepSeek-V3).
+  # > 0 turns on aux-loss-free bias balancing (DeepSeek-V3): a per-expert bias added to the
+  # scores that select the top-k, never to the combine weights. The scores are the sigmoid
+  # scores (gate='sigmoid') or the softmax probabilities over all experts (gate='softmax',
+  # both softmax orders: topk_softmax selects by probability + bias, then weights the
+  # chosen experts by a softmax of their logits).
+  e.bias_update_rate = 0.0
   # Ablation (what `moetrain analyze` measures): comma-separated experts whose assignments
   # are removed, 'E' (expert E in every MoE layer) or 'L:E' (expert E of layer L only).
   # A removed assignment keeps its slot and gets combine weight 0 (the token's other
@@ -116,11 +125,28 @@ def default_config() -> ml_collections.ConfigDict:
   t.eval_every = 100
   t.eval_batches = 8
   t.progress = True
-  t.skip_nonfinite = False  # True: skip updates with a NaN/Inf loss or gradient norm.
+  # The divergence guard (moetrain/guard.py) stops training at a bad step, before it is
+  # saved, naming the last good checkpoint. Bad: a NaN/Inf loss, gradient norm or new
+  # parameters, or a spike against the median of the last spike_window good steps: a loss
+  # above spike_loss_factor * max(median, 1 nat), a gradient norm above spike_grad_factor *
+  # its median. spike_window=0 turns spike detection off.
+  t.spike_window = 50
+  t.spike_loss_factor = 3.0
+  t.spike_grad_factor = 20.0
+  # True: skip updates with a NaN/Inf loss, gradient norm or new parameters (and log
+  # spikes) instead of stopping, until max_bad_in_a_row bad steps in a row stop the run.
+  t.skip_nonfinite = False
+  t.max_bad_in_a_row = 3
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 0  # async saves; 0: only the final one (and on SIGTERM/SIGINT).
-  c.checkpoint.keep = 3  # newest checkpoints kept; older ones go once the newest reads back.
+  # newest checkpoints kept (plus the last good one, see train.spike_window); older ones go
+  # once the newest reads back.
+  c.checkpoint.keep = 3
+  # > 0: resume from this step instead of the newest (e.g. the last good one a divergence
+  # named); newer checkpoints move to checkpoints.abandoned/. Once the run has saved past
+  # it, the same command resumes from the newest again.
+  c.checkpoint.restore_step = 0
 
   c.init = ml_collections.ConfigDict()
   # a workdir whose newest checkpoint's parameters start this run (a fresh optimizer, step
@@ -136,19 +162,50 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def load(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """Loads `get_config()` from a config file (without validating it)."""
+def load(path: str | pathlib.Path, *args) -> ml_collections.ConfigDict:
+  """Loads `get_config(*args)` from a config file (without validating it).
+
+  Every way a config file can fail (missing, a syntax error, an exception while it runs,
+  no get_config, a result that is not a ConfigDict) raises ConfigError with one sentence
+  naming the file and, where there is one, the line.
+  """
   path = pathlib.Path(path)
+  name = str(path)
   if not path.is_file():
-    raise ConfigError(f'config file {str(path)!r} does not exist; pass --config=PATH to a '
+    raise ConfigError(f'config file {name!r} does not exist; pass --config=PATH to a '
                       'file in configs/.')
   spec = importlib.util.spec_from_file_location(f'moetrain_config_{path.stem}', path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, 'get_config'):
-    raise ConfigError(f'config file {str(path)!r} has no get_config(); define one that '
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f'config file {name!r} line {e.lineno}: {e.msg}; fix the syntax '
+                      'there.') from None
+  except Exception as e:  # noqa: BLE001 -- whatever the file raises becomes one sentence.
+    raise _raised_in(path, 'running it', e) from None
+  if not callable(getattr(module, 'get_config', None)):
+    raise ConfigError(f'config file {name!r} has no get_config(); define one that '
                       'returns a ConfigDict.')
-  return module.get_config()
+  try:
+    cfg = module.get_config(*args)
+  except Exception as e:  # noqa: BLE001
+    raise _raised_in(path, 'get_config()', e) from None
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigError(f'config file {name!r}: get_config() returned an object of type '
+                      f'{type(cfg).__name__}, not a ConfigDict; return one, e.g. start '
+                      'from moetrain.config.default_config().')
+  return cfg
+
+
+def _raised_in(path: pathlib.Path, what: str, error: Exception) -> ConfigError:
+  """ConfigError for an exception raised by a config file, at its deepest line there."""
+  lines = [lineno for f, lineno in traceback.walk_tb(error.__traceback__)
+           if pathlib.Path(f.f_code.co_filename).resolve() == path.resolve()]
+  where = f' line {lines[-1]}' if lines else ''
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ''
+  cause = f'{type(error).__name__}: {text}' if text else type(error).__name__
+  return ConfigError(f'config file {str(path)!r}{where} raised {cause} in {what}; fix the '
+                     'file.')
 
 
 def _flatten(cfg, prefix=''):
@@ -208,8 +265,25 @@ def moe_layers(model) -> list[int]:
 
 
 def capacity(num_tokens: int, num_experts: int, top_k: int, factor: float) -> int:
-  """Slots per expert: ceil(factor * tokens * k / experts), at least 1, at most tokens."""
-  return max(1, min(num_tokens, math.ceil(factor * num_tokens * top_k / num_experts)))
+  """Slots per expert: ceil(factor * tokens * k / experts), at least 1, at most tokens.
+
+  Exact: the factor is read as the decimal it prints as (1.1 is 11/10, not the binary
+  float just above it), so cf=1.1, T=50, k=2, E=10 gives 11 slots, not 12.
+  """
+  exact = fractions.Fraction(repr(float(factor))) * num_tokens * top_k / num_experts
+  return max(1, min(num_tokens, math.ceil(exact)))
+
+
+def clamp_warmup(cfg) -> str | None:
+  """Few-step runs (smoke tests): a train.warmup_steps above train.steps becomes
+  train.steps, in place. Returns the one line that says so, or None."""
+  t = cfg.train
+  if t.warmup_steps <= t.steps:
+    return None
+  note = (f'train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}, so the '
+          f'warmup is clamped to {t.steps} steps.')
+  t.warmup_steps = t.steps
+  return note
 
 
 def parse_ints(text: str) -> list[int]:
@@ -365,13 +439,16 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     positive(f'train.{name}', t[name])
   for name in ('warmup_steps', 'weight_decay', 'clip_norm', 'min_lr_ratio'):
     positive(f'train.{name}', t[name], allow_zero=True)
-  _require(t.warmup_steps <= t.steps, f'train.warmup_steps={t.warmup_steps} exceeds '
-           f'train.steps={t.steps}; lower warmup_steps.')
   _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1,
            f'train.b1={t.b1} and train.b2={t.b2} must lie in [0, 1); use e.g. 0.9 and 0.95.')
 
   _require(isinstance(t.skip_nonfinite, bool), f'train.skip_nonfinite='
            f'{t.skip_nonfinite!r} must be True or False; set it to a bool.')
+  positive('train.spike_window', t.spike_window, allow_zero=True)
+  for name in ('spike_loss_factor', 'spike_grad_factor'):
+    _require(t[name] > 1, f'train.{name}={t[name]!r} must be a number above 1 (a spike is '
+             'that many times the recent median); set e.g. 3, or train.spike_window=0.')
+  positive('train.max_bad_in_a_row', t.max_bad_in_a_row)
 
   i = cfg.init
   _require(isinstance(i.from_workdir, str), f'init.from_workdir={i.from_workdir!r} must be '
@@ -383,6 +460,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   positive('checkpoint.every_steps', cfg.checkpoint.every_steps, allow_zero=True)
   positive('checkpoint.keep', cfg.checkpoint.keep)
+  positive('checkpoint.restore_step', cfg.checkpoint.restore_step, allow_zero=True)
   for name in ('data', 'expert'):
     value = cfg.mesh[name]
     _require(value == -1 or value > 0,

@@ -208,19 +208,28 @@ def log_replacements(before: int, where: str):
     log.warning('replaced %d undecodable (non-UTF-8) bytes in %s with U+FFFD', replaced, where)
 
 
-def count_undecodable(path: str, chunk_bytes: int = 1 << 24) -> int:
-  """Bytes of a file (gzip/bz2/xz decompressed; other compressions are not scanned) that
-  are not valid UTF-8, counted in chunks."""
+def open_binary(path: str):
+  """The file opened for reading bytes, gzip/bz2/xz decompressed; None for compressions
+  read only by HF datasets (.zst, .lz4)."""
   import bz2
   import gzip
   import lzma
+  if path.lower().endswith(('.zst', '.lz4')):
+    return None
   opener = {'.gz': gzip.open, '.bz2': bz2.open, '.xz': lzma.open}.get(
       pathlib.Path(path).suffix.lower(), open)
-  if path.lower().endswith(('.zst', '.lz4')):
+  return opener(path, 'rb')
+
+
+def count_undecodable(path: str, chunk_bytes: int = 1 << 24) -> int:
+  """Bytes of a file (gzip/bz2/xz decompressed; other compressions are not scanned) that
+  are not valid UTF-8, counted in chunks."""
+  f = open_binary(path)
+  if f is None:
     return 0
   before = _REPLACED.count
   decoder = codecs.getincrementaldecoder('utf-8')(errors=REPLACE_ERRORS)
-  with opener(path, 'rb') as f:
+  with f:
     while chunk := f.read(chunk_bytes):
       decoder.decode(chunk)
   decoder.decode(b'', final=True)
@@ -307,12 +316,38 @@ def file_format(files: list[str], fmt: str) -> str:
 
 
 def _text_columns(ds, field: str, where: str):
-  """Yields the `field` column of each batch of an iterable dataset, as lists of str."""
+  """Yields the `field` column of each batch of an iterable dataset, as lists of str
+  (null and empty values left out; any other non-text value is a ConfigError)."""
+  rows = 0
   for batch in ds.iter(batch_size=1024):
     if field not in batch:
       raise ConfigError(f'data.text_field={field!r} is not a column of {where} (columns: '
                         f'{", ".join(sorted(batch))}); set data.text_field to the text column.')
+    for i, t in enumerate(batch[field]):
+      if t is not None and not isinstance(t, str):
+        raise ConfigError(f'data.text_field={field!r} holds {type(t).__name__} {t!r:.40} '
+                          f'instead of text in row {rows + i + 1} of {where}; fix that row or '
+                          'set data.text_field to a text column.')
+    rows += len(batch[field])
     yield [t for t in batch[field] if t]
+
+
+def check_json_lines(path: str):
+  """Raises ConfigError naming the file and line of the first line of a JSON-lines file
+  that is not an object (a bare `null` as the first line crashes the json reader of HF
+  datasets outright). Files holding one JSON array are left to the reader."""
+  f = open_binary(path)
+  if f is None:
+    return
+  with f:
+    for number, line in enumerate(f, 1):
+      line = line.strip()
+      if number == 1 and line.startswith(b'['):
+        return
+      if line and not line.startswith(b'{'):
+        shown = line[:40].decode(errors='replace')
+        raise ConfigError(f'{path} line {number} is not a JSON object ({shown!r}); make every '
+                          'line an object with the data.text_field key, or drop it.')
 
 
 def _first_texts(ds, d, where: str):
@@ -339,6 +374,8 @@ def file_texts(d):
     for f in files:
       if replaced := count_undecodable(f):
         log.warning('replaced %d undecodable (non-UTF-8) bytes in %s with U+FFFD', replaced, f)
+      if fmt == 'json':
+        check_json_lines(f)
   if fmt == 'text':
     kwargs['sample_by'] = d.sample_by
 

@@ -15,6 +15,8 @@ eval loss.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from moetrain import config as config_lib
@@ -33,6 +35,13 @@ def eval_batches(cfg) -> list[dict]:
   return data.eval_batches
 
 
+@functools.lru_cache(maxsize=8)
+def eval_step(graphdef, eod_id: int):
+  """The jitted eval step of a model structure: models that differ only in their arrays
+  (an expert ablated, other weights) share one compile."""
+  return jax.jit(train_lib.make_eval_step(graphdef, eod_id))
+
+
 def evaluate(run: restore_lib.Run, batches: list[dict] | None = None, *,
              model=None) -> metrics_lib.EvalTotals:
   """Loss and byte sums of `model` (default: the run's restored model) over `batches`
@@ -40,7 +49,7 @@ def evaluate(run: restore_lib.Run, batches: list[dict] | None = None, *,
   model = run.model() if model is None else model
   batches = eval_batches(run.cfg) if batches is None else batches
   graphdef, params, model_state = train_lib.split_model(model)
-  eval_fn = jax.jit(train_lib.make_eval_step(graphdef, run.tokenizer.eod_id))
+  eval_fn = eval_step(graphdef, run.tokenizer.eod_id)
   sharding = mesh_lib.batch_sharding(run.mesh)
   put = lambda batch: data_lib.to_global(batch, sharding)
   with jax.set_mesh(run.mesh):

@@ -70,6 +70,11 @@ def load(workdir, overrides: dict | None = None, *, devices=None) -> Run:
   """Restores the newest readable checkpoint of `workdir` onto a mesh of `devices` (this
   process's devices by default) shaped by the config's `mesh.*` keys after `overrides`.
 
+  Reads through `Checkpointer.restore_latest` (checksums verified; a damaged newest step
+  falls back to an older one with a warning). A reader changes nothing in the workdir: it
+  takes no lock, prunes nothing and moves no damaged step aside, so a run can be read
+  while it trains.
+
   Raises ConfigError (one sentence) for a workdir without config or checkpoints, a mesh
   that does not fit the devices, or overrides that change the saved arrays' shapes."""
   workdir = pathlib.Path(workdir)
@@ -88,7 +93,7 @@ def load(workdir, overrides: dict | None = None, *, devices=None) -> Run:
     shapes = checkpoint_lib.shapes_of(abstract)
     check = lambda meta, step: checkpoint_lib.check_compatible(meta, config, shapes, step)
     step, state, _ = checkpointer.restore_latest(
-        train_lib.restore_target(abstract, shardings), check=check)
+        train_lib.restore_target(abstract, shardings), check=check, move_damaged=False)
   finally:
     checkpointer.close()
   return Run(workdir, cfg, step, graphdef, state, mesh, data_lib.make_tokenizer(cfg.data))

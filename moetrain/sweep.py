@@ -4,9 +4,11 @@ plots of the results.
 `moetrain sweep --config=configs/tiny.py --workdir=runs/experts \
     --sweep=model.num_experts=4,8,16 --sweep=model.moe.top_k=1,2`
 trains the 6 combinations into `runs/experts/<name>/` and writes `results.md`,
-`results.csv`, `loss_curves.png` and `final_eval_loss.png` beside them. A run that already
-finished (its `summary.json` exists) is read, not retrained, so a sweep interrupted half
-way continues where it stopped; `moetrain report --workdir=DIR` only rebuilds the table.
+`results.csv`, `loss_curves.png` and `final_eval_loss.png` beside them. SIGTERM or Ctrl-C
+stops the whole sweep once the run in progress has saved a checkpoint. A run that already
+finished (its `summary.json` exists) is read, not retrained, and an interrupted one
+resumes from its checkpoint, so the same command continues a sweep where it stopped;
+`moetrain report --workdir=DIR` only rebuilds the table.
 """
 
 from __future__ import annotations
@@ -80,19 +82,30 @@ def grid(base, axes: list[str]) -> list[tuple[str, object]]:
   return runs
 
 
-def sweep(base, axes: list[str], workdir, *, log=print) -> list[dict]:
-  """Trains every grid point not yet finished, then writes the report. Returns its rows."""
+def sweep(base, axes: list[str], workdir, *, log=print) -> list[dict] | None:
+  """Trains every grid point not yet finished, then writes the report. Returns its rows,
+  or None when SIGTERM/SIGINT stopped the sweep (the run in progress saved a checkpoint;
+  the same command resumes it and goes on)."""
   from moetrain import train
+  from moetrain import workdir as workdir_lib
   workdir = pathlib.Path(workdir)
   runs = grid(base, axes)
-  for i, (name, cfg) in enumerate(runs):
-    run_dir = workdir / name
-    if (run_dir / SUMMARY).is_file():
-      log(f'[{i + 1}/{len(runs)}] {name}: finished earlier, kept')
-      continue
-    log(f'[{i + 1}/{len(runs)}] {name}')
-    summary = train.train(cfg, run_dir, log=log)
-    (run_dir / SUMMARY).write_text(json.dumps(dataclasses.asdict(summary), indent=2))
+  with workdir_lib.locked(workdir, log), train.PreemptionHandler() as stop:
+    for i, (name, cfg) in enumerate(runs):
+      run_dir = workdir / name
+      if (run_dir / SUMMARY).is_file():
+        log(f'[{i + 1}/{len(runs)}] {name}: finished earlier, kept')
+        continue
+      if stop.stop_requested():  # the signal came between runs.
+        log(stop.describe_sweep(name))
+        return None
+      log(f'[{i + 1}/{len(runs)}] {name}')
+      summary = train.train(cfg, run_dir, log=log, stop=stop)
+      if summary.preempted:
+        log(stop.describe_sweep(name))
+        return None
+      workdir_lib.write_text(run_dir / SUMMARY,
+                             json.dumps(dataclasses.asdict(summary), indent=2))
   return report(workdir, [name for name, _ in runs], log=log)
 
 

@@ -2,13 +2,15 @@
 eval on the held-out split, logging, and orbax checkpoints that never lose work.
 
 A run on a workdir with checkpoints resumes from the newest one that reads back (the
-train state, RNG, step and data position are all saved, so the resumed run is exact);
-SIGTERM/SIGINT finish the current step, save and return; a NaN/Inf loss or gradient norm
-stops training before it can reach a checkpoint (or skips that update with
-`train.skip_nonfinite=True`)."""
+train state, RNG, step, data position and divergence-guard history are all saved, so the
+resumed run is exact) or from `checkpoint.restore_step`; SIGTERM/SIGINT finish the current
+step, save and return; the divergence guard (moetrain/guard.py) stops training at a
+non-finite or spiking step before it can reach a checkpoint, naming the last good one (or
+skips non-finite updates with `train.skip_nonfinite=True`)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -28,9 +30,11 @@ from tqdm import tqdm
 from moetrain import checkpoint as checkpoint_lib
 from moetrain import config as config_lib
 from moetrain import data as data_lib
+from moetrain import guard as guard_lib
 from moetrain import metrics as metrics_lib
 from moetrain import objective
 from moetrain import token_bytes
+from moetrain import workdir as workdir_lib
 from moetrain.interop import params as params_lib
 from moetrain.interop import upcycle
 from moetrain.model import routing
@@ -182,7 +186,7 @@ def make_train_step(graphdef, tx, cfg):
       model = nnx.merge(graphdef, params, model_state)
       update_router_biases(model, stats, moe_cfg.bias_update_rate)
       model_state = split_model(model)[2]
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
     if cfg.train.skip_nonfinite:
       params, opt_state, model_state = keep_if(
           finite, (params, opt_state, model_state),
@@ -195,6 +199,12 @@ def make_train_step(graphdef, tx, cfg):
     return new_state, metrics
 
   return train_step
+
+
+def all_finite(tree) -> jax.Array:
+  """True when no leaf of `tree` holds a NaN or Inf (one sum per leaf: NaN and Inf
+  propagate into it)."""
+  return jnp.all(jnp.stack([jnp.isfinite(jnp.sum(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
 def keep_if(condition, new, old):
@@ -252,9 +262,11 @@ class Summary:
   def lines(self) -> list[str]:
     stopped = [f'stopped by a signal at step {self.steps} after saving a checkpoint; run the '
                'same command again to resume'] if self.preempted else []
+    evaluated = not np.isnan(self.eval_loss)  # NaN: stopped before the first eval.
     return stopped + [
         f'final eval loss {self.eval_loss:.4f} nats/token '
-        f'({self.eval_loss / np.log(2):.3f} bits), {self.eval_bits_per_byte:.4f} bits/byte',
+        f'({self.eval_loss / np.log(2):.3f} bits), {self.eval_bits_per_byte:.4f} bits/byte'
+        if evaluated else 'no eval loss yet: this call stopped before its first eval',
         f'unigram entropy of the eval split {self.eval_unigram_entropy:.4f} nats/token '
         f'({self.eval_unigram_entropy / np.log(2):.3f} bits)',
         f'{self.steps - self.first_step} steps in {self.seconds:.1f} s, '
@@ -263,36 +275,15 @@ class Summary:
     ]
 
 
-def prepare(cfg):
-  """Validates and resolves a config; raises ConfigError before anything compiles."""
+def prepare(cfg, log=None):
+  """Validates and resolves a copy of a config (a warmup longer than the run is clamped,
+  said through `log`); raises ConfigError before anything compiles."""
   cfg = data_lib.resolve_vocab(config_lib.validate(cfg))
+  note = config_lib.clamp_warmup(cfg)
+  if note and log:
+    log(note)
   mesh_lib.check(cfg, jax.device_count())
   return cfg
-
-
-class NonFiniteError(RuntimeError):
-  """A NaN or Inf loss or gradient norm; the message names the step and the fix."""
-
-
-def check_finite(records, skip: bool, checkpoint_step: int, log=print) -> list[int]:
-  """Checks the (step, nonfinite, loss, grad_norm) records of steps since the last check.
-
-  Fetches them in one transfer, so steps need not wait for each other. Raises
-  NonFiniteError at the first bad step unless `skip` (the step function then left the
-  state unchanged); returns the skipped steps.
-  """
-  bad = [(step, loss, norm) for step, nonfinite, loss, norm in jax.device_get(records)
-         if nonfinite]
-  if bad and not skip:
-    step, loss, norm = bad[0]
-    raise NonFiniteError(
-        f'step {step} has a non-finite loss ({float(loss)}) or gradient norm ({float(norm)}), '
-        f'so training stopped with the last checkpoint (step {checkpoint_step}) intact; '
-        'lower train.lr or set train.skip_nonfinite=True to skip such updates.')
-  for step, loss, norm in bad:
-    log(f'step {step}: non-finite loss ({float(loss)}) or gradient norm ({float(norm)}); '
-        'update skipped.')
-  return [step for step, _, _ in bad]
 
 
 class PreemptionHandler:
@@ -337,14 +328,23 @@ class PreemptionHandler:
 
   def describe(self, step: int) -> str:
     """The log line for a stop at `step`."""
-    name = signal.Signals(self.signum).name if self.signum else 'a stop request'
-    return (f'{name} received: saving a checkpoint at step {step} and exiting (send it '
-            'again to stop at once).')
+    return (f'{self._name()} received: saving a checkpoint at step {step} and exiting (send '
+            'it again to stop at once).')
+
+  def describe_sweep(self, run: str) -> str:
+    """The log line for a sweep stopped at run `run`."""
+    return (f'sweep stopped by {self._name()} at run {run}; run the same command again to '
+            'resume it.')
+
+  def _name(self) -> str:
+    return signal.Signals(self.signum).name if self.signum else 'a stop request'
 
 
-def checkpoint_meta(cfg, data) -> dict:
-  """The JSON saved beside the train state: the config and the data iterator position."""
-  return dict(config=json.loads(cfg.to_json_best_effort()), data=data.train.state())
+def checkpoint_meta(cfg, data, guard, restored_from: int | None) -> dict:
+  """The JSON saved beside the train state: the config, the data iterator position, the
+  divergence guard's history and the checkpoint.restore_step this run descends from."""
+  return dict(config=json.loads(cfg.to_json_best_effort()), data=data.train.state(),
+              guard=guard.state(), restored_from=restored_from)
 
 
 def restore_target(abstract, shardings):
@@ -371,23 +371,42 @@ def init_from_run(cfg, mesh, tx, log=print):
   return state_with_params(cfg, mesh, tx, params_lib.from_flat(fresh.params, flat))
 
 
+ABANDONED = 'checkpoints.abandoned'  # where checkpoint.restore_step moves newer steps.
+
+
 def restore_or_init(cfg, checkpointer, data, mesh, tx, log=print):
-  """The train state to start from: the newest checkpoint that reads back (resharded onto
-  `mesh`, with `data.train` moved to its position) or, when there is none, a fresh one.
+  """The train state to start from: `checkpoint.restore_step` or else the newest
+  checkpoint that reads back (resharded onto `mesh`, with `data.train` moved to its
+  position) or, when there is none, a fresh one.
 
   Checks the checkpoint's shapes against `cfg` before anything compiles. Returns
-  (graphdef, state, state_shardings).
+  (graphdef, state, state_shardings, meta of the restored checkpoint or None).
   """
-  if not checkpointer.steps():
+  steps, want = checkpointer.steps(), cfg.checkpoint.restore_step
+  if not steps:
+    if want:
+      raise config_lib.ConfigError(
+          f'checkpoint.restore_step={want} but {checkpointer.directory} holds no '
+          'checkpoints; set it to 0 to start a new run.')
     if cfg.init.from_workdir:
-      return init_from_run(cfg, mesh, tx, log=log)
-    return init_state(cfg, mesh, tx)
+      return *init_from_run(cfg, mesh, tx, log=log), None
+    graphdef, state, shardings = init_state(cfg, mesh, tx)
+    return graphdef, state, shardings, None
   graphdef, abstract, shardings = abstract_state(cfg, mesh, tx)
   target = restore_target(abstract, shardings)
   config = json.loads(cfg.to_json_best_effort())
   shapes = checkpoint_lib.shapes_of(abstract)
   check = lambda meta, step: checkpoint_lib.check_compatible(meta, config, shapes, step)
-  step, state, meta = checkpointer.restore_latest(target, check=check)
+  if want and want != steps[-1] and not _descends_from(checkpointer, steps[-1], want):
+    state, meta = checkpointer.restore_step(want, target, check=check)
+    newer = [s for s in steps if s > want]
+    for s in newer:
+      checkpointer.move_aside(s, checkpointer.workdir / ABANDONED)
+    log(f'restoring checkpoint.restore_step={want}; the newer checkpoints '
+        f'({", ".join(map(str, newer))}) moved to {checkpointer.workdir / ABANDONED}')
+    step, meta = want, dict(meta, restored_from=want)
+  else:
+    step, state, meta = checkpointer.restore_latest(target, check=check)
   if step > cfg.train.steps:
     raise config_lib.ConfigError(
         f'the checkpoint in {checkpointer.directory} is at step {step}, beyond '
@@ -395,19 +414,62 @@ def restore_or_init(cfg, checkpointer, data, mesh, tx, log=print):
   if meta.get('data') is not None:  # None: an imported model, data not yet read.
     data.train.restore(meta['data'])
   log(f'resuming from the checkpoint at step {step}')
-  return graphdef, state, shardings
+  return graphdef, state, shardings, meta
 
 
-def train(cfg, workdir, *, log=print) -> Summary:
+def _descends_from(checkpointer, newest: int, step: int) -> bool:
+  """Whether the newest checkpoint was saved by a run that restored `step` (so a command
+  that still says checkpoint.restore_step=step resumes from the newest)."""
+  try:
+    return checkpointer.read_meta(newest).get('restored_from') == step
+  except Exception:  # noqa: BLE001 -- unreadable: not a descendant.
+    return False
+
+
+def close_all(closers, quiet: bool):
+  """Calls each closer; the first error is raised after all ran, unless `quiet` (an
+  error is already on its way, and a second one would hide it)."""
+  first = None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # noqa: BLE001
+      first = first or e
+  if first is not None and not quiet:
+    raise first
+
+
+def train(cfg, workdir, *, log=print, stop: PreemptionHandler | None = None) -> Summary:
   """Trains `cfg` to train.steps under `workdir`: resumes from its checkpoints if any,
-  saves every checkpoint.every_steps (async) and at the end, and on SIGTERM/SIGINT."""
-  cfg = prepare(cfg)
+  saves every checkpoint.every_steps (async) and at the end, and on SIGTERM/SIGINT
+  (caught by `stop`, an entered PreemptionHandler, when given: a sweep's, which outlives
+  this run).
+
+  Holds the workdir's lock meanwhile. A write the filesystem refuses (disk full,
+  read-only, no permission) raises WorkdirError with one sentence; the checkpoints saved
+  before it stay readable (orbax commits a save by renaming a finished folder).
+  """
+  cfg = prepare(cfg, log)
   workdir = pathlib.Path(workdir)
+  try:
+    with workdir_lib.locked(workdir, log), workdir_lib.quiet_write_errors():
+      return _train(cfg, workdir, log, stop)
+  except Exception as e:
+    if isinstance(e, workdir_lib.WorkdirError) or not workdir_lib.refused_write_in(e, workdir):
+      raise
+    raise workdir_lib.WorkdirError(workdir_lib.os_error_sentence(e, workdir)) from None
+
+
+def _train(cfg, workdir: pathlib.Path, log, stop) -> Summary:
+  """`train` in a locked workdir, with a prepared config."""
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=cfg.checkpoint.keep)
   data = data_lib.make_data(cfg)
   mesh = mesh_lib.make_mesh(cfg)
   tx = make_optimizer(cfg.train)
-  graphdef, state, shardings = restore_or_init(cfg, checkpointer, data, mesh, tx, log=log)
+  graphdef, state, shardings, meta = restore_or_init(cfg, checkpointer, data, mesh, tx,
+                                                     log=log)
+  guard = guard_lib.Guard.from_config(cfg.train, meta and meta.get('guard'))
+  restored_from = meta and meta.get('restored_from')
   batch_sharding = mesh_lib.batch_sharding(mesh)
   put = lambda batch: data_lib.to_global(batch, batch_sharding)
   step_fn = jax.jit(make_train_step(graphdef, tx, cfg), donate_argnums=0,
@@ -418,10 +480,12 @@ def train(cfg, workdir, *, log=print) -> Summary:
                                     data.eval_batches, put, bytes_2V)
   writer = metrics_lib.MetricWriter(workdir)
   if jax.process_index() == 0:
-    (workdir / 'config.json').write_text(cfg.to_json_best_effort(indent=2))
+    workdir_lib.write_text(workdir / 'config.json', cfg.to_json_best_effort(indent=2))
 
   t, every = cfg.train, cfg.checkpoint.every_steps
   first = int(jax.device_get(state.step))
+  if meta is not None:
+    guard.note_checkpoint(first)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   log(f'training {workdir}: steps {first + 1}..{t.steps} of {tokens_per_step} tokens on mesh '
       f'{dict(mesh.shape)}; {data.num_train_tokens:,} training tokens in this process\'s streams')
@@ -429,19 +493,22 @@ def train(cfg, workdir, *, log=print) -> Summary:
              disable=not t.progress or jax.process_index() != 0, dynamic_ncols=True)
   note = log if bar.disable else bar.write  # messages between progress-bar updates.
   start = last_time = time.perf_counter()
-  last_step, saved_step, step = first, first, first
+  last_step, step = first, first
   loss, records = float('nan'), []
   totals = metrics_lib.EvalTotals(float('nan'), float('nan'), float('nan'))  # no eval yet
+  failed = True
   try:
-    with jax.set_mesh(mesh), PreemptionHandler() as stop:
+    with jax.set_mesh(mesh), (contextlib.nullcontext(stop) if stop else
+                              PreemptionHandler()) as stop:
       while step < t.steps:
         state, metrics = step_fn(state, put(next(data.train)))
         step += 1
         bar.update(1)
         records.append((step, metrics['nonfinite'], metrics['loss'], metrics['grad_norm']))
         if step % t.log_every == 0 or step == t.steps:
-          check_finite(records, t.skip_nonfinite, saved_step, log=note)
+          guard.check(jax.device_get(records), log=note)
           records = []
+          checkpointer.check_for_errors()  # a failed async save stops training here.
           metrics = jax.device_get(metrics)
           now = time.perf_counter()
           metrics['tokens_per_second'] = (step - last_step) * tokens_per_step / (now - last_time)
@@ -457,20 +524,20 @@ def train(cfg, workdir, *, log=print) -> Summary:
         if preempted:
           note(stop.describe(step))
         if (every and step % every == 0) or step == t.steps or preempted:
-          check_finite(records, t.skip_nonfinite, saved_step, log=note)
+          guard.check(jax.device_get(records), log=note)
           records = []
-          checkpointer.save(step, state, checkpoint_meta(cfg, data), force=True)
-          saved_step = step
+          checkpointer.save(step, state, checkpoint_meta(cfg, data, guard, restored_from),
+                            force=True)
+          guard.note_checkpoint(step)
         if preempted:
           break
       else:
         preempted = False
       bar.close()
       seconds = time.perf_counter() - start
+    failed = False
   finally:
-    checkpointer.close()
-    writer.close()
-    data.train.close()
+    close_all((checkpointer.close, writer.close, data.train.close), quiet=failed)
   if step == first and first == t.steps:
     log(f'the checkpoint is already at train.steps={t.steps}; nothing to train.')
     # Report the finished run: the checkpoint's eval loss, the last logged training loss.

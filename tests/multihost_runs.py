@@ -49,15 +49,22 @@ def train_one_process(workdir) -> pathlib.Path:
 
 def assert_same_run(workdir, reference):
   """`workdir` logged every step once with the losses, eval losses and final parameters
-  of `reference` (a run of ARGS)."""
+  of `reference` (a run of ARGS), to 1e-6: not bit-exact, because the gradient all-reduce
+  adds the devices' parts in another order across processes (gloo) than within one. The
+  gap is printed (pytest -s); the README quotes it."""
   (steps, train, evals), (_, train_ref, evals_ref) = losses(workdir), losses(reference)
   assert steps == list(range(1, STEPS + 1))
   assert len(evals) == STEPS // EVAL_EVERY
-  np.testing.assert_allclose(train, train_ref, rtol=1e-5)
-  np.testing.assert_allclose(evals, evals_ref, rtol=1e-5)
   params = checkpoint_lib.Checkpointer(workdir).read_arrays(STEPS)
   params_ref = checkpoint_lib.Checkpointer(reference).read_arrays(STEPS)
   assert params.keys() == params_ref.keys()
+  rel = lambda a, b: float(np.max(np.abs(np.subtract(a, b)) / np.abs(b)))
+  print(f'\nmulti-process vs one: {np.sum(np.equal(train, train_ref))} of {len(train_ref)} '
+        f'step losses bit-equal, max relative difference {rel(train, train_ref):.2g}; eval '
+        f'{rel(evals, evals_ref):.2g}; parameters max absolute difference '
+        f'{max(np.abs(params[k] - params_ref[k]).max() for k in params_ref):.2g}')
+  np.testing.assert_allclose(train, train_ref, rtol=1e-6)
+  np.testing.assert_allclose(evals, evals_ref, rtol=1e-6)
   for key in params_ref:
-    np.testing.assert_allclose(params[key], params_ref[key], rtol=1e-4, atol=1e-6,
+    np.testing.assert_allclose(params[key], params_ref[key], rtol=1e-6, atol=1e-6,
                                err_msg=key)

@@ -21,6 +21,7 @@ import pytest
 from conftest import tiny_config
 from moetrain import checkpoint as checkpoint_lib
 from moetrain import data as data_lib
+from moetrain import guard as guard_lib
 from moetrain import metrics as metrics_lib
 from moetrain import train as train_lib
 
@@ -91,10 +92,10 @@ def cli_env(tmp_path_factory):
 
 
 def run_cli(env, workdir, *, signal_after_step=None, sig=signal.SIGKILL,
-            slow_finalize_step=None, timeout=300):
+            slow_finalize_step=None, timeout=300, before_signal=None):
   """Runs `moetrain train` on `workdir`; if `signal_after_step`, sends `sig` once this run
-  has logged that step (or, with `slow_finalize_step`, once that save is being committed).
-  Returns (exit code, output)."""
+  has logged that step (or, with `slow_finalize_step`, once that save is being committed),
+  after calling `before_signal()` if given. Returns (exit code, output)."""
   driver = pathlib.Path(workdir).parent / 'driver.py'
   driver.write_text(DRIVER)
   env = dict(env)  # the caller's stays without SLOW_FINALIZE_STEP.
@@ -124,6 +125,8 @@ def run_cli(env, workdir, *, signal_after_step=None, sig=signal.SIGKILL,
       assert proc.poll() is None, 'run ended before the signal point:\n' + ''.join(lines)
       assert time.time() < deadline, 'timed out waiting for the signal point'
       time.sleep(0.01)
+    if before_signal is not None:
+      before_signal()
     proc.send_signal(sig)
   rc = proc.wait(timeout=max(1, deadline - time.time()))
   reader.join(timeout=10)
@@ -153,14 +156,21 @@ def test_sigkill_at_several_points_and_mid_save_resumes_exactly(tmp_path, refere
   workdir = tmp_path / 'run'
   rc, out = run_cli(cli_env, workdir, signal_after_step=3)  # between saves (step 2 is saved)
   assert rc == -signal.SIGKILL, out
-  rc, out = run_cli(cli_env, workdir, slow_finalize_step=6)  # during the async save of step 6
+  second = []  # a second run on the workdir while the first is in its save of step 6.
+  rc, out = run_cli(cli_env, workdir, slow_finalize_step=6,  # killed during that async save
+                    before_signal=lambda: second.append(run_cli(cli_env, workdir)))
   assert rc == -signal.SIGKILL, out
   ckpts = workdir / 'checkpoints'
   assert not (ckpts / '6').exists()
   assert any(p.name.startswith('6.orbax-checkpoint-tmp') for p in ckpts.iterdir())
+  (second_rc, second_out), = second
+  assert second_rc == 1 and re.fullmatch(
+      f'moetrain: {re.escape(str(workdir))} is in use by another moetrain run \\(pid \\d+ on '
+      r'host .*\); wait for it to end or choose another --workdir\.\n', second_out), second_out
   rc, out = run_cli(cli_env, workdir, signal_after_step=7)  # right after a resumed step
   assert rc == -signal.SIGKILL, out
   assert 'resuming from the checkpoint at step' in out
+  assert 'which is no longer running; taking the lock over.' in out  # the killed run's lock.
   rc, out = run_cli(cli_env, workdir)
   assert rc == 0, out
   assert 'resuming from the checkpoint at step' in out
@@ -174,6 +184,7 @@ def test_sigterm_and_sigint_save_and_exit_zero(tmp_path, reference, cli_env):
     rc, out = run_cli(cli_env, workdir, signal_after_step=after, sig=sig)
     assert rc == 0, out
     assert f'{signal.Signals(sig).name} received' in out
+    assert 'no eval loss yet' in out and 'nan' not in out  # stopped before the first eval.
     stopped = int(re.search(r'stopped by a signal at step (\d+)', out).group(1))
     assert after <= stopped < RUN_STEPS
     assert max(checkpoint_lib.Checkpointer(workdir).steps()) == stopped
@@ -269,7 +280,8 @@ def test_train_resumes_past_damaged_latest_and_keep_1_never_deletes_it(saved_run
     summary = train_lib.train(cfg, workdir, log=logs.append)
   assert 'resuming from the checkpoint at step 2' in logs
   assert summary.steps == 6
-  assert checkpoint_lib.Checkpointer(workdir).steps() == [6]
+  # keep=1: the newest, and the last good one (step 5 vouched for 4; nothing for 6 yet).
+  assert checkpoint_lib.Checkpointer(workdir).steps() == [4, 6]
   assert (workdir / 'checkpoints.damaged' / '4' / 'state').is_dir()
   assert sorted(losses(workdir)) == [1, 2, 3, 4, 5, 6]
 
@@ -283,8 +295,9 @@ def test_retention_keeps_older_steps_while_newest_is_damaged(saved_run, tmp_path
   assert checkpointer.steps() == [2, 4]
   _, workdir = copy_run(saved_run, tmp_path / 'intact')
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=1)
+  assert checkpointer.read_meta(4)['guard']['last_good'] == 2  # step 3 vouched for it.
   checkpointer.prune()
-  assert checkpointer.steps() == [4]
+  assert checkpointer.steps() == [2, 4]  # the newest, and the last good one.
 
 
 def test_no_valid_checkpoint_is_a_clear_error_and_deletes_nothing(saved_run, tmp_path):
@@ -375,12 +388,15 @@ def poison_step(monkeypatch, cfg, bad_step):
   monkeypatch.setattr(train_lib, 'make_loss_fn', poisoned)
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch):
+  """Step 3's loss is NaN: checkpoint 2 (whose parameters step 3 used) is not vouched for,
+  so the message names step 1, and nothing after step 2 is saved."""
   cfg = small_config(**{'train.steps': 4, 'checkpoint.every_steps': 1})
   poison_step(monkeypatch, cfg, 3)
-  with pytest.raises(train_lib.NonFiniteError,
-                     match=r'step 3 has a non-finite loss \(nan\).*last checkpoint \(step 2\) '
-                           r'intact; .*train.skip_nonfinite=True'):
+  with pytest.raises(guard_lib.DivergenceError,
+                     match=r'^step 3 has a non-finite loss \(nan\), so training stopped before '
+                           r'saving it; the last good checkpoint is step 1: resume from it with '
+                           r'--config\.checkpoint\.restore_step=1 and a lower train\.lr'):
     train_lib.train(cfg, tmp_path, log=lambda _: None)
   checkpointer = checkpoint_lib.Checkpointer(tmp_path)
   assert checkpointer.steps() == [1, 2]
@@ -393,7 +409,7 @@ def test_skip_nonfinite_skips_only_that_update(tmp_path, monkeypatch):
   poison_step(monkeypatch, cfg, 3)
   logs = []
   train_lib.train(cfg, tmp_path, log=logs.append)
-  assert any('step 3: non-finite loss (nan)' in line and 'update skipped' in line
+  assert any(line.startswith('step 3: a non-finite loss (nan); update skipped (1 of')
              for line in logs), logs
   records = {r['step']: r for r in metrics_lib.read_jsonl(tmp_path / 'metrics.jsonl')
              if 'loss' in r}
@@ -406,3 +422,86 @@ def test_skip_nonfinite_skips_only_that_update(tmp_path, monkeypatch):
   assert int(a3['step']) == 3
   assert any(not np.array_equal(a4[n], a3[n]) for n in a4 if n.startswith('params'))
   assert all(np.isfinite(a).all() for a in a4.values())
+
+
+def largest_param(workdir, step) -> float:
+  return max(np.abs(a).max() for k, a in final_arrays(workdir, step).items()
+             if k.startswith('params.'))
+
+
+POISONED_LR = {'train.lr': 1e4, 'train.steps': 8, 'checkpoint.every_steps': 1}
+
+
+def test_poisoned_lr_names_a_good_step_that_resumes_to_the_end(tmp_path):
+  """lr 1e4: step 2's update blows the parameters up (still finite), step 3's loss spikes.
+  The run stops naming step 1, keep=1 does not prune it, a plain resume from the
+  blown-up newest checkpoint stops the same way, and restore_step=1 with the normal lr
+  trains to the end (once: the same command again does not go back to step 1)."""
+  cfg = small_config(**{**POISONED_LR, 'checkpoint.keep': 1})
+  message = (r'^step 3 has a loss spike \(.*\), so training stopped before saving it; the '
+             r'last good checkpoint is step 1: resume from it with '
+             r'--config\.checkpoint\.restore_step=1 and a lower train\.lr \(it is 10000\)\.$')
+  for _ in range(2):
+    with pytest.raises(guard_lib.DivergenceError, match=message):
+      train_lib.train(cfg, tmp_path, log=lambda _: None)
+    assert checkpoint_lib.Checkpointer(tmp_path).steps() == [1, 2]
+  assert largest_param(tmp_path, 2) > 100  # blown up.
+  cfg = small_config(**{**POISONED_LR, 'train.lr': 3e-3, 'checkpoint.keep': 1,
+                        'checkpoint.restore_step': 1})
+  logs = []
+  summary = train_lib.train(cfg, tmp_path, log=logs.append)
+  assert logs[0].startswith('restoring checkpoint.restore_step=1; the newer checkpoints (2) '
+                            f'moved to {tmp_path.absolute() / "checkpoints.abandoned"}')
+  assert (tmp_path / 'checkpoints.abandoned' / '2' / 'state').is_dir()
+  assert summary.steps == 8 and np.isfinite(summary.eval_loss)
+  run = losses(tmp_path)
+  assert sorted(run) == list(range(1, 9)) and max(run[s] for s in range(2, 9)) < 6.5
+  assert checkpoint_lib.Checkpointer(tmp_path).steps() == [7, 8]  # 7: the last good one.
+  logs = []
+  again = train_lib.train(cfg, tmp_path, log=logs.append)
+  assert again.first_step == 8 and 'resuming from the checkpoint at step 8' in logs
+
+
+def test_skip_nonfinite_never_ends_with_only_blown_up_checkpoints(tmp_path):
+  cfg = small_config(**{**POISONED_LR, 'checkpoint.keep': 2, 'train.skip_nonfinite': True})
+  logs = []
+  with pytest.raises(guard_lib.DivergenceError, match=r'^step 5 has a .* \(3 bad '
+                     r'steps in a row\), .* the last good checkpoint is step 1: resume'):
+    train_lib.train(cfg, tmp_path, log=logs.append)
+  assert [line.split(':')[0] for line in logs if 'bad steps in a row' in line] == [
+      'step 3', 'step 4']
+  steps = checkpoint_lib.Checkpointer(tmp_path).steps()
+  assert steps == [1, 3, 4]  # the newest 2, and the last good one.
+  assert largest_param(tmp_path, 1) < 5
+
+
+def test_restore_step_that_does_not_exist_is_one_sentence(saved_run, tmp_path):
+  cfg, workdir = copy_run(saved_run, tmp_path)
+  cfg.checkpoint.restore_step = 3
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r'^checkpoint\.restore_step=3 is '
+                     r'not a checkpoint in .* \(there are 2, 4\); pick one of them'):
+    train_lib.train(cfg, workdir, log=lambda _: None)
+  assert checkpoint_lib.Checkpointer(workdir).steps() == [2, 4]
+
+
+def replace_state_silently(workdir, step, other):
+  """Puts the intact `state` item of step `other` in place of `step`'s: it reads back
+  without any error, only the values are not the ones saved at `step` (what a flipped bit
+  in an uncompressed block does to one array)."""
+  state = workdir / 'checkpoints' / str(step) / 'state'
+  shutil.rmtree(state)
+  shutil.copytree(workdir / 'checkpoints' / str(other) / 'state', state)
+
+
+def test_silent_corruption_is_caught_by_checksums_and_handled_as_damage(saved_run, tmp_path):
+  cfg, workdir = copy_run(saved_run, tmp_path)
+  replace_state_silently(workdir, 4, other=2)
+  checkpointer = checkpoint_lib.Checkpointer(workdir)
+  with pytest.raises(checkpoint_lib.ChecksumMismatch,
+                     match=r'^opt_state\..*, \.\.\. differ from their saved checksums$'):
+    checkpointer.read_arrays(4)
+  with pytest.warns(checkpoint_lib.DamagedCheckpointWarning,
+                    match=r'checkpoint at step 4 is damaged \(ChecksumMismatch: .* differ'):
+    step, state, _ = checkpointer.restore_latest(restore_target(cfg))
+  assert step == 2 and int(state.step) == 2
+  assert (workdir / 'checkpoints.damaged' / '4' / 'state').is_dir()

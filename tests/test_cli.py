@@ -102,8 +102,9 @@ def test_usage_without_command():
 
 def test_eval_and_sample_commands(trained_run, tmp_path):
   """On 2 devices (the run trained on 8): eval with a typed override, and a batch of
-  prompts from flags and a file."""
+  prompts from flags and a file whose draws are the library's with the same --seed."""
   from moetrain import evaluate
+  from moetrain import sample
   out = moetrain('eval', f'--workdir={trained_run}', '--eval_batches=1',
                  '--config.model.moe.eval_capacity_factor=4.0')
   assert out.returncode == 0, out.stderr[-3000:]
@@ -120,7 +121,79 @@ def test_eval_and_sample_commands(trained_run, tmp_path):
                  f'--prompts_file={prompts}', '--max_new_tokens=4', '--temperature=0.9',
                  '--top_k=5', '--top_p=0.9', '--seed=1')
   assert out.returncode == 0, out.stderr[-3000:]
-  text = out.stdout
-  assert [line for line in text.splitlines() if line.startswith('---')] == [
-      f'--- sample {i} of 3 ---' for i in (1, 2, 3)]
-  assert '\ndef ' in text and '\nimport os\nimport sys' in text and '\nclass A:' in text
+  texts = ['def ', 'import os\nimport sys', 'class A:']
+  draws = lambda seed: sample.sample(trained_run, texts, max_new_tokens=4, seed=seed,
+                                     sampler=sample.Sampler(0.9, top_k=5, top_p=0.9))
+  seeded = draws(1)
+  assert seeded != draws(2)
+  assert out.stdout == ''.join(f'--- sample {i + 1} of 3 ---\n{prompt}{text}\n'
+                               for i, (prompt, text) in enumerate(zip(texts, seeded)))
+
+
+def in_process(capsys, *args):
+  """cli.main in this process: (exit code, stdout, stderr)."""
+  from moetrain import cli
+  with pytest.raises(SystemExit) as e:
+    cli.main(['moetrain', *args])
+  out = capsys.readouterr()
+  return e.value.code, out.out, out.err
+
+
+def every_command():
+  from moetrain import cli
+  return [f'{c} {sub}' for c in cli.COMMANDS for sub in cli.SUBCOMMANDS.get(c, ())] + [
+      c for c in cli.COMMANDS if c not in cli.SUBCOMMANDS]
+
+
+@pytest.mark.parametrize('command', every_command())
+def test_help_on_every_command(command, capsys):
+  from moetrain import cli
+  for flag in ('--help', '-h'):
+    code, out, err = in_process(capsys, *command.split(), flag)
+    assert code == 0 and not err, err
+    assert out.startswith(f'usage: moetrain {command} ')
+    for name in cli.COMMAND_FLAGS.get(command, ()):
+      assert f'--{name} ' in out, name
+  code, out, _ = in_process(capsys, 'help', command.split()[0])
+  assert code == 0 and out.startswith('usage: moetrain')
+
+
+def test_top_level_help_and_unknown_command(capsys):
+  code, out, _ = in_process(capsys, '--help')
+  assert code == 0 and 'usage: moetrain COMMAND' in out and 'sweep' in out
+  code, out, err = in_process(capsys, 'trian', '--config=configs/tiny.py')
+  assert code == 2 and not out
+  assert err.strip().splitlines() == [err.strip()]
+  assert err.startswith("moetrain: unknown command 'trian'; did you mean 'train'?")
+
+
+@pytest.mark.parametrize('text,message', [
+    ('def get_config(:\n  pass\n', r"config file '.*bad\.py' line 1: invalid syntax"),
+    ('x = 1\n', r'has no get_config\(\)'),
+    ('import os\n\ndef get_config():\n  return {}["model"]\n',
+     r"line 4 raised KeyError: 'model' in get_config\(\)"),
+    ('raise RuntimeError("no config today")\n',
+     r'line 1 raised RuntimeError: no config today in running it'),
+    ('def get_config():\n  return 5\n', r'get_config\(\) returned an object of type int, not a ConfigDict'),
+])
+def test_bad_config_file_is_one_sentence_with_its_line(text, message, tmp_path, capsys):
+  import re
+  path = tmp_path / 'bad.py'
+  path.write_text(text)
+  code, out, err = in_process(capsys, 'train', f'--config={path}', f'--workdir={tmp_path}')
+  assert code == 2 and not out
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and re.search(message, lines[0]), err
+
+
+def test_readme_bench_commands_run_as_written():
+  """`python bench/run.py` etc. as the README writes them, from the repo root without
+  PYTHONPATH (bench/ is not an installed package)."""
+  import re
+  scripts = sorted(set(re.findall(r'`python (bench/\w+\.py)', (ROOT / 'README.md').read_text())))
+  assert 'bench/run.py' in scripts
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  for script in scripts:
+    out = subprocess.run([sys.executable, script, '--help'], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith('usage:'), (script, out.stderr)

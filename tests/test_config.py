@@ -2,6 +2,7 @@
 
 import pathlib
 
+import numpy as np
 import pytest
 
 from moetrain import config as config_lib
@@ -31,8 +32,12 @@ CONFIGS = sorted((pathlib.Path(__file__).parents[1] / 'configs').glob('*.py'))
     ({'model.dtype': 'float16'}, r"model\.dtype='float16' is not supported"),
     ({'data.seq_len': 0}, r'data\.seq_len=0 must be positive'),
     ({'data.eval_fraction': 1.0}, r'data\.eval_fraction=1\.0 must lie in \(0, 1\)'),
-    ({'train.warmup_steps': 10}, r'train\.warmup_steps=10 exceeds train\.steps=6'),
     ({'train.lr': 0.0}, r'train\.lr=0\.0 must be positive'),
+    ({'train.spike_window': -1}, r'train\.spike_window=-1 must be non-negative'),
+    ({'train.spike_loss_factor': 1.0}, r'train\.spike_loss_factor=1\.0 must be a number above 1'),
+    ({'train.spike_grad_factor': 0.5}, r'train\.spike_grad_factor=0\.5 must be a number above 1'),
+    ({'train.max_bad_in_a_row': 0}, r'train\.max_bad_in_a_row=0 must be positive'),
+    ({'checkpoint.restore_step': -3}, r'checkpoint\.restore_step=-3 must be non-negative'),
     ({'mesh.expert': 0}, r'mesh\.expert=0 must be a positive size or -1'),
     ({'model.head_dim': 7}, r'model\.head_dim=7 is odd'),
     ({'model.head_dim': -8}, r'model\.head_dim=-8 must be non-negative'),
@@ -71,6 +76,14 @@ def test_unknown_key_suggests_the_close_one():
     config_lib.validate(cfg)
 
 
+def test_warmup_longer_than_the_run_is_clamped_with_one_line():
+  cfg = config_lib.validate(tiny_config(**{'train.steps': 5, 'train.warmup_steps': 30}))
+  assert config_lib.clamp_warmup(cfg) == ('train.warmup_steps=30 exceeds train.steps=5, so '
+                                          'the warmup is clamped to 5 steps.')
+  assert cfg.train.warmup_steps == 5
+  assert config_lib.clamp_warmup(cfg) is None
+
+
 def test_top_k_equal_to_num_experts_is_valid():
   config_lib.validate(tiny_config(**{'model.moe.top_k': 4}))
 
@@ -80,6 +93,30 @@ def test_capacity_rule():
   assert config_lib.capacity(64, 8, 1, 1.0) == 8
   assert config_lib.capacity(10, 8, 1, 0.01) == 1  # at least one slot
   assert config_lib.capacity(16, 2, 2, 4.0) == 16  # at most every token
+  assert config_lib.capacity(50, 10, 2, 1.1) == 11  # not 12: 1.1 * 100 / 10 is exactly 11
+
+
+def test_capacity_is_exact_for_decimal_factors():
+  """ceil(cf * T * k / E) in integers (cf = tenths / 10) over a grid where many products
+  land exactly on an integer; float arithmetic added a slot in 37 of these cases."""
+  for tenths in range(1, 31):
+    factor = float(f'{tenths / 10:.1f}')
+    for tokens in range(1, 129):
+      for experts in (1, 2, 3, 4, 6, 8, 10, 16, 32, 64):
+        for k in (k for k in (1, 2, 4) if k <= experts):
+          want = max(1, min(tokens, -(-tenths * tokens * k // (10 * experts))))
+          assert config_lib.capacity(tokens, experts, k, factor) == want, (
+              factor, tokens, k, experts)
+  rng = np.random.default_rng()  # and random factors with up to 3 decimals.
+  for _ in range(2000):
+    places = int(rng.integers(1, 4))
+    digits = int(rng.integers(1, 5 * 10**places))
+    factor = float(f'{digits / 10**places:.{places}f}')
+    tokens, experts = int(rng.integers(1, 300)), int(rng.integers(1, 65))
+    k = int(rng.integers(1, experts + 1))
+    want = max(1, min(tokens, -(-digits * tokens * k // (10**places * experts))))
+    assert config_lib.capacity(tokens, experts, k, factor) == want, (factor, tokens, k,
+                                                                      experts)
 
 
 def test_moe_layers():

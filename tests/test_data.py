@@ -4,6 +4,7 @@ process slices and shards, bad inputs; each checked against a plain Python refer
 import json
 import logging
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -463,6 +464,31 @@ def test_jsonl_without_the_text_field_names_the_key(tmp_path, tiny):
   message = error_of(cfg)
   assert message.startswith("data.text_field='text' is not a column")
   assert 'body' in message and 'set data.text_field' in message
+
+
+@pytest.mark.parametrize('bad_line,message', [
+    ('{"text": 12345}', r"^data\.text_field='text' holds int 12345 instead of text in row 6 "
+                        r"of data\.paths=.*; fix that row or set data\.text_field"),
+    ('{"text": ["a", "b"]}', r"holds list \['a', 'b'\] instead of text in row 6"),
+    ('null', r'^.*d\.jsonl line 6 is not a JSON object \(.null.\); make every line'),
+    ('"just a string"', r'd\.jsonl line 6 is not a JSON object'),
+])
+def test_a_jsonl_row_without_text_is_one_sentence_with_its_place(tmp_path, tiny, bad_line,
+                                                                  message):
+  """A row whose text is a number or a list, or a line that is no object (a bare null as
+  the first line crashed HF datasets' reader with a segfault), names its place."""
+  lines = [json.dumps({'text': t}) for t in make_texts(9, seed=19)]
+  lines.insert(5, bad_line)
+  (tmp_path / 'd.jsonl').write_text('\n'.join(lines) + '\n')
+  assert re.search(message, error_of(files_config(tiny, tmp_path / 'd.jsonl')))
+
+
+def test_null_text_rows_are_skipped_like_empty_ones(tmp_path, tiny):
+  texts = make_texts(40, seed=20)
+  lines = [json.dumps({'text': t}) for t in texts]
+  lines.insert(7, json.dumps({'text': None}))
+  (tmp_path / 'd.jsonl').write_text('\n'.join(lines) + '\n')
+  assert data_lib.load_documents(files_config(tiny, tmp_path / 'd.jsonl').data) == texts
 
 
 def test_non_utf8_bytes_are_replaced_and_counted(tmp_path, tiny, caplog):

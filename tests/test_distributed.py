@@ -22,6 +22,18 @@ def test_single_process_needs_nothing():
   assert distributed.initialize(None, None, None) is False
 
 
+def test_heartbeat_timeout_below_one_second_is_refused():
+  with pytest.raises(ConfigError, match=r'--heartbeat_timeout=0 must be at least 1 second'):
+    distributed.initialize('127.0.0.1:1234', 2, 0, heartbeat_timeout=0)
+
+
+def test_dead_peer_message_names_the_process():
+  assert distributed.dead_peer_message(0, 3, 10).startswith(
+      'moetrain: process 0 (the coordinator) stopped responding (no sign of life for 10 s), '
+      'so process 3 stops too;')
+  assert distributed.dead_peer_message(2, 0, 12.0).startswith('moetrain: process 2 stopped')
+
+
 ADDRESS = {'JAX_COORDINATOR_ADDRESS': '10.0.0.1:8476'}
 
 

@@ -7,6 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from moetrain import evaluate as evaluate_lib
 from moetrain import metrics as metrics_lib
@@ -85,6 +86,12 @@ def test_model_override_and_its_limits(evaluated):
   starved = evaluate_lib.evaluate(
       run, batches, model=run.model({'model.moe.eval_capacity_factor': 0.1}))
   assert starved.loss != pytest.approx(totals.loss) and starved.bytes == totals.bytes
+  compiles = evaluate_lib.eval_step.cache_info().misses
+  graphdef, params, rest = nnx.split(run.model(), nnx.Param, ...)
+  halved = nnx.merge(graphdef, jax.tree.map(lambda w: w / 2, params), rest)  # same structure
+  other = evaluate_lib.evaluate(run, batches, model=halved)
+  assert other.loss != pytest.approx(totals.loss)
+  assert evaluate_lib.eval_step.cache_info().misses == compiles
   with pytest.raises(ConfigError, match='model.d_model change the shapes'):
     run.model({'model.d_model': 64})
 
@@ -101,3 +108,36 @@ def test_errors_are_one_sentence(trained_run, tmp_path):
   assert saved['checkpoint']['keep'] == 3
   restore_lib.load(trained_run, {'checkpoint.keep': 1})  # reading never prunes.
   assert sorted(p.name for p in (trained_run / 'checkpoints').iterdir()) == ['2', '3']
+
+
+def test_reading_a_run_while_it_trains_changes_nothing(trained_run, tmp_path, capsys):
+  """A reader takes no lock (a training run holds it), verifies checksums through the
+  checkpoint code, falls back past a damaged newest step and leaves it where it is."""
+  import shutil
+  from moetrain import checkpoint as checkpoint_lib
+  from moetrain import cli
+  from moetrain import workdir as workdir_lib
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained_run, workdir)
+  holder = workdir_lib.acquire(workdir)
+  lock = (workdir / workdir_lib.LOCK).read_text()
+  checkpoints = workdir / 'checkpoints'
+  shutil.rmtree(checkpoints / '3' / 'state')  # step 2's arrays under step 3's checksums.
+  shutil.copytree(checkpoints / '2' / 'state', checkpoints / '3' / 'state')
+  with pytest.warns(checkpoint_lib.DamagedCheckpointWarning,
+                    match=r'step 3 is damaged \(ChecksumMismatch: .*left it in place and '
+                          r'reading from step 2'):
+    run = restore_lib.load(workdir, {'mesh.data': 1, 'mesh.expert': 1},
+                           devices=jax.local_devices()[:1])
+  assert run.step == 2 and int(run.state.step) == 2
+  assert sorted(p.name for p in checkpoints.iterdir()) == ['2', '3']
+  assert not (workdir / 'checkpoints.damaged').exists()
+  assert (workdir / workdir_lib.LOCK).read_text() == lock
+  shutil.rmtree(checkpoints / '2' / 'meta')
+  with pytest.raises(SystemExit) as e:
+    cli.main(['moetrain', 'eval', f'--workdir={workdir}'])
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 1 and len(err.splitlines()) == 1
+  assert err.startswith(f'moetrain: no checkpoint in {checkpoints} can be read (step 3: '
+                        'ChecksumMismatch')
+  workdir_lib.release(workdir, holder)

@@ -196,6 +196,60 @@ def test_sequence_balance_loss_is_mean_over_sequences():
   np.testing.assert_allclose(float(st_seq['balance_loss']), np.mean(per_seq), rtol=1e-6)
 
 
+def np_expert_choice_taken(probs, capacity):
+  """[T, E] 0/1: expert e takes its `capacity` most probable tokens (ties: lower index)."""
+  taken = np.zeros_like(probs)
+  for e in range(probs.shape[1]):
+    taken[sorted(range(len(probs)), key=lambda t: (-probs[t, e], t))[:capacity], e] = 1
+  return taken
+
+
+def np_sequence_balance(taken, probs, seq_len):
+  """Mean over sequences of E * sum_e f_e P_e; a sequence with no assignment has f = 0."""
+  losses = []
+  for start in range(0, len(taken), seq_len):
+    counts, p = taken[start:start + seq_len].sum(0), probs[start:start + seq_len].mean(0)
+    f = counts / counts.sum() if counts.sum() else np.zeros_like(counts)
+    losses.append(len(counts) * np.sum(f * p))
+  return np.mean(losses)
+
+
+def test_expert_choice_sequence_without_assignments_is_finite_and_counted_as_dropped():
+  """Expert choice can leave a whole sequence without an expert: its balance loss term
+  is 0 (not 0/0 = NaN), and its tokens are reported as dropped. Tokens 0-11 want expert
+  0 most, 36-47 want it less and nothing else, 12-35 are near uniform: expert 0 fills up
+  with 0-11, the others with 12-35, and sequence 3 (tokens 36-47) gets nothing."""
+  x, _, wg, wu, wd = make_inputs()
+  logits = 0.05 * RNG.standard_normal((T, E))
+  logits[:12, 0] += 9.0
+  logits[36:, 0] += 5.0
+  router = np.zeros((D, E), np.float32)
+  router[:E] = np.eye(E)
+  x[:, :E], x[:, E:] = logits, 0.0
+  s = spec(router='expert_choice', balance_scope='sequence', capacity_factor=1.0)
+  _, stats = run(s, x, router, wg, wu, wd, seq_len=12)
+  probs = np_softmax(x.astype(np.float64) @ router)
+  taken = np_expert_choice_taken(probs, s.capacity(T, True))
+  assert taken[36:].sum() == 0  # the situation under test.
+  np.testing.assert_allclose(float(stats['balance_loss']),
+                             np_sequence_balance(taken, probs, 12), rtol=1e-5)
+  np.testing.assert_allclose(float(stats['dropped_frac']), np.mean(taken.max(1) == 0),
+                             rtol=1e-6)
+  grad = jax.grad(lambda r: run(s, x, r, wg, wu, wd, seq_len=12)[1]['balance_loss'])(
+      jnp.asarray(router))
+  assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_expert_choice_dropped_frac_is_the_share_of_tokens_no_expert_took():
+  x, r, wg, wu, wd = make_inputs()
+  for factor in (0.5, 1.0, 2.0):
+    s = spec(router='expert_choice', capacity_factor=factor)
+    _, stats = run(s, x, r, wg, wu, wd)
+    taken = np_expert_choice_taken(np_softmax(x.astype(np.float64) @ r), s.capacity(T, True))
+    np.testing.assert_allclose(float(stats['dropped_frac']), np.mean(taken.max(1) == 0),
+                               atol=1e-6)
+
+
 def test_shared_experts_add_a_dense_swiglu():
   cfg = tiny_config(**{'model.moe.num_shared_experts': 2, 'model.moe.d_expert': 8,
                        'model.vocab_size': 128})

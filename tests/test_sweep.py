@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -17,13 +19,39 @@ AXES = ['model.num_experts=2,4', 'model.moe.top_k=1']
 
 @pytest.fixture(scope='module')
 def swept(tmp_path_factory):
+  """The sweep, stopped by a SIGTERM as its first run starts training, then the same
+  command again. Returns (workdir, base config, rows, lines of the second call, lines of
+  the first)."""
   workdir = tmp_path_factory.mktemp('sweep')
   base = tiny_config(**{'train.steps': 4, 'train.eval_every': 2, 'mesh.data': -1,
                         'mesh.expert': 2, 'model.vocab_size': 384})
   base.unlock()
+  stopped = []
+
+  def log_and_signal(line):
+    stopped.append(line)
+    if line.startswith('training '):  # the first run's loop is about to start.
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  assert sweep_lib.sweep(base, AXES, workdir, log=log_and_signal) is None
   lines = []
   rows = sweep_lib.sweep(base, AXES, workdir, log=lines.append)
-  return workdir, base, rows, lines
+  return workdir, base, rows, lines, stopped
+
+
+def test_a_signal_stops_the_whole_sweep_and_the_same_command_resumes_it(swept):
+  workdir, _, _, lines, stopped = swept
+  first, second = 'num_experts=2,top_k=1', 'num_experts=4,top_k=1'
+  assert stopped[-1] == (f'sweep stopped by SIGTERM at run {first}; run the same command '
+                         'again to resume it.')
+  assert any(line.startswith('SIGTERM received: saving a checkpoint at step 1') for line in
+             stopped)
+  assert not any(line.startswith(f'[2/2] {second}') for line in stopped)
+  assert lines[0] == f'[1/2] {first}' and 'resuming from the checkpoint at step 1' in lines
+  assert f'[2/2] {second}' in lines
+  steps = [r['step'] for r in metrics_lib.read_jsonl(workdir / first / 'metrics.jsonl')
+           if 'loss' in r]
+  assert steps == [2, 4] and not (workdir / 'moetrain.lock').exists()
 
 
 def test_grid_parses_types_and_names_runs():
@@ -55,7 +83,7 @@ def test_bad_sweeps_fail_before_training(axes, message):
 
 
 def test_sweep_trains_each_run_and_writes_table_and_plots(swept):
-  workdir, _, rows, lines = swept
+  workdir, _, rows, lines, _ = swept
   assert [r['run'] for r in rows] == ['num_experts=2,top_k=1', 'num_experts=4,top_k=1']
   for row in rows:
     run = workdir / row['run']
@@ -80,7 +108,7 @@ def test_sweep_trains_each_run_and_writes_table_and_plots(swept):
 
 
 def test_rerun_keeps_finished_runs(swept):
-  workdir, base, rows, _ = swept
+  workdir, base, rows, _, _ = swept
   before = {r['run']: (workdir / r['run'] / 'metrics.jsonl').read_text() for r in rows}
   lines = []
   again = sweep_lib.sweep(base, AXES, workdir, log=lines.append)

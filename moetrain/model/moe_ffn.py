@@ -235,8 +235,8 @@ def moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, jitter_ke
   global-batch balance statistics and all reported metrics are summed over them.
 
   Returns y_TD (dtype) and a dict of float32 statistics: balance_loss, z_loss,
-  load_E (fraction of assignments per expert, whole batch), dropped_frac, router_entropy,
-  max_logit.
+  load_E (fraction of assignments per expert, whole batch), dropped_frac (assignments
+  that found no slot; for expert choice, tokens no expert took), router_entropy, max_logit.
   """
   num_tokens = x_TD.shape[0]
   num_experts = spec.num_experts
@@ -257,7 +257,7 @@ def moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, jitter_ke
       weight_TK = weight_TK * routing.ablation_keep(expert_TK, num_experts,
                                                     spec.remove_experts, spec.remove_choices)
     stats = routing.RouterStats(probs_TE, routing.assignment_mask(expert_TK, num_experts),
-                                jnp.float32(expert_TK.size))
+                                jnp.float32(expert_TK.size), jnp.float32(expert_TK.size))
     if ragged_exchange:
       y_TD = ragged_expert_parallel(x_TD, expert_TK, weight_TK, *weights,
                                     num_experts=num_experts, expert_axis=expert_axis,
@@ -287,15 +287,16 @@ def moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, jitter_ke
     assign_GLE = stats.assign_TE.reshape(-1, seq_len, num_experts)
     probs_GLE = stats.probs_TE.reshape(-1, seq_len, num_experts)
     counts_GE = jnp.sum(assign_GLE, axis=1)
-    balance = routing.balance_loss(counts_GE / jnp.sum(counts_GE, -1, keepdims=True),
-                                   jnp.mean(probs_GLE, axis=1))
+    balance = routing.balance_loss(
+        routing.safe_divide(counts_GE, jnp.sum(counts_GE, -1, keepdims=True)),
+        jnp.mean(probs_GLE, axis=1))
     balance = _psum(balance, batch_axes) / _psum(1.0, batch_axes)
   else:
     axes = batch_axes if spec.balance_scope == 'global' else ()
     tot_counts_E, tot_prob_E = _psum(counts_E, axes), _psum(sum_prob_E, axes)
     tokens = _psum(jnp.float32(num_tokens), axes)
-    balance = routing.balance_loss((tot_counts_E / jnp.sum(tot_counts_E))[None],
-                                   (tot_prob_E / tokens)[None])
+    frac_E = routing.safe_divide(tot_counts_E, jnp.sum(tot_counts_E))
+    balance = routing.balance_loss(frac_E[None], (tot_prob_E / tokens)[None])
     if spec.balance_scope == 'micro_batch':  # mean of the per-group losses
       balance = _psum(balance, batch_axes) / _psum(1.0, batch_axes)
 
@@ -309,7 +310,7 @@ def moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, jitter_ke
       balance_loss=balance,
       z_loss=_psum(routing.z_loss(logits_TE) * num_tokens, batch_axes) / all_tokens,
       load_E=all_counts_E / assignments,
-      dropped_frac=1.0 - _psum(stats.kept, batch_axes) / assignments,
+      dropped_frac=1.0 - _psum(stats.kept, batch_axes) / _psum(stats.wanted, batch_axes),
       router_entropy=sg(_psum(routing.router_entropy(stats.probs_TE) * num_tokens,
                               batch_axes) / all_tokens),
       max_logit=jax.lax.pmax(max_logit, batch_axes) if batch_axes else max_logit,

@@ -33,11 +33,15 @@ class RouterStats(NamedTuple):
 
   probs_TE:  float32 [T, E], router probabilities (sigmoid scores normalized over E).
   assign_TE: float32 [T, E], 1 where a token chose an expert, before capacity.
-  kept:      float32 [], assignments that found a slot.
+  kept:      float32 [], what found a place: assignments that found a slot (token
+             choice), tokens that at least one expert took (expert choice, soft).
+  wanted:    float32 [], what asked for a place: T * K assignments (token choice), T tokens
+             (expert choice, soft); dropped_frac is 1 - kept / wanted.
   """
   probs_TE: jax.Array
   assign_TE: jax.Array
   kept: jax.Array
+  wanted: jax.Array
 
 
 def top_k_gates(logits_TE: jax.Array, top_k: int, *, gate: str = 'softmax',
@@ -52,7 +56,10 @@ def top_k_gates(logits_TE: jax.Array, top_k: int, *, gate: str = 'softmax',
     those k (Mixtral); the weights always sum to one.
   gate='sigmoid': sigmoid scores, top-k, weights normalized over the k (DeepSeek-V3).
   `bias_E` (aux-loss-free balancing) is added to the scores for the selection only; the
-  weights never see it. `routed_scaling` multiplies the final weights.
+  weights never see it. The scores are the softmax probabilities over all E experts for
+  both softmax orders (topk_softmax selects by probability + bias, then takes the softmax
+  of the selected logits) and the sigmoid scores for gate='sigmoid'.
+  `routed_scaling` multiplies the final weights.
 
   Returns expert_TK int32 [T, K], weight_TK float32 [T, K], probs_TE float32 [T, E].
   """
@@ -179,8 +186,8 @@ def route(logits_TE: jax.Array, *, router: str, top_k: int, capacity: int,
 
   `remove_experts` / `remove_choices` ablate assignments after routing (`ablation_keep`;
   choices exist for token choice only). Returns (Routing, RouterStats). For expert choice
-  and soft routing `assign_TE` records which experts took each token and nothing is ever
-  dropped.
+  and soft routing `assign_TE` records which experts took each token; a token no expert
+  took counts as dropped.
   """
   num_tokens, num_experts = logits_TE.shape
   logits_TE = logits_TE.astype(jnp.float32)
@@ -192,7 +199,8 @@ def route(logits_TE: jax.Array, *, router: str, top_k: int, capacity: int,
                if remove_experts or remove_choices else None)
     routing, kept = capacity_routing(expert_TK, weight_TK, num_experts, capacity,
                                      drop_order, keep_TK)
-    return routing, RouterStats(probs_TE, assignment_mask(expert_TK, num_experts), kept)
+    return routing, RouterStats(probs_TE, assignment_mask(expert_TK, num_experts), kept,
+                                jnp.float32(num_tokens * top_k))
   if router == 'expert_choice':
     routing = expert_choice_routing(logits_TE, capacity)
   elif router == 'soft':
@@ -205,8 +213,15 @@ def route(logits_TE: jax.Array, *, router: str, top_k: int, capacity: int,
   probs_TE = jax.nn.softmax(logits_TE, axis=-1)
   taken_TE = jnp.zeros((num_tokens + 1, num_experts), jnp.float32).at[
       routing.token_EC, jnp.arange(num_experts)[:, None]].set(1.0)[:num_tokens]
-  kept = jnp.sum(taken_TE)
-  return routing, RouterStats(probs_TE, taken_TE, kept)
+  kept = jnp.sum(jnp.max(taken_TE, axis=1))  # tokens that at least one expert took.
+  return routing, RouterStats(probs_TE, taken_TE, kept, jnp.float32(num_tokens))
+
+
+def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
+  """num / den, and 0 where den is 0 (e.g. the share of a sequence's assignments per
+  expert when expert choice gave that sequence none)."""
+  ok = den != 0
+  return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
 
 
 def balance_loss(frac_GE: jax.Array, mean_prob_GE: jax.Array) -> jax.Array:
