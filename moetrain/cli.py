@@ -50,6 +50,7 @@ COMMAND_FLAGS = {
     'sweep': ('config', 'workdir', 'sweep', *MULTI_PROCESS_FLAGS),
     'report': ('workdir',),
     'eval': ('workdir', 'eval_batches'),
+    'analyze': ('workdir', 'eval_batches'),
     'sample': ('workdir', 'prompt', 'prompts_file', 'max_new_tokens', 'temperature', 'top_k',
                'top_p', 'seed', 'kv_cache'),
     'params': ('config',),
