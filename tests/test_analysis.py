@@ -123,12 +123,14 @@ SYMBOLS = 128  # per alphabet
 
 
 def planted_run(workdir, seed: int):
-  """A 2-expert top-1 run on documents of 8..23 symbols drawn uniformly from one of two
+  """A 4-layer 2-expert top-1 run on documents of 8..23 symbols drawn uniformly from one of two
   disjoint alphabets ('a0'..'a127' or 'b0'..'b127', one token each through a word-level
   tokenizer). Balance over the global batch and no drops, so a router that sends each
   alphabet to its own expert is not penalized (per-device rows hold one or two documents);
   a small embedding init, so the alphabet the embeddings learn soon dominates the router's
-  input over their random start."""
+  input over their random start. Which layer's router ends up splitting by alphabet varies
+  with the seed (seen: the first layer at NMI 0.91..1.0 in 3 of 3 seeds with 4 layers; with
+  2 layers one seed in five had no layer above 0.5)."""
   from tokenizers import Tokenizer, models, pre_tokenizers
   rng = np.random.default_rng(seed)
   words = [f'{a}{i}' for a in 'ab' for i in range(SYMBOLS)]
@@ -140,7 +142,8 @@ def planted_run(workdir, seed: int):
            for d in range(2000)]
   (workdir / 'planted.txt').write_text('\n'.join(lines) + '\n')
   cfg = tiny_config(**{
-      'seed': seed, 'model.num_experts': 2, 'model.moe.top_k': 1, 'model.init_std': 0.002,
+      'seed': seed, 'model.num_layers': 4, 'model.num_experts': 2, 'model.moe.top_k': 1,
+      'model.init_std': 0.002,
       'model.moe.balance_scope': 'global', 'model.moe.capacity_factor': 2.0,
       'data.source': 'files', 'data.paths': str(workdir / 'planted.txt'),
       'data.tokenizer': str(workdir / 'words.json'), 'data.max_documents': 0,
@@ -176,7 +179,7 @@ def test_planted_alphabets_are_found_by_a_trained_router_only(tmp_path):
   trained, random = layer_nmis(run.model())
   print(f'seed {seed}: trained router NMI per layer {trained}, random router {random}')
   assert max(trained) >= 0.5 and max(random) <= 0.05
-  for init_seed in RNG.integers(1 << 16, size=3):
+  for init_seed in RNG.integers(1 << 16, size=2):
     untrained, random = layer_nmis(Transformer(run.cfg.model, rngs=nnx.Rngs(int(init_seed))))
     print(f'untrained (seed {init_seed}): NMI per layer {untrained}, random router {random}')
     assert max(untrained) <= 0.05 and max(random) <= 0.05
