@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -21,18 +20,19 @@ from flax import nnx
 from moetrain import checkpoint as checkpoint_lib
 from moetrain import config as config_lib
 from moetrain import data as data_lib
+from moetrain import paths
 from moetrain import train as train_lib
 from moetrain.parallel import mesh as mesh_lib
 
 
 def load(workdir):
   """(model, config, tokenizer, step) from the newest readable checkpoint in `workdir`."""
-  workdir = pathlib.Path(workdir)
+  workdir = paths.path(workdir)
   path = workdir / 'config.json'
-  if not path.is_file():
+  if not paths.is_file(path):
     raise config_lib.ConfigError(f'{workdir} has no config.json; pass the --workdir of a '
                                  'training run.')
-  cfg = config_lib.from_dict(json.loads(path.read_text()))
+  cfg = config_lib.from_dict(json.loads(paths.read_text(path)))
   cfg.mesh.data, cfg.mesh.expert = 1, 1
   cfg = data_lib.resolve_vocab(config_lib.validate(cfg))
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=cfg.checkpoint.keep)
