@@ -107,26 +107,27 @@ class MetricWriter:
         self.flush()
 
   def _roll(self):
-    """Starts a new JSONL segment or event file once the current one is big."""
+    """Starts a new JSONL segment once the current one is big."""
     if self._jsonl.tell() >= self.segment_bytes:
       self._jsonl.close()
       self._staged.finish(self._jsonl_name)
       self._segment += 1
       self._open_jsonl()
-    events = [p for p in (self._staged.local / 'tb').glob(f'*{self._tb_suffix}')]
-    if events and events[0].stat().st_size >= self.segment_bytes:
-      self._tb.close()
-      self._staged.finish(f'tb/{events[0].name}')
-      self._open_tb()
 
   def flush(self):
     """Everything written so far reaches the workdir (in a bucket: one upload per file
-    that grew)."""
+    that grew; an event file past segment_bytes is closed, and the next write starts a
+    new one, since tensorboardX writes in the background and its size is known here)."""
     if not self.enabled:
       return
     self._tb.flush()
     self._jsonl.flush()
     if self._staged:
+      events = list((self._staged.local / 'tb').glob(f'*{self._tb_suffix}'))
+      if events and events[0].stat().st_size >= self.segment_bytes:
+        self._tb.close()
+        self._staged.finish(f'tb/{events[0].name}')
+        self._open_tb()
       self._staged.sync()
       self._synced_at = time.monotonic()
 

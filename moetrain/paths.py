@@ -121,7 +121,9 @@ def write_text(p, text: str):
 
 
 def upload(local_file, p):
-  """Copies the local file `local_file` to `p` (a cloud object or a local path)."""
+  """Copies the local file `local_file` to `p` (a cloud object, or a local path whose
+  folder is made if needed)."""
+  make_dirs(path(p).parent)
   with open(local_file, 'rb') as f:
     write_bytes(p, f.read())
 
