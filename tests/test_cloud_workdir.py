@@ -139,13 +139,15 @@ def test_sweep_writes_its_table_into_the_bucket(gcs, cli_env, tmp_path):
   assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize('command', ['train', 'sweep', 'report', 'sample'])
-def test_bucket_without_the_extra_is_one_sentence_and_creates_nothing(command, tmp_path):
+@pytest.mark.parametrize('command,args', [
+    ('train', ['--config=configs/tiny.py']),
+    ('train', []),  # resuming with the config the run saved in the bucket.
+    ('sweep', ['--config=configs/tiny.py', '--sweep=model.num_experts=2,4']),
+    ('report', []), ('sample', ['--prompt=def'])])
+def test_bucket_without_the_extra_is_one_sentence_and_creates_nothing(command, args,
+                                                                       tmp_path):
   """gcsfs and google-cloud-storage made unimportable in the child: what a venv without
   the gcp extra sees."""
-  args = {'train': ['--config=configs/tiny.py'],
-          'sweep': ['--config=configs/tiny.py', '--sweep=model.num_experts=2,4'],
-          'report': [], 'sample': ['--prompt=def']}[command]
   cwd = tmp_path / 'cwd'
   cwd.mkdir()
   env = dict(os.environ, PYTHONPATH=str(REPO))
