@@ -116,8 +116,8 @@ class MetricWriter:
 
   def flush(self):
     """Everything written so far reaches the workdir (in a bucket: one upload per file
-    that grew; an event file past segment_bytes is closed, and the next write starts a
-    new one, since tensorboardX writes in the background and its size is known here)."""
+    that grew; an event file past segment_bytes is closed and a new one started here,
+    where its size is known: tensorboardX writes it in the background)."""
     if not self.enabled:
       return
     self._tb.flush()
