@@ -61,14 +61,22 @@ def moetrain(args, env, cwd, **kwargs):
 
 def train_in_bucket(gcs, env, workdir, prefix, cwd, kill_at_step=None, timeout=300):
   """`moetrain train` of test_checkpoint's run into `workdir`; with `kill_at_step`,
-  SIGKILLed once the bucket holds the metrics of that step. Returns (exit code, output)."""
+  SIGKILLed once the bucket holds the metrics of that step and a committed checkpoint
+  (saves are async: the metrics of a step are uploaded before its save starts). Returns
+  (exit code, output)."""
   args = ['train', f'--config={REPO / "configs/tiny.py"}', f'--workdir={workdir}'] + [
       f'--config.{k}={v}' for k, v in CLI_OVERRIDES.items()]
   proc = moetrain(args, {**env, **gcs.env}, cwd)
   deadline = time.time() + timeout
+
+  def reached() -> bool:
+    committed = any(n.endswith('/commit_success.txt') and n.count('/') == 3
+                    for n in gcs.objects(f'{prefix}/checkpoints/'))
+    return committed and max((r['step'] for r in records(gcs, prefix)),
+                             default=0) >= kill_at_step
+
   if kill_at_step is not None:
-    seen = len(records(gcs, prefix))
-    while max((r['step'] for r in records(gcs, prefix)[seen:]), default=0) < kill_at_step:
+    while not reached():
       assert proc.poll() is None, 'the run ended before the kill:\n' + proc.stdout.read()
       assert time.time() < deadline, 'timed out waiting for the kill point'
       time.sleep(0.2)
