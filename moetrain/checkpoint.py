@@ -189,12 +189,14 @@ class Checkpointer:
     verify({k: checksum.numpy_checksum(v) for k, v in arrays.items()}, meta.get('checksums'))
     return arrays
 
-  def restore_latest(self, target, check=None, warn=True):
+  def restore_latest(self, target, check=None, warn=True, move_damaged=True):
     """Restores the newest step that reads back, falling back past damaged ones.
 
     `check(meta, step)` may raise to reject a readable checkpoint (e.g. a config whose
     shapes differ); its error propagates. Damaged steps newer than the restored one are
-    moved to `checkpoints.damaged/` with a DamagedCheckpointWarning naming step and cause.
+    moved to `checkpoints.damaged/` (left in place when not `move_damaged`: a reader such
+    as `moetrain eval` changes nothing in a run that may be training) with a
+    DamagedCheckpointWarning naming step and cause.
     Returns (step, state, meta); raises CheckpointError when no step reads back.
     """
     damaged = []
@@ -212,11 +214,12 @@ class Checkpointer:
         damaged.append((step, e))
         continue
       for bad, cause in damaged:
-        where = self.quarantine(bad)
+        done = f'moved it to {self.quarantine(bad)} and resuming' if move_damaged else \
+            'left it in place and reading'
         if warn:
           warnings.warn(DamagedCheckpointWarning(
-              f'checkpoint at step {bad} is damaged ({_cause(cause)}); moved it to {where} '
-              f'and resuming from step {step}.'), stacklevel=2)
+              f'checkpoint at step {bad} is damaged ({_cause(cause)}); {done} from step '
+              f'{step}.'), stacklevel=2)
       return step, state, meta
     causes = '; '.join(f'step {s}: {_cause(e)}' for s, e in damaged)
     raise CheckpointError(

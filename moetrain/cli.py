@@ -1,9 +1,10 @@
-"""The `moetrain` command: `moetrain train|sweep|report|sample|params|tokenizer train
+"""The `moetrain` command: `moetrain train|sweep|report|eval|sample|params|tokenizer train
 --config=configs/x.py [--config.a.b=v]`.
 
 Config files are read with ml_collections `config_flags`, so any key can be overridden on
 the command line; unknown keys and bad values stop the command with one sentence before
-anything compiles.
+anything compiles. `eval` and `sample` read the run's own config (WORKDIR/config.json) and
+take `--config.a.b=v` overrides of it.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ COMMANDS = {
     'sweep': 'train a grid of overrides, then a table and plots: --config=FILE '
              '--workdir=DIR --sweep=KEY=V1,V2 [--sweep=...]',
     'report': 'rebuild the table and plots of a sweep: --workdir=DIR',
-    'sample': 'continue a prompt with a trained run: --workdir=DIR --prompt=TEXT '
-              '[--max_new_tokens=N --temperature=T]',
+    'eval': 'loss, perplexity and bits per byte of a trained run: --workdir=DIR '
+            '[--eval_batches=N] [--config.data.KEY=V ...]',
+    'sample': 'continue prompts with a trained run: --workdir=DIR --prompt=TEXT [--prompt=...] '
+              '[--prompts_file=PATH --max_new_tokens=N --temperature=T --top_k=K --top_p=P '
+              '--seed=S]',
     'params': 'print total and active parameters and training FLOPs per token',
     'tokenizer': "'tokenizer train': fit a byte-level BPE on the configured corpus: "
                  '--vocab_size=N --output=PATH',
@@ -42,7 +46,9 @@ COMMAND_FLAGS = {
     'train': ('config', 'workdir', *MULTI_PROCESS_FLAGS),
     'sweep': ('config', 'workdir', 'sweep', *MULTI_PROCESS_FLAGS),
     'report': ('workdir',),
-    'sample': ('workdir', 'prompt', 'max_new_tokens', 'temperature'),
+    'eval': ('workdir', 'eval_batches'),
+    'sample': ('workdir', 'prompt', 'prompts_file', 'max_new_tokens', 'temperature', 'top_k',
+               'top_p', 'seed', 'kv_cache'),
     'params': ('config',),
     'tokenizer train': ('config', 'vocab_size', 'output'),
     'export': ('workdir', 'output', 'format', 'inexact'),
@@ -70,9 +76,20 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'multi-process: this proc
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     'heartbeat_timeout', 10, 'multi-process: seconds without a heartbeat after which a '
     'process counts as dead and the others stop, naming it.')
-_PROMPT = flags.DEFINE_string('prompt', None, 'sample: the text to continue.')
+_PROMPT = flags.DEFINE_multi_string('prompt', [], 'sample: a text to continue (repeat for '
+                                     'a batch of prompts).')
+_PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'sample: a file of prompts, one '
+                                    'per line (\\n in a line is a newline).')
 _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 200, 'sample: tokens to generate.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'sample: 0 is greedy.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'sample: draw from the k most likely tokens; 0: all.')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'sample: draw from the smallest set of tokens whose '
+                            'probabilities sum to at least p; 1.0: all.')
+_SEED = flags.DEFINE_integer('seed', 0, 'sample: the random seed of the draws.')
+_KV_CACHE = flags.DEFINE_bool('kv_cache', True, 'sample: encode each context once and decode '
+                              'one position per token (False: rerun the whole context).')
+_EVAL_BATCHES = flags.DEFINE_integer('eval_batches', None, 'eval: batches to read (default: '
+                                     "the run's train.eval_batches).")
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'multi-process with the cluster detected by JAX (Cloud TPU pod '
     'slices, SLURM, Open MPI) or given by JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and '
@@ -118,14 +135,54 @@ def _sweep(_):
   sweep.sweep(_CONFIG.value, _SWEEP.value, _WORKDIR.value, log=_process_zero_print())
 
 
+def _run_overrides(args: list[str]) -> dict:
+  """`--config.KEY=VALUE` arguments -> {KEY: value}, each value parsed by ml_collections
+  with the type of the key in the default config."""
+  if not args:
+    return {}
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_dict('config', config_lib.default_config(), flag_values=values)
+  values(['moetrain', *args])
+  keys = [a[len('--config.'):].split('=', 1)[0] for a in args]
+  return {key: config_lib.get_key(values.config, key) for key in keys}
+
+
+def _eval(_):
+  from moetrain import evaluate
+  _require_workdir('eval')
+  run, totals = evaluate.evaluate_workdir(_WORKDIR.value, _run_overrides(_OVERRIDES),
+                                          _EVAL_BATCHES.value)
+  for line in evaluate.report_lines(run, totals):
+    print(line)
+
+
+def _prompts() -> list[str]:
+  """The --prompt values, then the lines of --prompts_file."""
+  prompts = list(_PROMPT.value)
+  if _PROMPTS_FILE.value:
+    path = pathlib.Path(_PROMPTS_FILE.value)
+    if not path.is_file():
+      raise config_lib.ConfigError(f'--prompts_file={path} does not exist; pass a text file '
+                                   'with one prompt per line.')
+    prompts += [line.replace('\\n', '\n') for line in path.read_text().splitlines() if line]
+  if not prompts:
+    raise config_lib.ConfigError('sample needs --prompt=TEXT (or --prompts_file=PATH); e.g. '
+                                 '--prompt="def main(".')
+  return prompts
+
+
 def _sample(_):
   from moetrain import sample
   _require_workdir('sample')
-  if not _PROMPT.value:
-    raise config_lib.ConfigError('sample needs --prompt=TEXT; e.g. --prompt="def main(".')
-  text = sample.sample(_WORKDIR.value, _PROMPT.value, max_new_tokens=_MAX_NEW_TOKENS.value,
-                       temperature=_TEMPERATURE.value)
-  print(_PROMPT.value + text)
+  prompts = _prompts()
+  sampler = sample.Sampler(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  texts = sample.sample(_WORKDIR.value, prompts, max_new_tokens=_MAX_NEW_TOKENS.value,
+                        sampler=sampler, seed=_SEED.value, kv_cache=_KV_CACHE.value,
+                        overrides=_run_overrides(_OVERRIDES))
+  for i, (prompt, text) in enumerate(zip(prompts, texts)):
+    if len(prompts) > 1:
+      print(f'--- sample {i + 1} of {len(prompts)} ---')
+    print(prompt + text)
 
 
 def _report(_):
@@ -168,9 +225,11 @@ def _import(_):
   hf.import_model(_FROM.value, _WORKDIR.value, _CONFIG.value)
 
 
-RUNNERS = {'train': _train, 'sweep': _sweep, 'report': _report, 'sample': _sample,
-           'params': _params, 'tokenizer train': _tokenizer_train, 'export': _export,
-           'import': _import}
+RUNNERS = {'train': _train, 'sweep': _sweep, 'report': _report, 'eval': _eval,
+           'sample': _sample, 'params': _params, 'tokenizer train': _tokenizer_train,
+           'export': _export, 'import': _import}
+RUN_COMMANDS = ('eval', 'sample')  # commands on a trained run: its config, plus overrides.
+_OVERRIDES: list[str] = []  # their `--config.KEY=VALUE` arguments.
 
 
 def _runtime_errors() -> tuple:
@@ -197,11 +256,15 @@ def _command_help(command: str) -> str:
   lines = [f'usage: moetrain {command} [--FLAG=VALUE ...]', '', f'  {COMMANDS[head]}', '']
   for name in names:
     flag = flags.FLAGS[name]
-    default = '' if flag.default in (None, [], False) else f' (default {flag.default})'
+    unset = flag.default is None or flag.default is False or flag.default == []
+    default = '' if unset else f' (default {flag.default})'
     lines.append(f'  --{name:<21} {flag.help}{default}')
   if 'config' in names:
     lines.append(f'  --config.KEY=VALUE{"":<5} override any key of the config file, e.g. '
                  '--config.train.steps=100 (every key: moetrain/config.py default_config())')
+  if command in RUN_COMMANDS:
+    lines.append(f'  --config.KEY=VALUE{"":<5} override a key of the run\'s config.json, e.g. '
+                 '--config.data.source=files --config.data.paths=PATH')
   return '\n'.join(lines)
 
 
@@ -228,6 +291,16 @@ def _check_args(argv):
     if arg.startswith('--config.'):
       key = arg[len('--config.'):].split('=', 1)[0]
       config_lib.check_key(key)
+
+
+def _split_overrides(argv: list[str], command: str) -> list[str]:
+  """Moves the `--config.KEY=VALUE` arguments of a run command to _OVERRIDES; returns the
+  others. A config file does not apply to a trained run."""
+  if any(a == '--config' or a.startswith('--config=') for a in argv):
+    raise config_lib.ConfigError(f'{command} reads the run\'s config.json; drop --config=FILE '
+                                 'and override keys with --config.KEY=VALUE.')
+  _OVERRIDES[:] = [a for a in argv if a.startswith('--config.')]
+  return [a for a in argv if not a.startswith('--config.')]
 
 
 def _saved_config_args(command: str, argv: list[str]) -> list[str]:
@@ -273,8 +346,10 @@ def main(argv=None):
   try:
     _check_args(argv)
     argv = _saved_config_args(command, argv)
+    if command in RUN_COMMANDS:
+      argv = _split_overrides(argv, command)
     args = flags.FLAGS(argv)
-    if _CONFIG.value is None and command not in ('report', 'sample', 'export', 'import'):
+    if _CONFIG.value is None and command not in ('report', 'export', 'import', *RUN_COMMANDS):
       raise config_lib.ConfigError('--config is required; pass e.g. --config=configs/tiny.py.')
     RUNNERS[command](args)
   except (config_lib.ConfigError, flags.Error) as e:

@@ -3,7 +3,9 @@ routing statistics per MoE layer. Only process 0 writes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import time
 
 import jax
@@ -40,6 +42,37 @@ def routing_metrics(stats: list[dict], moe_layers: list[int]) -> dict:
       out[prefix + 'bias_norm'] = s['bias_norm']
     out[prefix + 'load'] = load_E
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTotals:
+  """Sums over eval batches: `nats` of the target tokens' losses, `tokens` counted, and
+  `bytes`, the UTF-8 bytes those tokens decode to (moetrain.token_bytes)."""
+  nats: float
+  tokens: float
+  bytes: float
+
+  @property
+  def loss(self) -> float:
+    """Mean cross-entropy, nats per token."""
+    return self.nats / self.tokens
+
+  @property
+  def bits_per_token(self) -> float:
+    return self.loss / math.log(2)
+
+  @property
+  def perplexity(self) -> float:
+    return math.exp(self.loss)
+
+  @property
+  def bits_per_byte(self) -> float:
+    """Total bits over the bytes of the text: comparable across tokenizers."""
+    return self.nats / (math.log(2) * self.bytes) if self.bytes else float('nan')
+
+  def scalars(self) -> dict:
+    """What the training loop logs."""
+    return {'eval/loss': self.loss, 'eval/bits_per_byte': self.bits_per_byte}
 
 
 class MetricWriter:

@@ -121,6 +121,7 @@ def _row(run_dir) -> dict:
   dropped = [v for k, v in last.items() if k.endswith('dropped_frac')]
   return dict(run=run_dir.name, total_params=counts.total, active_params=counts.active,
               train_loss=summary['final_loss'], eval_loss=summary['eval_loss'],
+              eval_bits_per_byte=summary.get('eval_bits_per_byte', float('nan')),
               tokens_per_second=summary['tokens_per_second'],
               max_over_mean_load=max(loads) if loads else float('nan'),
               dropped_frac=sum(dropped) / len(dropped) if dropped else float('nan'))
@@ -155,13 +156,14 @@ def report(workdir, names: list[str] | None = None, *, log=print) -> list[dict]:
 
 def markdown_table(rows: list[dict]) -> list[str]:
   """The rows as a Markdown table, best eval loss first."""
-  header = ['run', 'total params', 'active params', 'train loss', 'eval loss', 'tokens/s',
-            'max/mean load', 'dropped']
+  header = ['run', 'total params', 'active params', 'train loss', 'eval loss', 'bits/byte',
+            'tokens/s', 'max/mean load', 'dropped']
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for r in sorted(rows, key=lambda r: r['eval_loss']):
     lines.append(f"| {r['run']} | {r['total_params']:,} | {r['active_params']:,} | "
                  f"{r['train_loss']:.4f} | {r['eval_loss']:.4f} | "
-                 f"{r['tokens_per_second']:,.0f} | {r['max_over_mean_load']:.2f} | "
+                 f"{r['eval_bits_per_byte']:.4f} | {r['tokens_per_second']:,.0f} | "
+                 f"{r['max_over_mean_load']:.2f} | "
                  f"{r['dropped_frac']:.3f} |")
   return lines
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from moetrain import checkpoint as checkpoint_lib
@@ -32,6 +33,7 @@ from moetrain import guard as guard_lib
 from moetrain import metrics as metrics_lib
 from moetrain import objective
 from moetrain import paths
+from moetrain import token_bytes
 from moetrain import workdir as workdir_lib
 from moetrain.interop import params as params_lib
 from moetrain.interop import upcycle
@@ -210,26 +212,34 @@ def keep_if(condition, new, old):
   return jax.tree.map(lambda n, o: jnp.where(condition, n, o), new, old)
 
 
-def make_eval_step(graphdef):
-  """(state, batch) -> (sum of token losses, number of tokens), at eval capacity."""
-  def eval_step(state: TrainState, batch):
-    model = nnx.merge(graphdef, state.params, state.model_state)
+def make_eval_step(graphdef, eod_id: int):
+  """(params, model_state, batch, bytes_2V) -> sums over the batch at eval capacity:
+  `nats` (token losses), `tokens` and `bytes`, the UTF-8 bytes the target tokens decode to
+  (bytes_2V: `moetrain.token_bytes.TokenBytes.table()`)."""
+  def eval_step(params, model_state, batch, bytes_2V):
+    model = nnx.merge(graphdef, params, model_state)
     logits, _ = model(batch['inputs'], positions_BL=batch.get('positions'),
                       segment_ids_BL=batch.get('segment_ids'), train=False)
     ce = objective.cross_entropy(logits, batch['targets'], batch['mask'])
     count = jnp.sum(batch['mask'])
-    return ce * count, count
+    bytes_BL = token_bytes.target_bytes(batch['inputs'], batch['targets'], bytes_2V, eod_id)
+    return dict(nats=ce * count, tokens=count, bytes=jnp.sum(bytes_BL * batch['mask']))
 
   return eval_step
 
 
-def evaluate(eval_fn, state, batches, put) -> float:
-  """Mean cross-entropy (nats/token) over the fixed eval batches."""
-  total, count = 0.0, 0.0
-  for batch in batches:
-    s, c = eval_fn(state, put(batch))
-    total, count = total + float(s), count + float(c)
-  return total / count
+def bytes_table(tokenizer, vocab_size: int, mesh) -> jax.Array:
+  """The tokenizer's byte table [2, V] replicated over `mesh`, for `make_eval_step`."""
+  table = token_bytes.token_bytes(tokenizer, vocab_size).table()
+  return jax.make_array_from_process_local_data(NamedSharding(mesh, P()), table)
+
+
+def evaluate(eval_fn, params, model_state, batches, put, bytes_2V) -> metrics_lib.EvalTotals:
+  """Loss and byte sums over the fixed eval batches (fetched once, at the end)."""
+  sums = jax.device_get([eval_fn(params, model_state, put(batch), bytes_2V)
+                         for batch in batches])
+  return metrics_lib.EvalTotals(*(float(sum(s[k] for s in sums))
+                                  for k in ('nats', 'tokens', 'bytes')))
 
 
 @dataclasses.dataclass
@@ -243,6 +253,7 @@ class Summary:
   seconds: float
   preempted: bool = False  # stopped early by SIGTERM/SIGINT, after saving.
   first_step: int = 0  # the step this call started from (a resumed run's checkpoint).
+  eval_bits_per_byte: float = float('nan')  # the final eval loss per byte of text.
 
   def lines(self) -> list[str]:
     stopped = [f'stopped by a signal at step {self.steps} after saving a checkpoint; run the '
@@ -250,8 +261,8 @@ class Summary:
     evaluated = not np.isnan(self.eval_loss)  # NaN: stopped before the first eval.
     return stopped + [
         f'final eval loss {self.eval_loss:.4f} nats/token '
-        f'({self.eval_loss / np.log(2):.3f} bits)' if evaluated else
-        'no eval loss yet: this call stopped before its first eval',
+        f'({self.eval_loss / np.log(2):.3f} bits), {self.eval_bits_per_byte:.4f} bits/byte'
+        if evaluated else 'no eval loss yet: this call stopped before its first eval',
         f'unigram entropy of the eval split {self.eval_unigram_entropy:.4f} nats/token '
         f'({self.eval_unigram_entropy / np.log(2):.3f} bits)',
         f'{self.steps - self.first_step} steps in {self.seconds:.1f} s, '
@@ -459,7 +470,10 @@ def _train(cfg, workdir, log, stop) -> Summary:
   put = lambda batch: data_lib.to_global(batch, batch_sharding)
   step_fn = jax.jit(make_train_step(graphdef, tx, cfg), donate_argnums=0,
                     out_shardings=(shardings, None))
-  eval_fn = jax.jit(make_eval_step(graphdef))
+  eval_fn = jax.jit(make_eval_step(graphdef, data.tokenizer.eod_id))
+  bytes_2V = bytes_table(data.tokenizer, cfg.model.vocab_size, mesh)
+  run_eval = lambda state: evaluate(eval_fn, state.params, state.model_state,
+                                    data.eval_batches, put, bytes_2V)
   writer = metrics_lib.MetricWriter(workdir)
   if jax.process_index() == 0:
     workdir_lib.write_text(workdir / 'config.json', cfg.to_json_best_effort(indent=2))
@@ -476,7 +490,8 @@ def _train(cfg, workdir, log, stop) -> Summary:
   note = log if bar.disable else bar.write  # messages between progress-bar updates.
   start = last_time = time.perf_counter()
   last_step, step = first, first
-  loss, eval_loss, records = float('nan'), float('nan'), []
+  loss, records = float('nan'), []
+  totals = metrics_lib.EvalTotals(float('nan'), float('nan'), float('nan'))  # no eval yet
   failed = True
   try:
     with jax.set_mesh(mesh), (contextlib.nullcontext(stop) if stop else
@@ -498,9 +513,9 @@ def _train(cfg, workdir, log, stop) -> Summary:
           writer.write(step, metrics)
           bar.set_postfix(loss=f'{loss:.3f}', tok_s=f"{metrics['tokens_per_second']:,.0f}")
         if step % t.eval_every == 0 or step == t.steps:
-          eval_loss = evaluate(eval_fn, state, data.eval_batches, put)
-          writer.write(step, {'eval/loss': eval_loss})
-          note(f'step {step}: eval loss {eval_loss:.4f}')
+          totals = run_eval(state)
+          writer.write(step, totals.scalars())
+          note(f'step {step}: eval loss {totals.loss:.4f}')
         preempted = stop.stop_requested()
         if preempted:
           note(stop.describe(step))
@@ -524,14 +539,14 @@ def _train(cfg, workdir, log, stop) -> Summary:
     log(f'the checkpoint is already at train.steps={t.steps}; nothing to train.')
     # Report the finished run: the checkpoint's eval loss, the last logged training loss.
     with jax.set_mesh(mesh):
-      eval_loss = evaluate(eval_fn, state, data.eval_batches, put)
+      totals = run_eval(state)
     logged = workdir / metrics_lib.JSONL
     losses = [r['loss'] for r in metrics_lib.read_jsonl(logged) if 'loss' in r] \
         if metrics_lib.jsonl_files(logged) else []
     loss = losses[-1] if losses else loss
-  summary = Summary(step, loss, eval_loss, data.eval_unigram_entropy,
+  summary = Summary(step, loss, totals.loss, data.eval_unigram_entropy,
                     (step - first) * tokens_per_step / max(seconds, 1e-9), seconds, preempted,
-                    first)
+                    first, totals.bits_per_byte)
   for line in summary.lines():
     log(line)
   return summary

@@ -55,6 +55,18 @@ def tiny():
 
 
 @pytest.fixture(scope='session')
+def trained_run(tmp_path_factory):
+  """A tiny run trained 3 steps on 2 expert shards (checkpoints at steps 2 and 3), shared
+  by the tests of the commands that read a run (eval, sample)."""
+  from moetrain import train
+  workdir = tmp_path_factory.mktemp('trained_run')
+  cfg = tiny_config(**{'train.steps': 3, 'mesh.data': -1, 'mesh.expert': 2,
+                       'checkpoint.every_steps': 2})
+  train.train(cfg, workdir, log=lambda *_: None)
+  return workdir
+
+
+@pytest.fixture(scope='session')
 def one_process_run(tmp_path_factory):
   """The workdir of multihost_runs.ARGS trained in one process on 4 devices: the reference
   the multi-process launchers (local.sh, SLURM, the TPU pod script) must reproduce."""

@@ -1,12 +1,13 @@
 """Attention against a NumPy loop over heads: grouped-query heads, rotary embeddings, and the
-Qwen options (q/k/v biases, per-head q/k RMSNorm, a head size other than d_model / H)."""
+Qwen options (q/k/v biases, per-head q/k RMSNorm, a head size other than d_model / H); the
+KV-cache pieces (masked attention over cache slots, cache writes) against NumPy."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from moetrain.model.attention import Attention
+from moetrain.model.attention import Attention, cache_mask, masked_attention, write_cache
 
 RNG = np.random.default_rng()
 B, L, D, H, G = 2, 10, 24, 4, 2
@@ -69,3 +70,38 @@ def test_attention_matches_numpy_loop(qkv_bias, qk_norm, head_dim):
   y = layer(jnp.asarray(x, jnp.float32), positions)
   np.testing.assert_allclose(np.asarray(y), np_attention(x, params, k, eps), rtol=1e-4,
                              atol=1e-5)
+
+
+def np_masked_attention(q, k, v, mask):
+  """q [B, L, H, K], k/v [B, S, G, K], mask [B, L, S] -> [B, L, H, K]; head h reads
+  key-value head h // (H / G)."""
+  group = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+  scores = np.einsum('blhk,bshk->bhls', q, k) / np.sqrt(q.shape[-1])
+  scores = np.where(mask[:, None], scores, -np.inf)
+  p = np.exp(scores - scores.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum('bhls,bshk->blhk', p, v)
+
+
+def test_masked_attention_matches_numpy_with_a_cache_mask():
+  b, l, s, h, g, k = 2, 3, 7, 4, 2, 8
+  q = RNG.standard_normal((b, l, h, k)).astype(np.float32)
+  keys = RNG.standard_normal((b, s, g, k)).astype(np.float32)
+  values = RNG.standard_normal((b, s, g, k)).astype(np.float32)
+  positions = np.array([[2, 3, 4], [0, 5, 6]], np.int32)
+  mask = np.asarray(cache_mask(jnp.asarray(positions), s))
+  np.testing.assert_array_equal(mask, np.arange(s)[None, None] <= positions[..., None])
+  got = masked_attention(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values),
+                                   jnp.asarray(mask))
+  np.testing.assert_allclose(np.asarray(got), np_masked_attention(q, keys, values, mask),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_write_cache_writes_at_positions_and_drops_out_of_range():
+  cache = jnp.zeros((2, 4, 1, 2))
+  new = jnp.asarray(RNG.standard_normal((2, 2, 1, 2)), jnp.float32)
+  out = np.asarray(write_cache(cache, new, jnp.asarray([[1, 2], [3, 4]])))
+  np.testing.assert_array_equal(out[0, 1:3], np.asarray(new[0]))
+  np.testing.assert_array_equal(out[1, 3], np.asarray(new[1, 0]))
+  assert not out[0, [0, 3]].any() and not out[1, :3].any()

@@ -76,6 +76,13 @@ def test_bad_input_is_one_sentence(args, message, tmp_path):
     (['sample', '--prompt=x'], '--workdir is required for sample'),
     (['sample', '--workdir=WORKDIR'], 'sample needs --prompt=TEXT'),
     (['sample', '--workdir=WORKDIR', '--prompt=x'], 'has no config.json'),
+    (['sample', '--workdir=WORKDIR', '--prompt=x', '--top_p=2'], '--top_p=2.0 must lie in'),
+    (['sample', '--workdir=WORKDIR', '--prompts_file=nope.txt'], '--prompts_file=nope.txt'),
+    (['eval', '--eval_batches=2'], '--workdir is required for eval'),
+    (['eval', '--workdir=WORKDIR'], 'has no config.json'),
+    (['eval', '--workdir=WORKDIR', '--config=configs/tiny.py'], "eval reads the run's config"),
+    (['eval', '--workdir=WORKDIR', '--config.data.sorce=files'],
+     "unknown config key 'data.sorce'; did you mean 'data.source'?"),
     (['report', '--workdir=WORKDIR'], 'holds no finished runs'),
     (['sweep', '--config=configs/tiny.py', '--workdir=WORKDIR'], 'at least one --sweep'),
     (['export', '--workdir=WORKDIR'], 'export needs --output=DIR'),
@@ -91,6 +98,36 @@ def test_other_commands_bad_input(args, message, tmp_path):
 def test_usage_without_command():
   out = moetrain()
   assert out.returncode == 2 and 'usage: moetrain' in out.stderr
+
+
+def test_eval_and_sample_commands(trained_run, tmp_path):
+  """On 2 devices (the run trained on 8): eval with a typed override, and a batch of
+  prompts from flags and a file whose draws are the library's with the same --seed."""
+  from moetrain import evaluate
+  from moetrain import sample
+  out = moetrain('eval', f'--workdir={trained_run}', '--eval_batches=1',
+                 '--config.model.moe.eval_capacity_factor=4.0')
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.splitlines()
+  _, totals = evaluate.evaluate_workdir(
+      trained_run, {'model.moe.eval_capacity_factor': 4.0}, num_batches=1)
+  assert 'at step 3, eval split of data.source=stdlib' in lines[0]
+  assert lines[1].startswith('loss ') and lines[3].startswith('bits per byte ')
+  assert float(lines[1].split()[1]) == pytest.approx(totals.loss, abs=2e-4)
+  assert float(lines[3].split()[-1]) == pytest.approx(totals.bits_per_byte, abs=2e-4)
+  prompts = tmp_path / 'prompts.txt'
+  prompts.write_text('import os\\nimport sys\n\nclass A:\n')
+  out = moetrain('sample', f'--workdir={trained_run}', '--prompt=def ',
+                 f'--prompts_file={prompts}', '--max_new_tokens=4', '--temperature=0.9',
+                 '--top_k=5', '--top_p=0.9', '--seed=1')
+  assert out.returncode == 0, out.stderr[-3000:]
+  texts = ['def ', 'import os\nimport sys', 'class A:']
+  draws = lambda seed: sample.sample(trained_run, texts, max_new_tokens=4, seed=seed,
+                                     sampler=sample.Sampler(0.9, top_k=5, top_p=0.9))
+  seeded = draws(1)
+  assert seeded != draws(2)
+  assert out.stdout == ''.join(f'--- sample {i + 1} of 3 ---\n{prompt}{text}\n'
+                               for i, (prompt, text) in enumerate(zip(texts, seeded)))
 
 
 def in_process(capsys, *args):

@@ -8,6 +8,8 @@ clients, except the final arrays (read with orbax, as `moetrain` reads them). Th
 emulator does not enforce ifGenerationMatch, so these tests cannot show that two runs
 starting at the same instant exclude each other: only that a lock that exists is seen."""
 
+import csv
+import io
 import json
 import os
 import signal
@@ -138,12 +140,12 @@ def test_sweep_writes_its_table_into_the_bucket(gcs, cli_env, tmp_path):
   table = gcs.read(f'{prefix}/results.md').decode().splitlines()
   assert table[0].startswith('| run | total params |') and len(table) == 4
   assert table[2:] == [line for line in out.splitlines() if line.startswith('| seed=')]
-  csv_lines = gcs.read(f'{prefix}/results.csv').decode().splitlines()
+  rows = {r['run']: r for r in csv.DictReader(
+      io.StringIO(gcs.read(f'{prefix}/results.csv').decode()))}
   for run in runs:
     summary = json.loads(gcs.read(f'{prefix}/{run}/summary.json'))
-    row = next(line.split(',') for line in csv_lines if line.startswith(run))
     final = bucket_losses(gcs, f'{prefix}/{run}')[RUN_STEPS]
-    assert float(row[3]) == summary['final_loss'] == final
+    assert float(rows[run]['train_loss']) == summary['final_loss'] == final
   assert list(tmp_path.iterdir()) == []
 
 

@@ -112,6 +112,24 @@ def test_dropless_equals_huge_capacity_and_loop_over_experts():
   assert float(small_stats['dropped_frac']) > 0
 
 
+@pytest.mark.parametrize('k,gate', [(1, 'softmax'), (2, 'softmax'), (3, 'sigmoid')])
+def test_dropless_eval_on_few_tokens_gathers_the_chosen_experts(k, gate):
+  """T * K < E at eval: each token runs its K experts with gathered weights; equals the
+  per-token loop and the padded layer (training on the same tokens)."""
+  t = 2
+  x, r, wg, wu, wd = make_inputs(t=t)
+  s = spec(dropless=True, top_k=k, gate=gate)
+  assert s.gathers(t, train=False) and not s.gathers(t, train=True)
+  assert not s.gathers(-(-E // k), train=False)  # T * K >= E: padded buffers
+  y, stats = run(s, x, r, wg, wu, wd, train=False, seq_len=t)
+  y_padded, _ = run(s, x, r, wg, wu, wd, train=True, seq_len=t)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y_padded), rtol=1e-5, atol=1e-6)
+  if gate == 'softmax':
+    np.testing.assert_allclose(np.asarray(y), reference_dropless(x, r, wg, wu, wd, k),
+                               rtol=2e-5, atol=2e-5)
+  assert float(stats['dropped_frac']) == 0
+
+
 @pytest.mark.parametrize('gate,order', [('softmax', 'softmax_topk'),
                                         ('softmax', 'topk_softmax'),
                                         ('sigmoid', 'softmax_topk')])

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 
+import numpy as np
 import pytest
 
 from moetrain import metrics as metrics_lib
@@ -88,9 +89,11 @@ def test_sweep_trains_each_run_and_writes_table_and_plots(swept):
     run = workdir / row['run']
     config = json.loads((run / 'config.json').read_text())
     assert config['model']['num_experts'] == int(row['run'].split(',')[0].split('=')[1])
-    evals = [r['eval/loss'] for r in metrics_lib.read_jsonl(run / 'metrics.jsonl')
-             if 'eval/loss' in r]
-    assert row['eval_loss'] == pytest.approx(evals[-1])
+    evals = [r for r in metrics_lib.read_jsonl(run / 'metrics.jsonl') if 'eval/loss' in r]
+    assert row['eval_loss'] == pytest.approx(evals[-1]['eval/loss'])
+    assert row['eval_bits_per_byte'] == pytest.approx(evals[-1]['eval/bits_per_byte'])
+    # Byte tokens: bits per byte is the loss in bits over the non-end-of-document targets.
+    assert evals[-1]['eval/bits_per_byte'] > evals[-1]['eval/loss'] / np.log(2)
   assert rows[1]['total_params'] > rows[0]['total_params']
   # Top-1 of equal experts: only the router's two extra columns per layer are added.
   assert rows[1]['active_params'] - rows[0]['active_params'] == 2 * 32 * 2
@@ -98,7 +101,7 @@ def test_sweep_trains_each_run_and_writes_table_and_plots(swept):
     table = list(csv.DictReader(f))
   assert [t['run'] for t in table] == [r['run'] for r in rows]
   md = (workdir / 'results.md').read_text().splitlines()
-  assert md[0].startswith('| run |') and len(md) == 2 + len(rows)
+  assert md[0].startswith('| run |') and len(md) == 2 + len(rows) and 'bits/byte' in md[0]
   assert md == lines[-len(md):]
   for png in ('loss_curves.png', 'final_eval_loss.png'):
     assert (workdir / png).read_bytes()[:4] == b'\x89PNG'

@@ -117,6 +117,10 @@ def test_train_end_to_end_writes_logs_and_checkpoint(tmp_path):
   evals = [r for r in records if 'eval/loss' in r]
   assert [r['step'] for r in evals] == [6, 12]
   assert summary.eval_loss == pytest.approx(evals[-1]['eval/loss'])
+  # Byte tokenizer: every target but the end-of-document token (0 bytes) is one byte.
+  assert evals[-1]['eval/bits_per_byte'] >= evals[-1]['eval/loss'] / np.log(2)
+  assert summary.eval_bits_per_byte == pytest.approx(evals[-1]['eval/bits_per_byte'])
+  assert summary.lines()[0].endswith(f"{evals[-1]['eval/bits_per_byte']:.4f} bits/byte")
   assert summary.eval_unigram_entropy > 0
   assert list((tmp_path / 'tb').iterdir())
   assert (tmp_path / 'checkpoints' / '12').is_dir()

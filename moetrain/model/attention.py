@@ -1,5 +1,7 @@
-"""Causal self-attention with grouped-query heads and rotary embeddings; optional q/k/v
-biases (Qwen2) and per-head RMSNorm of queries and keys before the rotation (Qwen3)."""
+"""Causal self-attention with grouped-query heads and rotary embeddings, over a whole
+sequence (`Attention.__call__`) or for new tokens against a key-value cache
+(`Attention.decode`, for sampling); optional q/k/v biases (Qwen2) and per-head RMSNorm of
+queries and keys before the rotation (Qwen3)."""
 
 from __future__ import annotations
 
@@ -11,12 +13,50 @@ from moetrain.model.layers import RMSNorm, param, rope
 
 
 def attention_mask(segment_ids_BL: jax.Array | None, length: int) -> jax.Array:
-  """bool [B or 1, 1, 1, L, L]: causal, and within one document when segment ids are given."""
+  """bool [B or 1, L, L]: causal, and within one document when segment ids are given."""
   causal_LL = jnp.tril(jnp.ones((length, length), bool))
   if segment_ids_BL is None:
-    return causal_LL[None, None, None]
+    return causal_LL[None]
   same_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
-  return (causal_LL & same_BLL)[:, None, None]
+  return causal_LL & same_BLL
+
+
+def cache_mask(positions_BL: jax.Array, cache_len: int) -> jax.Array:
+  """bool [B, L, S]: a query at position p sees the cache slots 0..p (slot = position)."""
+  return jnp.arange(cache_len)[None, None, :] <= positions_BL[:, :, None]
+
+
+def masked_attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array,
+                     mask_BLS: jax.Array) -> jax.Array:
+  """Softmax attention of L queries over S keys, H query heads sharing G key-value heads:
+  out [B, L, H, K] in q's dtype; mask [B or 1, L, S] (True: attend), scores in float32."""
+  batch, length, num_heads, head_dim = q_BLHK.shape
+  keys, num_kv_heads = k_BSGK.shape[1], k_BSGK.shape[2]
+  group = num_heads // num_kv_heads
+  # Heads-major layout: the R = H / G queries sharing a key-value head are stacked along
+  # the query axis, so scores and outputs are plain batched GEMMs over [B, G]
+  # ([R*L, K] x [K, S]); the 5-d einsum form ran 2x slower on XLA:CPU (bench/NOTES.md).
+  q_BGQK = q_BLHK.reshape(batch, length, num_kv_heads, group, head_dim) \
+      .transpose(0, 2, 3, 1, 4).reshape(batch, num_kv_heads, group * length, head_dim)
+  k_BGSK = k_BSGK.transpose(0, 2, 1, 3)
+  v_BGSK = v_BSGK.transpose(0, 2, 1, 3)
+  scores = jnp.einsum('bgqk,bgmk->bgqm', q_BGQK, k_BGSK).astype(jnp.float32)
+  scores = scores * head_dim ** -0.5
+  rows = mask_BLS.shape[0]
+  mask = jnp.broadcast_to(mask_BLS[:, None, None], (rows, 1, group, length, keys)).reshape(
+      rows, 1, group * length, keys)
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q_BLHK.dtype)
+  out_BGQK = jnp.einsum('bgqm,bgmk->bgqk', probs, v_BGSK)
+  return out_BGQK.reshape(batch, num_kv_heads, group, length, head_dim) \
+      .transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads, head_dim)
+
+
+def write_cache(cache_BSGK: jax.Array, new_BLGK: jax.Array, positions_BL: jax.Array):
+  """The cache with each new key (or value) written at the slot of its position."""
+  rows_BL = jnp.broadcast_to(jnp.arange(cache_BSGK.shape[0])[:, None], positions_BL.shape)
+  return cache_BSGK.at[rows_BL, positions_BL].set(new_BLGK.astype(cache_BSGK.dtype),
+                                                  mode='drop')
 
 
 class Attention(nnx.Module):
@@ -25,7 +65,9 @@ class Attention(nnx.Module):
 
   `qkv_bias` adds biases b_q [H, K], b_k, b_v [G, K] to the projections; `qk_norm` applies
   an RMSNorm over each head's K features (scales q_norm, k_norm [K], eps `norm_eps`) to
-  queries and keys before the rotary embedding.
+  queries and keys before the rotary embedding. `project` (all of that) and `output` are
+  separate from the attention itself, so the full-sequence call and the KV-cache `decode`
+  share them.
   """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, *, rope_theta: float,
@@ -50,13 +92,15 @@ class Attention(nnx.Module):
     self.rope_theta = rope_theta
     self.dtype = dtype
 
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None):
-    cast = lambda w: w[...].astype(self.dtype)
+  def project(self, x_BLD, positions_BL):
+    """Queries [B, L, H, K] and keys [B, L, G, K] with rotary embeddings, values [B, L, G, K]."""
     x_BLD = x_BLD.astype(self.dtype)
     batch, length, d_model = x_BLD.shape
     # Projections as GEMMs over flattened tokens [B*L, D]: XLA:CPU runs the weight
     # gradient of a [B, L, D] einsum 2-3x slower (bench/NOTES.md).
     x_TD = x_BLD.reshape(batch * length, d_model)
+
+    cast = lambda w: w[...].astype(self.dtype)
 
     def project(w_DHK, b_HK, norm):
       w = cast(w_DHK)
@@ -66,26 +110,28 @@ class Attention(nnx.Module):
 
     q_BLHK = rope(project(self.w_q, self.b_q, self.q_norm), positions_BL, self.rope_theta)
     k_BLGK = rope(project(self.w_k, self.b_k, self.k_norm), positions_BL, self.rope_theta)
-    v_BLGK = project(self.w_v, self.b_v, None)
-    group = self.num_heads // self.num_kv_heads
-    # Heads-major layout: the R = H / G queries sharing a key-value head are stacked along
-    # the query axis, so scores and outputs are plain batched GEMMs over [B, G]
-    # ([R*L, K] x [K, L]); the 5-d einsum form ran 2x slower on XLA:CPU (bench/NOTES.md).
-    q_BGQK = q_BLHK.reshape(batch, length, self.num_kv_heads, group, self.head_dim) \
-        .transpose(0, 2, 3, 1, 4).reshape(batch, self.num_kv_heads, group * length,
-                                           self.head_dim)
-    k_BGLK = k_BLGK.transpose(0, 2, 1, 3)
-    v_BGLK = v_BLGK.transpose(0, 2, 1, 3)
-    scores = jnp.einsum('bgqk,bgmk->bgqm', q_BGQK, k_BGLK).astype(jnp.float32)
-    scores = scores * self.head_dim ** -0.5
-    mask = attention_mask(segment_ids_BL, length)  # [B or 1, 1, 1, L, L]
-    mask = jnp.broadcast_to(mask, (mask.shape[0], 1, group, length, length)).reshape(
-        mask.shape[0], 1, group * length, length)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out_BGQK = jnp.einsum('bgqm,bgmk->bgqk', probs, v_BGLK)
-    out_BLGRK = out_BGQK.reshape(batch, self.num_kv_heads, group, length, self.head_dim) \
-        .transpose(0, 3, 1, 2, 4)
-    out_TM = out_BLGRK.reshape(batch * length, self.num_heads * self.head_dim)
-    w_o = cast(self.w_o).reshape(self.num_heads * self.head_dim, d_model)
-    return (out_TM @ w_o).reshape(batch, length, d_model)
+    return q_BLHK, k_BLGK, project(self.w_v, self.b_v, None)
+
+  def output(self, out_BLHK):
+    """Attention output [B, L, H, K] -> [B, L, D]."""
+    batch, length = out_BLHK.shape[:2]
+    w_o = self.w_o[...].astype(self.dtype)
+    w_MD = w_o.reshape(self.num_heads * self.head_dim, -1)
+    return (out_BLHK.reshape(batch * length, -1) @ w_MD).reshape(batch, length, -1)
+
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None):
+    q_BLHK, k_BLGK, v_BLGK = self.project(x_BLD, positions_BL)
+    mask_BLL = attention_mask(segment_ids_BL, x_BLD.shape[1])
+    return self.output(masked_attention(q_BLHK, k_BLGK, v_BLGK, mask_BLL))
+
+  def decode(self, x_BLD, positions_BL, k_BSGK, v_BSGK):
+    """L new tokens per row against a key-value cache of S slots (slot = position).
+
+    Writes the new keys and values at their positions, attends each query to the slots
+    up to its position, and returns (y [B, L, D], k_BSGK, v_BSGK)."""
+    q_BLHK, k_BLGK, v_BLGK = self.project(x_BLD, positions_BL)
+    k_BSGK = write_cache(k_BSGK, k_BLGK, positions_BL)
+    v_BSGK = write_cache(v_BSGK, v_BLGK, positions_BL)
+    mask_BLS = cache_mask(positions_BL, k_BSGK.shape[1])
+    out_BLHK = masked_attention(q_BLHK, k_BSGK, v_BSGK, mask_BLS)
+    return self.output(out_BLHK), k_BSGK, v_BSGK

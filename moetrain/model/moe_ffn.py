@@ -71,6 +71,13 @@ class MoESpec:
     """
     return self._dropless_choice(jax.default_backend() == 'tpu')
 
+  def gathers(self, num_tokens: int, train: bool) -> bool:
+    """Dropless eval on fewer assignments than experts (decoding a few new tokens): each
+    token runs its K experts with their weights gathered, which reads T*K experts'
+    weights instead of all E (`gathered_experts`). Only without expert parallelism."""
+    return (not train and self.dropless_token_choice()
+            and num_tokens * self.top_k < self.num_experts)
+
   def use_ragged_exchange(self) -> bool:
     """Under expert parallelism, dropless tokens travel by `jax.lax.ragged_all_to_all`
     (only the routed tokens) instead of a padded all-to-all (E/K times the bytes).
@@ -143,6 +150,16 @@ def ragged_experts(x_TD, expert_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
   return combine_sorted(y_AD, token_A, weight_TK.reshape(-1)[order_A], x_TD.shape[0])
 
 
+def gathered_experts(x_TD, expert_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD):
+  """Dropless experts for a few tokens: token t runs its K chosen experts with their
+  weights gathered ([T, K, D, F]), so only T*K experts' weights are read. Equals the padded
+  computation. Returns y [T, D] float32."""
+  h_TKF = (jax.nn.silu(jnp.einsum('td,tkdf->tkf', x_TD, w_gate_EDF[expert_TK]))
+           * jnp.einsum('td,tkdf->tkf', x_TD, w_up_EDF[expert_TK]))
+  y_TKD = jnp.einsum('tkf,tkfd->tkd', h_TKF, w_down_EFD[expert_TK])
+  return jnp.einsum('tkd,tk->td', y_TKD.astype(jnp.float32), weight_TK)
+
+
 def padded_grouped_swiglu(x_MD, w_gate_LDF, w_up_LDF, w_down_LFD, sizes_L, capacity: int):
   """`grouped_swiglu` through padded buffers: the rows of x_MD [M, D] (grouped by expert,
   sizes_L[l] rows for expert l, then unused rows) go to [L, capacity, D], the batched
@@ -207,7 +224,8 @@ def moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, jitter_ke
   weights = [w.astype(dtype) for w in (w_gate_EDF, w_up_EDF, w_down_EFD)]
   x_TD = x_TD.astype(dtype)
   ragged_exchange = expert_axis is not None and spec.use_ragged_exchange()
-  if spec.use_ragged() or ragged_exchange:
+  gather = expert_axis is None and spec.gathers(num_tokens, train)
+  if spec.use_ragged() or ragged_exchange or gather:
     expert_TK, weight_TK, probs_TE = routing.top_k_gates(
         logits_TE, spec.top_k, gate=spec.gate, softmax_order=spec.softmax_order,
         renormalize=spec.renormalize, routed_scaling=spec.routed_scaling, bias_E=bias_E)
@@ -217,6 +235,8 @@ def moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, jitter_ke
       y_TD = ragged_expert_parallel(x_TD, expert_TK, weight_TK, *weights,
                                     num_experts=num_experts, expert_axis=expert_axis,
                                     ragged_dot=spec.use_ragged())
+    elif gather:
+      y_TD = gathered_experts(x_TD, expert_TK, weight_TK, *weights)
     else:  # no expert axis (use_ragged() implies use_ragged_exchange())
       y_TD = ragged_experts(x_TD, expert_TK, weight_TK, *weights)
   else:
