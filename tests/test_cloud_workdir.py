@@ -153,7 +153,7 @@ def test_sweep_writes_its_table_into_the_bucket(gcs, cli_env, tmp_path):
     ('train', ['--config=configs/tiny.py']),
     ('train', []),  # resuming with the config the run saved in the bucket.
     ('sweep', ['--config=configs/tiny.py', '--sweep=model.num_experts=2,4']),
-    ('report', []), ('sample', ['--prompt=def'])])
+    ('report', []), ('eval', []), ('sample', ['--prompt=def'])])
 def test_bucket_without_the_extra_is_one_sentence_and_creates_nothing(command, args,
                                                                        tmp_path):
   """gcsfs and google-cloud-storage made unimportable in the child: what a venv without
