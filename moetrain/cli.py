@@ -1,5 +1,5 @@
-"""The `moetrain` command: `moetrain train|sweep|report|eval|sample|params|tokenizer train
---config=configs/x.py [--config.a.b=v]`.
+"""The `moetrain` command: `moetrain train|sweep|report|eval|sample|params|tokenizer train|data
+prepare|export|import --config=configs/x.py [--config.a.b=v]`.
 
 Config files are read with ml_collections `config_flags`, so any key can be overridden on
 the command line; unknown keys and bad values stop the command with one sentence before
@@ -32,12 +32,14 @@ COMMANDS = {
     'params': 'print total and active parameters and training FLOPs per token',
     'tokenizer': "'tokenizer train': fit a byte-level BPE on the configured corpus: "
                  '--vocab_size=N --output=PATH',
+    'data': "'data prepare': tokenize the configured source once into token shards for "
+            "data.source='prepared': --output=DIR",
     'export': 'write a run as a Hugging Face model directory: --workdir=DIR --output=DIR '
               '[--format=auto|llama|mistral|mixtral|qwen3_moe|qwen2_moe --inexact]',
     'import': 'read a Hugging Face model directory into a new run at step 0: --from=DIR '
               '--workdir=DIR [--config=FILE]',
 }
-SUBCOMMANDS = {'tokenizer': ('train',)}
+SUBCOMMANDS = {'tokenizer': ('train',), 'data': ('prepare',)}
 MULTI_PROCESS_FLAGS = ('coordinator_address', 'num_processes', 'process_id', 'distributed',
                        'heartbeat_timeout')
 # The flags each command reads (`moetrain COMMAND --help` lists them); a command missing
@@ -51,6 +53,7 @@ COMMAND_FLAGS = {
                'top_p', 'seed', 'kv_cache'),
     'params': ('config',),
     'tokenizer train': ('config', 'vocab_size', 'output'),
+    'data prepare': ('config', 'output'),
     'export': ('workdir', 'output', 'format', 'inexact'),
     'import': ('from', 'workdir', 'config'),
 }
@@ -61,7 +64,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for logs and checkpoints.')
 _VOCAB_SIZE = flags.DEFINE_integer('vocab_size', None, 'tokenizer train: vocabulary size.')
 _OUTPUT = flags.DEFINE_string('output', None, 'tokenizer train: path of the .json to write; '
-                              'export: the directory to write.')
+                              'data prepare and export: the directory to write.')
 _FORMAT = flags.DEFINE_string('format', 'auto', 'export: auto (from the config), llama, '
                               'mistral, mixtral, qwen3_moe or qwen2_moe.')
 _INEXACT = flags.DEFINE_bool('inexact', False, 'export: write a model whose transformers '
@@ -209,6 +212,16 @@ def _tokenizer_train(_):
         f'{tokenizer.eod_id}; use it with --config.data.tokenizer={_OUTPUT.value}')
 
 
+def _data_prepare(_):
+  from moetrain.data import prepare
+  if not _OUTPUT.value:
+    raise config_lib.ConfigError('data prepare needs --output=DIR, the directory to write the '
+                                 'token files to; pass it.')
+  cfg = config_lib.validate(_CONFIG.value)
+  prepare.prepare(cfg, _OUTPUT.value, progress=cfg.train.progress)
+  print(f"train from it with --config.data.source=prepared --config.data.paths={_OUTPUT.value}")
+
+
 def _export(_):
   _require_workdir('export')
   if not _OUTPUT.value:
@@ -227,7 +240,7 @@ def _import(_):
 
 RUNNERS = {'train': _train, 'sweep': _sweep, 'report': _report, 'eval': _eval,
            'sample': _sample, 'params': _params, 'tokenizer train': _tokenizer_train,
-           'export': _export, 'import': _import}
+           'data prepare': _data_prepare, 'export': _export, 'import': _import}
 RUN_COMMANDS = ('eval', 'sample')  # commands on a trained run: its config, plus overrides.
 _OVERRIDES: list[str] = []  # their `--config.KEY=VALUE` arguments.
 

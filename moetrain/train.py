@@ -459,7 +459,7 @@ def train(cfg, workdir, *, log=print, stop: PreemptionHandler | None = None) -> 
 def _train(cfg, workdir, log, stop) -> Summary:
   """`train` in a locked workdir, with a prepared config."""
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=cfg.checkpoint.keep)
-  data = data_lib.make_data(cfg)
+  data = data_lib.make_data(cfg, log=log)
   mesh = mesh_lib.make_mesh(cfg)
   tx = make_optimizer(cfg.train)
   graphdef, state, shardings, meta = restore_or_init(cfg, checkpointer, data, mesh, tx,
@@ -484,7 +484,7 @@ def _train(cfg, workdir, log, stop) -> Summary:
     guard.note_checkpoint(first)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   log(f'training {workdir}: steps {first + 1}..{t.steps} of {tokens_per_step} tokens on mesh '
-      f'{dict(mesh.shape)}; {data.num_train_tokens:,} training tokens in this process\'s streams')
+      f'{dict(mesh.shape)}; {data.description}')
   bar = tqdm(initial=first, total=t.steps,
              disable=not t.progress or jax.process_index() != 0, dynamic_ncols=True)
   note = log if bar.disable else bar.write  # messages between progress-bar updates.
@@ -508,6 +508,7 @@ def _train(cfg, workdir, log, stop) -> Summary:
           metrics = jax.device_get(metrics)
           now = time.perf_counter()
           metrics['tokens_per_second'] = (step - last_step) * tokens_per_step / (now - last_time)
+          metrics.update(data_lib.state_metrics(data.train.state()))
           last_step, last_time = step, now
           loss = float(metrics['loss'])
           writer.write(step, metrics)
