@@ -251,3 +251,16 @@ def test_staged_metrics_segments_roll_and_read_back_in_order(where, request, tmp
   assert metrics_lib.read_jsonl(f'{workdir}/metrics.jsonl') == expected
   assert len([n for n in names if n.startswith('tb/events.out.tfevents.')]) >= 3
   assert metrics_lib.next_segment(f'{workdir}/metrics.jsonl') == len(segments) + 1
+
+
+def test_prepared_data_in_a_bucket_is_one_sentence(tmp_path, monkeypatch):
+  """Prepared token files are memory-mapped: `data prepare` refuses a bucket, creating
+  nothing."""
+  from moetrain import config as config_lib
+  from moetrain.data import prepare
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(config_lib.ConfigError, match=(
+      r'^--output=gs://b/tokens is in a bucket, but prepared token files are memory-mapped '
+      r'from a local disk; prepare into a local folder \(or one every host mounts\)\.$')):
+    prepare.prepare(config_lib.default_config(), 'gs://b/tokens')
+  assert list(tmp_path.iterdir()) == []
