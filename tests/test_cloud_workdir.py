@@ -90,12 +90,15 @@ def train_in_bucket(gcs, env, workdir, prefix, cwd, kill_at_step=None, timeout=3
 def test_run_in_a_bucket_killed_resumes_exactly_and_leaves_its_logs(gcs, reference, cli_env,
                                                                      tmp_path):
   workdir, prefix = fresh(gcs, 'run')
-  cwd = tmp_path / 'cwd'
+  cwd, staging = tmp_path / 'cwd', tmp_path / 'tmp'
   cwd.mkdir()
-  rc, out = train_in_bucket(gcs, cli_env, workdir, prefix, cwd, kill_at_step=4)
+  staging.mkdir()
+  env = dict(cli_env, TMPDIR=str(staging))  # where a killed run leaves its staged logs.
+  rc, out = train_in_bucket(gcs, env, workdir, prefix, cwd, kill_at_step=4)
   assert rc == -signal.SIGKILL, out
   assert f'{prefix}/moetrain.lock' in gcs.objects(prefix)  # a killed run leaves its lock.
-  rc, out = train_in_bucket(gcs, cli_env, workdir, prefix, cwd)
+  assert [p.name[:16] for p in staging.iterdir()] == ['moetrain-staged-']
+  rc, out = train_in_bucket(gcs, env, workdir, prefix, cwd)
   assert rc == 0, out
   assert 'which is no longer running; taking the lock over.' in out
   assert 'resuming from the checkpoint at step' in out
