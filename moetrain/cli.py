@@ -100,8 +100,11 @@ _DISTRIBUTED = flags.DEFINE_bool(
 
 
 def _require_workdir(command: str):
+  """--workdir is given, and usable when it is in a bucket (gs://, with the gcp extra)."""
   if not _WORKDIR.value:
     raise config_lib.ConfigError(f'--workdir is required for {command}; pass --workdir=DIR.')
+  from moetrain import paths
+  paths.check(_WORKDIR.value)
 
 
 def _initialize_processes():
@@ -318,9 +321,10 @@ def _saved_config_args(command: str, argv: list[str]) -> list[str]:
   imported or earlier run continues with one argument."""
   if command != 'train' or any(a == '--config' or a.startswith('--config=') for a in argv):
     return argv
+  from moetrain import paths
   workdirs = [a.split('=', 1)[1] for a in argv if a.startswith('--workdir=')]
-  saved = pathlib.Path(workdirs[-1]) / 'config.json' if workdirs else None
-  if saved is None or not saved.is_file():
+  saved = paths.path(workdirs[-1]) / 'config.json' if workdirs else None
+  if saved is None or not paths.is_file(saved):
     return argv
   from moetrain import saved_config
   return argv[:1] + [f'--config={saved_config.__file__}:{saved}'] + argv[1:]
