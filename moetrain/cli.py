@@ -1,5 +1,5 @@
 """The `moetrain` command: `moetrain train|sweep|report|eval|analyze|sample|params|tokenizer
-train --config=configs/x.py [--config.a.b=v]`.
+train|data prepare|export|import --config=configs/x.py [--config.a.b=v]`.
 
 Config files are read with ml_collections `config_flags`, so any key can be overridden on
 the command line; unknown keys and bad values stop the command with one sentence before
@@ -35,12 +35,14 @@ COMMANDS = {
     'params': 'print total and active parameters and training FLOPs per token',
     'tokenizer': "'tokenizer train': fit a byte-level BPE on the configured corpus: "
                  '--vocab_size=N --output=PATH',
+    'data': "'data prepare': tokenize the configured source once into token shards for "
+            "data.source='prepared': --output=DIR",
     'export': 'write a run as a Hugging Face model directory: --workdir=DIR --output=DIR '
               '[--format=auto|llama|mistral|mixtral|qwen3_moe|qwen2_moe --inexact]',
     'import': 'read a Hugging Face model directory into a new run at step 0: --from=DIR '
               '--workdir=DIR [--config=FILE]',
 }
-SUBCOMMANDS = {'tokenizer': ('train',)}
+SUBCOMMANDS = {'tokenizer': ('train',), 'data': ('prepare',)}
 MULTI_PROCESS_FLAGS = ('coordinator_address', 'num_processes', 'process_id', 'distributed',
                        'heartbeat_timeout')
 # The flags each command reads (`moetrain COMMAND --help` lists them); a command missing
@@ -55,6 +57,7 @@ COMMAND_FLAGS = {
                'top_p', 'seed', 'kv_cache'),
     'params': ('config',),
     'tokenizer train': ('config', 'vocab_size', 'output'),
+    'data prepare': ('config', 'output'),
     'export': ('workdir', 'output', 'format', 'inexact'),
     'import': ('from', 'workdir', 'config'),
 }
@@ -65,7 +68,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for logs and checkpoints.')
 _VOCAB_SIZE = flags.DEFINE_integer('vocab_size', None, 'tokenizer train: vocabulary size.')
 _OUTPUT = flags.DEFINE_string('output', None, 'tokenizer train: path of the .json to write; '
-                              'export: the directory to write.')
+                              'data prepare and export: the directory to write.')
 _FORMAT = flags.DEFINE_string('format', 'auto', 'export: auto (from the config), llama, '
                               'mistral, mixtral, qwen3_moe or qwen2_moe.')
 _INEXACT = flags.DEFINE_bool('inexact', False, 'export: write a model whose transformers '
@@ -101,8 +104,11 @@ _DISTRIBUTED = flags.DEFINE_bool(
 
 
 def _require_workdir(command: str):
+  """--workdir is given, and usable when it is in a bucket (gs://, with the gcp extra)."""
   if not _WORKDIR.value:
     raise config_lib.ConfigError(f'--workdir is required for {command}; pass --workdir=DIR.')
+  from moetrain import paths
+  paths.check(_WORKDIR.value)
 
 
 def _initialize_processes():
@@ -221,6 +227,16 @@ def _tokenizer_train(_):
         f'{tokenizer.eod_id}; use it with --config.data.tokenizer={_OUTPUT.value}')
 
 
+def _data_prepare(_):
+  from moetrain.data import prepare
+  if not _OUTPUT.value:
+    raise config_lib.ConfigError('data prepare needs --output=DIR, the directory to write the '
+                                 'token files to; pass it.')
+  cfg = config_lib.validate(_CONFIG.value)
+  prepare.prepare(cfg, _OUTPUT.value, progress=cfg.train.progress)
+  print(f"train from it with --config.data.source=prepared --config.data.paths={_OUTPUT.value}")
+
+
 def _export(_):
   _require_workdir('export')
   if not _OUTPUT.value:
@@ -239,7 +255,8 @@ def _import(_):
 
 RUNNERS = {'train': _train, 'sweep': _sweep, 'report': _report, 'eval': _eval,
            'analyze': _analyze, 'sample': _sample, 'params': _params,
-           'tokenizer train': _tokenizer_train, 'export': _export, 'import': _import}
+           'tokenizer train': _tokenizer_train, 'data prepare': _data_prepare,
+           'export': _export, 'import': _import}
 # commands on a trained run: its config, plus overrides.
 RUN_COMMANDS = ('eval', 'analyze', 'sample')
 _OVERRIDES: list[str] = []  # their `--config.KEY=VALUE` arguments.
@@ -321,9 +338,10 @@ def _saved_config_args(command: str, argv: list[str]) -> list[str]:
   imported or earlier run continues with one argument."""
   if command != 'train' or any(a == '--config' or a.startswith('--config=') for a in argv):
     return argv
+  from moetrain import paths
   workdirs = [a.split('=', 1)[1] for a in argv if a.startswith('--workdir=')]
-  saved = pathlib.Path(workdirs[-1]) / 'config.json' if workdirs else None
-  if saved is None or not saved.is_file():
+  saved = paths.path(workdirs[-1]) / 'config.json' if workdirs else None
+  if saved is None or not paths.is_file(saved):
     return argv
   from moetrain import saved_config
   return argv[:1] + [f'--config={saved_config.__file__}:{saved}'] + argv[1:]

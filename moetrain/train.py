@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import pathlib
 import signal
 import threading
 import time
@@ -33,6 +32,7 @@ from moetrain import data as data_lib
 from moetrain import guard as guard_lib
 from moetrain import metrics as metrics_lib
 from moetrain import objective
+from moetrain import paths
 from moetrain import token_bytes
 from moetrain import workdir as workdir_lib
 from moetrain.interop import params as params_lib
@@ -449,8 +449,8 @@ def train(cfg, workdir, *, log=print, stop: PreemptionHandler | None = None) -> 
   read-only, no permission) raises WorkdirError with one sentence; the checkpoints saved
   before it stay readable (orbax commits a save by renaming a finished folder).
   """
+  workdir = paths.path(workdir)  # a gs:// one without the gcp extra stops here.
   cfg = prepare(cfg, log)
-  workdir = pathlib.Path(workdir)
   try:
     with workdir_lib.locked(workdir, log), workdir_lib.quiet_write_errors():
       return _train(cfg, workdir, log, stop)
@@ -460,10 +460,10 @@ def train(cfg, workdir, *, log=print, stop: PreemptionHandler | None = None) -> 
     raise workdir_lib.WorkdirError(workdir_lib.os_error_sentence(e, workdir)) from None
 
 
-def _train(cfg, workdir: pathlib.Path, log, stop) -> Summary:
+def _train(cfg, workdir, log, stop) -> Summary:
   """`train` in a locked workdir, with a prepared config."""
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=cfg.checkpoint.keep)
-  data = data_lib.make_data(cfg)
+  data = data_lib.make_data(cfg, log=log)
   mesh = mesh_lib.make_mesh(cfg)
   tx = make_optimizer(cfg.train)
   graphdef, state, shardings, meta = restore_or_init(cfg, checkpointer, data, mesh, tx,
@@ -488,7 +488,7 @@ def _train(cfg, workdir: pathlib.Path, log, stop) -> Summary:
     guard.note_checkpoint(first)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   log(f'training {workdir}: steps {first + 1}..{t.steps} of {tokens_per_step} tokens on mesh '
-      f'{dict(mesh.shape)}; {data.num_train_tokens:,} training tokens in this process\'s streams')
+      f'{dict(mesh.shape)}; {data.description}')
   bar = tqdm(initial=first, total=t.steps,
              disable=not t.progress or jax.process_index() != 0, dynamic_ncols=True)
   note = log if bar.disable else bar.write  # messages between progress-bar updates.
@@ -512,6 +512,7 @@ def _train(cfg, workdir: pathlib.Path, log, stop) -> Summary:
           metrics = jax.device_get(metrics)
           now = time.perf_counter()
           metrics['tokens_per_second'] = (step - last_step) * tokens_per_step / (now - last_time)
+          metrics.update(data_lib.state_metrics(data.train.state()))
           last_step, last_time = step, now
           loss = float(metrics['loss'])
           writer.write(step, metrics)
@@ -526,6 +527,7 @@ def _train(cfg, workdir: pathlib.Path, log, stop) -> Summary:
         if (every and step % every == 0) or step == t.steps or preempted:
           guard.check(jax.device_get(records), log=note)
           records = []
+          writer.flush()  # in a bucket: the logs up to this checkpoint are uploaded.
           checkpointer.save(step, state, checkpoint_meta(cfg, data, guard, restored_from),
                             force=True)
           guard.note_checkpoint(step)
@@ -543,9 +545,9 @@ def _train(cfg, workdir: pathlib.Path, log, stop) -> Summary:
     # Report the finished run: the checkpoint's eval loss, the last logged training loss.
     with jax.set_mesh(mesh):
       totals = run_eval(state)
-    logged = workdir / 'metrics.jsonl'
+    logged = workdir / metrics_lib.JSONL
     losses = [r['loss'] for r in metrics_lib.read_jsonl(logged) if 'loss' in r] \
-        if logged.is_file() else []
+        if metrics_lib.jsonl_files(logged) else []
     loss = losses[-1] if losses else loss
   summary = Summary(step, loss, totals.loss, data.eval_unigram_entropy,
                     (step - first) * tokens_per_step / max(seconds, 1e-9), seconds, preempted,

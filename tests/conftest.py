@@ -1,8 +1,11 @@
 """Test setup: 8 simulated CPU devices and fast compiles (set before jax is imported),
-offline HF, tiny configs."""
+offline HF, a token cache of this session (removed at exit), tiny configs."""
 
+import atexit
 import contextlib
 import os
+import shutil
+import tempfile
 
 _flags = os.environ.get('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in _flags:
@@ -14,6 +17,9 @@ os.environ['XLA_FLAGS'] = _flags.strip()
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('HF_UPDATE_DOWNLOAD_COUNTS', '0')
+if 'MOETRAIN_CACHE' not in os.environ:  # text sources are tokenized here, not in ~/.cache.
+  os.environ['MOETRAIN_CACHE'] = tempfile.mkdtemp(prefix='moetrain-test-cache-')
+  atexit.register(shutil.rmtree, os.environ['MOETRAIN_CACHE'], True)
 
 import pytest  # noqa: E402
 

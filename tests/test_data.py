@@ -1,6 +1,8 @@
-"""Data pipeline: sources, tokenizers, packing, segment ids, split, row streams, resume,
-process slices and shards, bad inputs; each checked against a plain Python reference."""
+"""Data pipeline: sources, tokenizers, packing, segment ids, the split, the batches of
+prepared rows, resume, process slices, bad inputs; each checked against a plain Python
+reference (tests/data_helpers.py)."""
 
+import itertools
 import json
 import logging
 import os
@@ -19,73 +21,8 @@ from moetrain.config import ConfigError
 from moetrain.model.transformer import Transformer
 from moetrain.parallel import mesh as mesh_lib
 
-WORDS = ('the expert router sends each token to two of eight experts while a shared '
-         'attention layer mixes tokens within a document and the loss counts every '
-         'prediction café naïve').split()
-
-
-def make_texts(num_docs: int, seed: int = 0, max_words: int = 60) -> list[str]:
-  """num_docs pseudo-English documents of 5..max_words words (some non-ASCII)."""
-  rng = np.random.default_rng(seed)
-  return [' '.join(rng.choice(WORDS, rng.integers(5, max_words))) for _ in range(num_docs)]
-
-
-def write_jsonl(path, texts, field='text'):
-  path.write_text(''.join(json.dumps({field: t, 'id': i}) + '\n' for i, t in enumerate(texts)))
-  return path
-
-
-def files_config(tiny, paths, **overrides):
-  """A tiny config reading local files."""
-  return tiny(**{'data.source': 'files', 'data.paths': str(paths), 'data.max_documents': 0,
-                 'data.seq_len': 16, 'data.batch_size': 4, 'data.eval_fraction': 0.2,
-                 'train.eval_batches': 2, **overrides})
-
-
-def packed_reference(token_lists, eod_id, seq_len):
-  """Python loop: one stream of tokens with eod after each document, cut into rows."""
-  stream = []
-  for tokens in token_lists:
-    stream += [int(t) for t in tokens] + [eod_id]
-  width = seq_len + 1
-  return [stream[i:i + width] for i in range(0, len(stream) - width + 1, width)]
-
-
-def stream_reference(token_lists, num_streams, seed, seq_len, eod_id, steps):
-  """Python loop of the row-stream design: deal the documents round-robin to the streams,
-  pack each stream, visit stream j's rows in the order permutation(seed, j, epoch).
-  Returns (the global batch rows of each step, each stream's rows)."""
-  streams = [[] for _ in range(num_streams)]
-  for k, tokens in enumerate(token_lists):
-    streams[k % num_streams].append(tokens)
-  rows = [packed_reference(docs, eod_id, seq_len) for docs in streams]
-  batches = []
-  for t in range(steps):
-    batch = []
-    for j in range(num_streams):
-      n = len(rows[j])
-      order = np.random.default_rng([seed, j, t // n]).permutation(n)
-      batch.append(rows[j][order[t % n]])
-    batches.append(batch)
-  return batches, rows
-
-
-def batch_rows(batch):
-  """A batch dict -> its rows as lists (inputs + the last target)."""
-  return [i.tolist() + [int(t[-1])] for i, t in zip(batch['inputs'], batch['targets'])]
-
-
-def segments_reference(row, eod_id):
-  """Python loop: (segment ids, positions) of one input row."""
-  seg, pos, ids, positions = 1, 0, [], []
-  for j, token in enumerate(row):
-    if j > 0 and row[j - 1] == eod_id:
-      seg, pos = seg + 1, 0
-    ids.append(seg)
-    positions.append(pos)
-    pos += 1
-  return ids, positions
-
+from data_helpers import (batch_rows, batches_reference, files_config, is_eval_reference,
+                          make_texts, packed_reference, segments_reference, write_jsonl)
 
 def train_bpe(tmp_path, vocab_size=300) -> str:
   """Trains a tiny byte-level BPE on a tiny corpus; returns the .json path."""
@@ -149,50 +86,53 @@ def test_packed_documents_equal_separate_documents_in_the_model(tiny):
 
 
 def test_split_is_a_function_of_the_seed():
-  train_a, eval_a = data_lib.split_documents(50, 0.2, seed=4)
-  train_b, eval_b = data_lib.split_documents(50, 0.2, seed=4)
-  train_c, eval_c = data_lib.split_documents(50, 0.2, seed=5)
+  train_a, eval_a = data_lib.split_documents(500, 0.2, seed=4)
+  train_b, eval_b = data_lib.split_documents(500, 0.2, seed=4)
+  train_c, eval_c = data_lib.split_documents(500, 0.2, seed=5)
   np.testing.assert_array_equal(train_a, train_b)
   np.testing.assert_array_equal(eval_a, eval_b)
   assert not np.array_equal(eval_a, eval_c)
-  assert len(eval_a) == 10
-  assert sorted(np.concatenate([train_a, eval_a]).tolist()) == list(range(50))
+  assert eval_a.tolist() == [k for k in range(500) if is_eval_reference(k, 0.2, 4)]
+  assert 70 <= len(eval_a) <= 130  # 100 expected, binomial sd 9.
+  assert sorted(np.concatenate([train_a, eval_a]).tolist()) == list(range(500))
+  with pytest.raises(ConfigError, match='leaves no training documents'):
+    data_lib.split_documents(3, 0.999999, seed=0)
 
 
-def small_streams(num_streams=4, seed=6):
-  """Row streams of 3, 5, 2, ... rows of 5 tokens (distinct values) and their ids."""
-  sizes = [3, 5, 2, 4, 6, 1, 3, 2][:num_streams]
-  starts = np.cumsum([0] + sizes)
-  return [np.arange(starts[j] * 5, starts[j + 1] * 5, dtype=np.int32).reshape(-1, 5)
-          for j in range(num_streams)]
+def direct_config(tmp_path, tiny, texts, **overrides):
+  """A tiny config reading `texts` from a jsonl file (tokenized into the cache)."""
+  return files_config(tiny, write_jsonl(tmp_path / 'd.jsonl', texts), **overrides)
 
 
-def test_batches_follow_the_seeded_stream_permutations():
-  rows = small_streams()
-  batches = data_lib.Batches(rows, range(4), 4, seed=6)
-  for t in range(12):  # every stream wraps at least twice.
-    expected = []
-    for j, rows_NR in enumerate(rows):
-      n = len(rows_NR)
-      expected.append(rows_NR[np.random.default_rng([6, j, t // n]).permutation(n)[t % n]])
-    np.testing.assert_array_equal(next(batches)['inputs'], np.stack(expected)[:, :-1])
-  assert batches.state() == {'step': 12, 'streams': 4}
+def test_batches_follow_the_python_reference(tmp_path, tiny):
+  texts = make_texts(40, seed=10)
+  cfg = direct_config(tmp_path, tiny, texts, **{'data.prefetch': 0, 'data.seq_len': 64})
+  data = data_lib.make_data(cfg, 0, 1)
+  tokens = [list(t.encode()) for t in texts]
+  expected, rows = batches_reference(tokens, cfg.seed, 0.2, 64, 4, steps=60, eod_id=256)
+  assert data.num_train_tokens == len(rows) * 64
+  assert len(rows) < 60 * 4 // 2  # the loop wraps the rows' epoch at least twice.
+  for t, expected_rows in enumerate(expected):
+    batch = next(data.train)
+    assert batch['inputs'].shape == (4, 64)
+    assert batch_rows(batch) == expected_rows, t
+  assert data.train.state() == {'step': 60, 'batch_size': 4}
 
 
 @pytest.mark.parametrize('prefetch', [0, 3])
 def test_resume_sees_the_batches_of_the_uninterrupted_run(tmp_path, tiny, prefetch):
-  cfg = files_config(tiny, write_jsonl(tmp_path / 'd.jsonl', make_texts(40, seed=17)),
-                     **{'data.prefetch': prefetch, 'data.seq_len': 64,
-                        'data.batch_size': 8, 'data.document_mask': True})
+  cfg = direct_config(tmp_path, tiny, make_texts(40, seed=17),
+                      **{'data.prefetch': prefetch, 'data.seq_len': 64, 'data.batch_size': 8,
+                         'data.document_mask': True})
   uninterrupted = data_lib.make_data(cfg, 0, 1).train
   reference = [next(uninterrupted) for _ in range(40)]
-  sizes = [len(r) for r in uninterrupted.source.stream_rows]
-  assert min(sizes) < 13 and max(sizes) < 40  # streams wrap before and after the resume.
+  rows = uninterrupted.source.num_rows[0]
+  assert rows < 13 * 8 < 40 * 8 - rows  # epochs end before and after the resume.
   first = data_lib.make_data(cfg, 0, 1).train
   for _ in range(13):
     next(first)
   saved = json.loads(json.dumps(first.state()))
-  assert saved == {'step': 13, 'streams': 8}
+  assert saved == {'step': 13, 'batch_size': 8}
   first.close()
   resumed = data_lib.make_data(cfg, 0, 1).train
   resumed.restore(saved)
@@ -205,20 +145,21 @@ def test_resume_sees_the_batches_of_the_uninterrupted_run(tmp_path, tiny, prefet
     iterator.close()
 
 
-def test_restore_rejects_another_stream_layout():
-  batches = data_lib.Batches(small_streams(), range(4), 4, seed=0)
-  for state in ({'step': 3, 'streams': 8}, {'epoch': 1, 'index': 8, 'num_rows': 40}):
-    with pytest.raises(ConfigError, match=r'data\.batch_size=4 row streams'):
-      batches.restore(state)
+def test_restore_rejects_another_layout(tmp_path, tiny):
+  train = data_lib.make_data(direct_config(tmp_path, tiny, make_texts(40)), 0, 1).train
+  for state in ({'step': 3, 'batch_size': 8}, {'step': 3, 'streams': 4}):
+    with pytest.raises(ConfigError, match=r'data layout with data\.batch_size=4'):
+      train.restore(state)
+  train.close()
 
 
-def test_prefetch_state_counts_only_batches_handed_out():
-  rows = small_streams()
-  prefetched = data_lib.Prefetch(data_lib.Batches(rows, range(4), 4, seed=0), depth=4)
-  plain = data_lib.Batches(rows, range(4), 4, seed=0)
+def test_prefetch_state_counts_only_batches_handed_out(tmp_path, tiny):
+  cfg = direct_config(tmp_path, tiny, make_texts(40), **{'data.prefetch': 4})
+  prefetched = data_lib.make_data(cfg, 0, 1).train
+  plain = data_lib.make_data(cfg, 0, 1).train.source
   for _ in range(3):
     np.testing.assert_array_equal(next(prefetched)['inputs'], next(plain)['inputs'])
-  assert prefetched.state() == plain.state() == {'step': 3, 'streams': 4}
+  assert prefetched.state() == plain.state() == {'step': 3, 'batch_size': 4}
   prefetched.close()
 
 
@@ -237,7 +178,7 @@ def assert_slices_make_the_global_batches(cfg, processes, steps):
       np.testing.assert_array_equal(
           np.concatenate([part.eval_batches[i][key] for part in parts]), expected[key])
   assert {part.eval_unigram_entropy for part in parts} == {whole.eval_unigram_entropy}
-  assert sum(part.num_train_tokens for part in parts) == whole.num_train_tokens
+  assert {part.num_train_tokens for part in parts} == {whole.num_train_tokens}
   for data in [whole, *parts]:
     data.train.close()
   return whole
@@ -251,55 +192,42 @@ def test_process_slices_concatenate_to_the_global_batch(tiny, processes):
 
 @pytest.mark.parametrize('processes', [1, 2, 4])
 def test_process_slices_match_across_epoch_boundaries(tmp_path, tiny, processes):
-  cfg = files_config(tiny, write_jsonl(tmp_path / 'd.jsonl', make_texts(40, seed=18)),
-                     **{'data.seq_len': 64, 'data.batch_size': 8, 'data.document_mask': True})
+  cfg = direct_config(tmp_path, tiny, make_texts(40, seed=18),
+                      **{'data.seq_len': 64, 'data.batch_size': 8, 'data.document_mask': True})
   whole = assert_slices_make_the_global_batches(cfg, processes, steps=30)
-  assert max(len(r) for r in whole.train.source.stream_rows) < 30  # every stream wraps.
+  assert whole.train.source.num_rows[0] < 30 * 8  # the rows' epoch wraps.
 
 
-def record_encoded(monkeypatch) -> list[str]:
-  """Makes the byte tokenizer record every text it encodes; returns the record."""
-  seen, encode_batch = [], data_lib.ByteTokenizer.encode_batch
-
-  def recording(self, texts):
-    seen.extend(texts)
-    return encode_batch(self, texts)
-
-  monkeypatch.setattr(data_lib.ByteTokenizer, 'encode_batch', recording)
-  return seen
-
-
-def test_each_process_tokenizes_only_its_streams_documents(tmp_path, tiny, monkeypatch):
-  texts = [f'document {i}: ' + t for i, t in enumerate(make_texts(40, seed=19))]
-  cfg = files_config(tiny, write_jsonl(tmp_path / 'd.jsonl', texts),
-                     **{'data.seq_len': 16, 'data.batch_size': 4})
-  train_idx, eval_idx = data_lib.split_documents(40, 0.2, cfg.seed)
-  seen = record_encoded(monkeypatch)
-  touched = []
+def test_each_process_reads_only_its_rows(tmp_path, tiny, monkeypatch):
+  """Process p of 2 reads exactly the rows of its half of each batch from the token files."""
+  cfg = direct_config(tmp_path, tiny, make_texts(40, seed=19), **{'data.prefetch': 0})
+  whole = [batch_rows(b) for b in itertools.islice(data_lib.make_data(cfg, 0, 1).train, 6)]
+  reads, read = [], data_lib.TokenFiles.read
+  monkeypatch.setattr(data_lib.TokenFiles, 'read',
+                      lambda self, start, stop: reads.append(read(self, start, stop)) or reads[-1])
   for p in range(2):
-    seen.clear()
-    data_lib.make_data(cfg, p, 2).train.close()
-    touched.append({texts.index(t) for t in seen} - set(eval_idx.tolist()))
-    shard = set(train_idx[p * 2::4].tolist()) | set(train_idx[p * 2 + 1::4].tolist())
-    assert touched[p] == shard  # streams 2p, 2p + 1 of 4.
-  assert not touched[0] & touched[1]
-  assert touched[0] | touched[1] == set(train_idx.tolist())
+    train = data_lib.make_data(cfg, p, 2).train
+    reads.clear()
+    for _ in range(6):
+      next(train)
+    assert [r.tolist() for r in reads] == [row for rows in whole for row in rows[2 * p:2 * p + 2]]
 
 
-def test_each_process_reads_only_its_streams_stdlib_files(tiny, monkeypatch):
+def test_text_sources_are_tokenized_once(tiny, monkeypatch):
+  """The second run of a stdlib config reads no source file: it trains from the cache."""
   cfg = tiny(**{'data.max_documents': 24, 'data.batch_size': 4})
-  paths = data_lib.stdlib_paths(24)
-  train_idx, eval_idx = data_lib.split_documents(24, cfg.data.eval_fraction, cfg.seed)
-  read, read_text_file = [], data_lib.read_text_file
-  monkeypatch.setattr(data_lib, 'read_text_file', lambda p: read.append(p) or read_text_file(p))
-  shards = []
-  for p in range(2):
-    read.clear()
-    data_lib.make_data(cfg, p, 2).train.close()
-    shard = sorted(train_idx[p * 2::4].tolist() + train_idx[p * 2 + 1::4].tolist())
-    assert sorted(read) == sorted([paths[i] for i in shard + eval_idx.tolist()])
-    shards.append(set(shard))
-  assert not shards[0] & shards[1]
+  first = data_lib.make_data(cfg, 0, 1)
+  read, read_text_file = [], data_lib.sources.read_text_file
+  monkeypatch.setattr(data_lib.sources, 'read_text_file',
+                      lambda p: read.append(p) or read_text_file(p))
+  second = data_lib.make_data(cfg, 0, 1)
+  assert not read
+  for _ in range(3):
+    np.testing.assert_array_equal(next(first.train)['inputs'], next(second.train)['inputs'])
+  for data in (first, second):
+    data.train.close()
+  data_lib.make_data(tiny(**{'data.max_documents': 25, 'data.batch_size': 4}), 0, 1).train.close()
+  assert len(read) == 25  # another source: tokenized into its own cache directory.
 
 
 def test_to_global_equals_device_put(tiny):
@@ -349,22 +277,6 @@ def test_local_sources_switch_hf_offline(tmp_path, tiny, monkeypatch):
   assert datasets.config.HF_HUB_OFFLINE
 
 
-def test_global_batches_follow_the_stream_reference(tmp_path, tiny):
-  texts = make_texts(40, seed=10)
-  cfg = files_config(tiny, write_jsonl(tmp_path / 'd.jsonl', texts),
-                     **{'data.prefetch': 0, 'data.seq_len': 64})
-  data = data_lib.make_data(cfg, 0, 1)
-  train_idx, _ = data_lib.split_documents(40, 0.2, cfg.seed)
-  tokens = [list(t.encode()) for t in (texts[i] for i in train_idx)]
-  expected, rows = stream_reference(tokens, 4, cfg.seed, 64, 256, steps=60)
-  assert data.num_train_tokens == sum(len(r) for r in rows) * 64
-  assert max(len(r) for r in rows) < 60  # the loop wraps every stream's epoch.
-  for t, expected_rows in enumerate(expected):
-    batch = next(data.train)
-    assert batch['inputs'].shape == (4, 64)
-    assert batch_rows(batch) == expected_rows, t
-
-
 def test_trained_bpe_round_trips_and_sets_the_vocab(tmp_path, tiny):
   path = train_bpe(tmp_path, vocab_size=300)
   tokenizer = data_lib.make_tokenizer(tiny(**{'data.tokenizer': path}).data)
@@ -384,20 +296,20 @@ def test_trained_bpe_round_trips_and_sets_the_vocab(tmp_path, tiny):
 def test_bpe_tokenizer_feeds_packed_rows(tmp_path, tiny):
   path = train_bpe(tmp_path, vocab_size=300)
   texts = make_texts(40, seed=12)
-  cfg = files_config(tiny, write_jsonl(tmp_path / 'd.jsonl', texts),
-                     **{'data.tokenizer': path, 'data.document_mask': True})
+  cfg = direct_config(tmp_path, tiny, texts, **{'data.tokenizer': path,
+                                                'data.document_mask': True})
   data = data_lib.make_data(cfg, 0, 1)
   tokenizer = data.tokenizer
-  train_idx, _ = data_lib.split_documents(40, 0.2, cfg.seed)
-  expected, rows = stream_reference([tokenizer.encode(texts[i]) for i in train_idx], 4,
-                                    cfg.seed, 16, tokenizer.eod_id, steps=1)
-  assert data.num_train_tokens == sum(len(r) for r in rows) * 16
+  expected, rows = batches_reference([tokenizer.encode(t) for t in texts], cfg.seed, 0.2, 16,
+                                     4, steps=1, eod_id=tokenizer.eod_id)
+  assert data.num_train_tokens == len(rows) * 16
   batch = next(data.train)
   assert batch_rows(batch) == expected[0]
   for b in range(4):
     ids, positions = segments_reference(batch['inputs'][b].tolist(), tokenizer.eod_id)
     assert batch['segment_ids'][b].tolist() == ids
     assert batch['positions'][b].tolist() == positions
+  data.train.close()
 
 
 def test_sentencepiece_tokenizer(tmp_path, tiny):
@@ -506,20 +418,20 @@ def test_non_utf8_bytes_are_replaced_and_counted(tmp_path, tiny, caplog):
     assert 'replaced 3 undecodable (non-UTF-8) bytes' in caplog.text
 
 
-def test_corpus_smaller_than_a_batch_names_the_key(tmp_path, tiny):
-  cfg = files_config(tiny, write_jsonl(tmp_path / 'd.jsonl', make_texts(10, max_words=8)),
-                     **{'data.batch_size': 64})
+def test_eval_split_smaller_than_a_batch_names_the_keys(tmp_path, tiny):
+  cfg = direct_config(tmp_path, tiny, make_texts(10, max_words=8), **{'data.batch_size': 64})
   message = error_of(cfg)
-  assert 'data.batch_size=64 row streams' in message and 'lower data.batch_size' in message
+  assert message.startswith('the eval split of ')
+  assert 'too few for one batch of data.batch_size=64' in message
+  assert 'raise data.eval_fraction, lower data.batch_size or add documents' in message
 
 
-def test_streams_too_short_for_a_row_name_the_keys(tmp_path, tiny):
-  cfg = files_config(tiny, write_jsonl(tmp_path / 'd.jsonl', make_texts(40, max_words=8)),
-                     **{'data.seq_len': 512, 'data.batch_size': 4})
+def test_corpus_shorter_than_a_row_names_the_keys(tmp_path, tiny):
+  cfg = direct_config(tmp_path, tiny, make_texts(40, max_words=8),
+                      **{'data.seq_len': 2048, 'data.batch_size': 4})
   message = error_of(cfg)
-  assert message.startswith('training stream 0 of data.batch_size=4 packs into no row of '
-                            'data.seq_len=512 tokens')
-  assert 'lower data.batch_size or data.seq_len, or add documents' in message
+  assert 'training tokens, less than one row of data.seq_len=2048 + 1' in message
+  assert 'lower data.seq_len or add documents' in message
 
 
 def test_bad_tokenizer_and_hub_offline_name_the_key(tmp_path, tiny):
@@ -537,10 +449,24 @@ def test_validate_checks_data_keys(tiny):
          ({'data.source': 'files'}, "data.source='files' needs data.paths"),
          ({'data.source': 'hub'}, "data.source='hub' needs data.hub_name"),
          ({'data.format': 'csv'}, "data.format='csv' is not known"),
-         ({'data.prefetch': -1}, 'data.prefetch=-1 must be non-negative')]
+         ({'data.prefetch': -1}, 'data.prefetch=-1 must be non-negative'),
+         ({'data.shard_mb': 0}, 'data.shard_mb=0.0 must be positive'),
+         ({'data.prepare_workers': -2}, 'data.prepare_workers=-2 must be a non-negative'),
+         ({'data.source': 'prepared'}, "data.source='prepared' needs exactly one of"),
+         ({'data.source': 'prepared', 'data.paths': 'a', 'data.mixture': 'b:1'},
+          "data.source='prepared' needs exactly one of"),
+         ({'data.mixture': 'a:1'}, "data.mixture needs data.source='prepared'"),
+         ({'data.source': 'prepared', 'data.mixture': 'a:0.5,b'},
+          "data.mixture entry 'b' is not DIR:WEIGHT"),
+         ({'data.source': 'prepared', 'data.mixture': 'a:0.5,b:-1'},
+          "data.mixture entry 'b:-1' is not DIR:WEIGHT with a positive weight"),
+         ({'data.source': 'prepared', 'data.mixture': 'x/a:0.5,y/a:0.5'},
+          "data.mixture names 'a' twice")]
   for overrides, start in bad:
     with pytest.raises(ConfigError, match='^' + start.replace('.', r'\.')):
       config_lib.validate(tiny(**overrides))
+  assert config_lib.parse_mixture(' code=tok/c:3, tok/prose:1 ,') == [
+      ('code', 'tok/c', 0.75), ('prose', 'tok/prose', 0.25)]
 
 
 def test_real_processes_build_the_global_batch_from_their_slices():
@@ -560,19 +486,3 @@ def test_real_processes_build_the_global_batch_from_their_slices():
   outputs = [p.communicate(timeout=240)[0] for p in procs]
   for i, (p, out) in enumerate(zip(procs, outputs)):
     assert p.returncode == 0 and f'process {i} ok' in out, out[-2000:]
-
-
-@pytest.mark.parametrize('flags,here,expect', [
-    ([0, 1], False, 'process 1 found a training stream with no row'),
-    ([1, 0], True, None),  # this process raises its own, more precise error.
-    ([0, 0], False, None),
-])
-def test_agree_on_error_stops_every_process(monkeypatch, flags, here, expect):
-  from jax.experimental import multihost_utils
-  monkeypatch.setattr(multihost_utils, 'process_allgather',
-                      lambda x: np.asarray(flags, np.int32))
-  error = data_lib.agree_on_error(here)
-  if expect is None:
-    assert error is None
-  else:
-    assert isinstance(error, ConfigError) and expect in str(error)

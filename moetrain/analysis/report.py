@@ -13,6 +13,8 @@ import tempfile
 
 import numpy as np
 
+from moetrain import paths
+
 
 def _cell(text: str) -> str:
   """A token's text inside a Markdown table cell: escapes shown, spaces as ␣."""
@@ -67,10 +69,12 @@ def summary_lines(r: dict) -> list[str]:
   return lines
 
 
-def repository_path(path) -> pathlib.Path:
-  """`path` as given when absolute, else under the repository root: the first directory
-  from the current one upward that holds pyproject.toml (notebooks run in notebooks/),
-  or the current directory."""
+def repository_path(path):
+  """`path` as given when absolute or in a bucket (gs://, `moetrain.paths`), else under the
+  repository root: the first directory from the current one upward that holds
+  pyproject.toml (notebooks run in notebooks/), or the current directory."""
+  if paths.is_cloud(path):
+    return paths.path(path)
   path, here = pathlib.Path(path), pathlib.Path.cwd().resolve()
   if path.is_absolute():
     return path
@@ -146,22 +150,31 @@ def _save(fig, path: pathlib.Path):
   plt.close(fig)
 
 
-def write(directory: pathlib.Path, result: dict) -> list[str]:
-  """Writes analysis.json, summary.md and the figures into `directory`, replacing a
-  previous analysis there only once the new one is complete. Returns summary.md's lines."""
+def write(directory, result: dict) -> list[str]:
+  """Writes analysis.json, summary.md and the figures into `directory` (local or gs://),
+  replacing a previous analysis in a local folder only once the new one is complete.
+  Returns summary.md's lines."""
   import matplotlib
   matplotlib.use('Agg')
-  directory = pathlib.Path(directory)
-  directory.parent.mkdir(parents=True, exist_ok=True)
   lines = summary_lines(result)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix='.analysis-', dir=directory.parent))
+  cloud = paths.is_cloud(directory)
+  parent = None if cloud else pathlib.Path(directory).parent
+  if parent is not None:
+    parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix='.analysis-', dir=parent))
   (tmp / 'analysis.json').write_text(json.dumps(result, indent=1))
   (tmp / 'summary.md').write_text('\n'.join(lines) + '\n')
   for entry in result['specialization']:
     _save(plot_specialization(entry), tmp / f"specialization_layer{entry['layer']}.png")
   _save(plot_ablation(result), tmp / 'ablation.png')
   _save(plot_capacity(result), tmp / 'capacity.png')
-  if directory.exists():
-    shutil.rmtree(directory)
-  tmp.rename(directory)
+  if cloud:
+    for f in sorted(tmp.iterdir()):
+      paths.upload(f, paths.path(directory) / f.name)
+    shutil.rmtree(tmp)
+  else:
+    directory = pathlib.Path(directory)
+    if directory.exists():
+      shutil.rmtree(directory)
+    tmp.rename(directory)
   return lines
