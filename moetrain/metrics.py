@@ -47,10 +47,12 @@ def routing_metrics(stats: list[dict], moe_layers: list[int]) -> dict:
 @dataclasses.dataclass(frozen=True)
 class EvalTotals:
   """Sums over eval batches: `nats` of the target tokens' losses, `tokens` counted, and
-  `bytes`, the UTF-8 bytes those tokens decode to (moetrain.token_bytes)."""
+  `bytes`, the UTF-8 bytes those tokens decode to (moetrain.token_bytes); `dropped`, the
+  mean fraction of assignments each MoE layer dropped for capacity (one per MoE layer)."""
   nats: float
   tokens: float
   bytes: float
+  dropped: tuple = ()
 
   @property
   def loss(self) -> float:

@@ -124,7 +124,8 @@ def _row(run_dir) -> dict:
               eval_bits_per_byte=summary.get('eval_bits_per_byte', float('nan')),
               tokens_per_second=summary['tokens_per_second'],
               max_over_mean_load=max(loads) if loads else float('nan'),
-              dropped_frac=sum(dropped) / len(dropped) if dropped else float('nan'))
+              dropped_frac=sum(dropped) / len(dropped) if dropped else float('nan'),
+              num_experts=cfg.model.num_experts, top_k=cfg.model.moe.top_k)
 
 
 def _natural(name: str) -> list:
@@ -136,9 +137,7 @@ def report(workdir, names: list[str] | None = None, *, log=print) -> list[dict]:
   """Writes results.csv, results.md and the two plots for the finished runs in `workdir`
   (all of them, or `names` in that order). Returns the rows."""
   workdir = paths.path(workdir)
-  if names is None:
-    names = sorted((p.parent.name for p in paths.glob(workdir, f'*/{SUMMARY}')), key=_natural)
-  rows = [_row(workdir / n) for n in names if paths.is_file(workdir / n / SUMMARY)]
+  rows = read_rows(workdir, names)
   if not rows:
     raise config_lib.ConfigError(f'{workdir} holds no finished runs (no */{SUMMARY}); run '
                                  '`moetrain sweep` first.')
@@ -152,6 +151,16 @@ def report(workdir, names: list[str] | None = None, *, log=print) -> list[dict]:
   for line in markdown_table(rows):
     log(line)
   return rows
+
+
+def read_rows(workdir, names: list[str] | None = None) -> list[dict]:
+  """One row per finished run in `workdir` (all of them in natural order, or `names`):
+  its parameter counts, losses, throughput, load balance and drops, and the run's
+  num_experts and top_k."""
+  workdir = paths.path(workdir)
+  if names is None:
+    names = sorted((p.parent.name for p in paths.glob(workdir, f'*/{SUMMARY}')), key=_natural)
+  return [_row(workdir / n) for n in names if paths.is_file(workdir / n / SUMMARY)]
 
 
 def markdown_table(rows: list[dict]) -> list[str]:

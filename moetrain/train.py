@@ -215,15 +215,17 @@ def keep_if(condition, new, old):
 def make_eval_step(graphdef, eod_id: int):
   """(params, model_state, batch, bytes_2V) -> sums over the batch at eval capacity:
   `nats` (token losses), `tokens` and `bytes`, the UTF-8 bytes the target tokens decode to
-  (bytes_2V: `moetrain.token_bytes.TokenBytes.table()`)."""
+  (bytes_2V: `moetrain.token_bytes.TokenBytes.table()`), and `dropped` [MoE layers], each
+  MoE layer's fraction of assignments dropped for capacity."""
   def eval_step(params, model_state, batch, bytes_2V):
     model = nnx.merge(graphdef, params, model_state)
-    logits, _ = model(batch['inputs'], positions_BL=batch.get('positions'),
-                      segment_ids_BL=batch.get('segment_ids'), train=False)
+    logits, stats = model(batch['inputs'], positions_BL=batch.get('positions'),
+                          segment_ids_BL=batch.get('segment_ids'), train=False)
     ce = objective.cross_entropy(logits, batch['targets'], batch['mask'])
     count = jnp.sum(batch['mask'])
     bytes_BL = token_bytes.target_bytes(batch['inputs'], batch['targets'], bytes_2V, eod_id)
-    return dict(nats=ce * count, tokens=count, bytes=jnp.sum(bytes_BL * batch['mask']))
+    return dict(nats=ce * count, tokens=count, bytes=jnp.sum(bytes_BL * batch['mask']),
+                dropped=jnp.asarray([s['dropped_frac'] for s in stats], jnp.float32))
 
   return eval_step
 
@@ -235,11 +237,13 @@ def bytes_table(tokenizer, vocab_size: int, mesh) -> jax.Array:
 
 
 def evaluate(eval_fn, params, model_state, batches, put, bytes_2V) -> metrics_lib.EvalTotals:
-  """Loss and byte sums over the fixed eval batches (fetched once, at the end)."""
+  """Loss and byte sums over the fixed eval batches (fetched once, at the end), and the
+  mean dropped fraction of each MoE layer."""
   sums = jax.device_get([eval_fn(params, model_state, put(batch), bytes_2V)
                          for batch in batches])
+  dropped = tuple(np.mean([s['dropped'] for s in sums], axis=0).tolist()) if sums else ()
   return metrics_lib.EvalTotals(*(float(sum(s[k] for s in sums))
-                                  for k in ('nats', 'tokens', 'bytes')))
+                                  for k in ('nats', 'tokens', 'bytes')), dropped)
 
 
 @dataclasses.dataclass

@@ -21,7 +21,8 @@ from moetrain.model.moe import MoE
 class Block(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
-  def __init__(self, model_cfg, is_moe: bool, *, rngs: nnx.Rngs, dtype, param_dtype):
+  def __init__(self, model_cfg, is_moe: bool, *, rngs: nnx.Rngs, dtype, param_dtype,
+               layer: int | None = None):
     m = model_cfg
     self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps, rngs=rngs, param_dtype=param_dtype)
     self.attn = Attention(m.d_model, m.num_heads, m.num_kv_heads, rope_theta=m.rope_theta,
@@ -30,7 +31,7 @@ class Block(nnx.Module):
                           head_dim=m.head_dim)
     self.ffn_norm = RMSNorm(m.d_model, eps=m.norm_eps, rngs=rngs, param_dtype=param_dtype)
     if is_moe:
-      self.ffn = MoE(m, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+      self.ffn = MoE(m, rngs=rngs, dtype=dtype, param_dtype=param_dtype, layer=layer)
     else:
       self.ffn = MLP(m.d_model, m.d_ff, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.is_moe = is_moe
@@ -75,7 +76,8 @@ class Transformer(nnx.Module):
                        dtype=param_dtype)
     moe = set(config_lib.moe_layers(m))
     self.blocks = nnx.List([Block(m, i in moe, rngs=rngs, dtype=dtype,
-                                  param_dtype=param_dtype) for i in range(m.num_layers)])
+                                  param_dtype=param_dtype, layer=i)
+                            for i in range(m.num_layers)])
     self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, rngs=rngs, param_dtype=param_dtype)
     self.unembed = None if m.tie_embeddings else param(
         rngs, (m.d_model, m.vocab_size), ('embed', 'vocab'), fan_in=m.d_model,
