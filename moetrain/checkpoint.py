@@ -16,8 +16,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import os
-import pathlib
 import warnings
 
 import jax
@@ -26,6 +24,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import SingleDeviceSharding
 
 from moetrain import checksum
+from moetrain import paths
 from moetrain import workdir as workdir_lib
 
 # Config keys that decide the shapes (or dtypes) of the saved arrays.
@@ -125,11 +124,11 @@ class Checkpointer:
   """An orbax CheckpointManager in `workdir/checkpoints` with fallback and safe retention.
 
   A checkpoint has two items: `state` (flat dict of arrays) and `meta` (JSON: config,
-  data iterator position, array shapes).
+  data iterator position, array shapes). `workdir` is a local folder or a gs:// one.
   """
 
   def __init__(self, workdir, keep: int = 3):
-    self.workdir = pathlib.Path(workdir).absolute()
+    self.workdir = paths.absolute(workdir)
     self.directory = self.workdir / 'checkpoints'
     self.damaged_directory = self.workdir / 'checkpoints.damaged'
     self.keep = keep
@@ -154,7 +153,8 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.prune()
     steps = self.steps()
-    if steps:  # room for another one the size of the newest, or stop before writing.
+    if steps and not paths.is_cloud(self.directory):
+      # room for another one the size of the newest, or stop before writing.
       workdir_lib.check_room(self.directory, workdir_lib.tree_bytes(self.directory /
                                                                      str(steps[-1])))
     flat = flatten(state)
@@ -226,21 +226,22 @@ class Checkpointer:
         f'no checkpoint in {self.directory} can be read ({causes}); move the folder aside '
         'to start afresh, or repair it, since resuming from scratch would discard them.')
 
-  def quarantine(self, step: int) -> pathlib.Path:
+  def quarantine(self, step: int):
     """Moves the folder of a damaged `step` to `checkpoints.damaged/` (never deletes it)."""
     return self.move_aside(step, self.damaged_directory)
 
-  def move_aside(self, step: int, folder: pathlib.Path) -> pathlib.Path:
+  def move_aside(self, step: int, folder):
     """Moves the folder of `step` into `folder` (as `<step>`, or `<step>.<n>` when taken);
     process 0 moves it while the others wait. Returns where it went."""
+    folder = paths.path(folder)
     dest, n = folder / str(step), 1
-    while dest.exists():
+    while paths.exists(dest):
       dest, n = folder / f'{step}.{n}', n + 1
     self.manager.wait_until_finished()
     self.manager.close()
     if jax.process_index() == 0:
-      folder.mkdir(parents=True, exist_ok=True)
-      os.rename(self.directory / str(step), dest)
+      paths.make_dirs(folder)
+      paths.rename(self.directory / str(step), dest)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f'moetrain_move_aside_{step}')

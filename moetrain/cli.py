@@ -1,10 +1,10 @@
-"""The `moetrain` command: `moetrain train|sweep|report|eval|sample|params|tokenizer train|data
-prepare|export|import --config=configs/x.py [--config.a.b=v]`.
+"""The `moetrain` command: `moetrain train|sweep|report|eval|analyze|sample|params|tokenizer
+train|data prepare|export|import --config=configs/x.py [--config.a.b=v]`.
 
 Config files are read with ml_collections `config_flags`, so any key can be overridden on
 the command line; unknown keys and bad values stop the command with one sentence before
-anything compiles. `eval` and `sample` read the run's own config (WORKDIR/config.json) and
-take `--config.a.b=v` overrides of it.
+anything compiles. `eval`, `analyze` and `sample` read the run's own config
+(WORKDIR/config.json) and take `--config.a.b=v` overrides of it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ COMMANDS = {
     'report': 'rebuild the table and plots of a sweep: --workdir=DIR',
     'eval': 'loss, perplexity and bits per byte of a trained run: --workdir=DIR '
             '[--eval_batches=N] [--config.data.KEY=V ...]',
+    'analyze': 'what the experts learned (specialization, expert ablation, capacity, '
+               'cross-layer routing) into DIR/analysis/: --workdir=DIR [--eval_batches=N] '
+               '[--config.data.KEY=V ...]',
     'sample': 'continue prompts with a trained run: --workdir=DIR --prompt=TEXT [--prompt=...] '
               '[--prompts_file=PATH --max_new_tokens=N --temperature=T --top_k=K --top_p=P '
               '--seed=S]',
@@ -52,6 +55,7 @@ COMMAND_FLAGS = {
     'sweep': ('config', 'workdir', 'sweep', *MULTI_PROCESS_FLAGS),
     'report': ('workdir',),
     'eval': ('workdir', 'eval_batches'),
+    'analyze': ('workdir', 'eval_batches'),
     'sample': ('workdir', 'prompt', 'prompts_file', 'max_new_tokens', 'temperature', 'top_k',
                'top_p', 'seed', 'kv_cache'),
     'params': ('config',),
@@ -102,8 +106,8 @@ _TOP_P = flags.DEFINE_float('top_p', 1.0, 'sample: draw from the smallest set of
 _SEED = flags.DEFINE_integer('seed', 0, 'sample: the random seed of the draws.')
 _KV_CACHE = flags.DEFINE_bool('kv_cache', True, 'sample: encode each context once and decode '
                               'one position per token (False: rerun the whole context).')
-_EVAL_BATCHES = flags.DEFINE_integer('eval_batches', None, 'eval: batches to read (default: '
-                                     "the run's train.eval_batches).")
+_EVAL_BATCHES = flags.DEFINE_integer('eval_batches', None, 'eval, analyze: batches to read '
+                                     "(default: the run's train.eval_batches).")
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'multi-process with the cluster detected by JAX (Cloud TPU pod '
     'slices, SLURM, Open MPI) or given by JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and '
@@ -111,8 +115,11 @@ _DISTRIBUTED = flags.DEFINE_bool(
 
 
 def _require_workdir(command: str):
+  """--workdir is given, and usable when it is in a bucket (gs://, with the gcp extra)."""
   if not _WORKDIR.value:
     raise config_lib.ConfigError(f'--workdir is required for {command}; pass --workdir=DIR.')
+  from moetrain import paths
+  paths.check(_WORKDIR.value)
 
 
 def _initialize_processes():
@@ -165,6 +172,17 @@ def _eval(_):
                                           _EVAL_BATCHES.value)
   for line in evaluate.report_lines(run, totals):
     print(line)
+
+
+def _analyze(_):
+  from moetrain.analysis import analyze, report
+  _require_workdir('analyze')
+  result = analyze.analyze(_WORKDIR.value, _run_overrides(_OVERRIDES), _EVAL_BATCHES.value)
+  print()
+  for line in report.summary_lines(result):
+    print(line)
+  print(f'\nwrote {pathlib.Path(_WORKDIR.value) / "analysis"}: analysis.json, summary.md, '
+        'specialization_layer*.png, ablation.png, capacity.png')
 
 
 def _prompts() -> list[str]:
@@ -264,10 +282,11 @@ def _import(_):
 
 
 RUNNERS = {'train': _train, 'sweep': _sweep, 'report': _report, 'eval': _eval,
-           'sample': _sample, 'params': _params, 'compile': _compile,
+           'analyze': _analyze, 'sample': _sample, 'params': _params, 'compile': _compile,
            'tokenizer train': _tokenizer_train, 'data prepare': _data_prepare,
            'export': _export, 'import': _import}
-RUN_COMMANDS = ('eval', 'sample')  # commands on a trained run: its config, plus overrides.
+# commands on a trained run: its config, plus overrides.
+RUN_COMMANDS = ('eval', 'analyze', 'sample')
 _OVERRIDES: list[str] = []  # their `--config.KEY=VALUE` arguments.
 
 
@@ -348,9 +367,10 @@ def _saved_config_args(command: str, argv: list[str]) -> list[str]:
   imported or earlier run continues with one argument."""
   if command != 'train' or any(a == '--config' or a.startswith('--config=') for a in argv):
     return argv
+  from moetrain import paths
   workdirs = [a.split('=', 1)[1] for a in argv if a.startswith('--workdir=')]
-  saved = pathlib.Path(workdirs[-1]) / 'config.json' if workdirs else None
-  if saved is None or not saved.is_file():
+  saved = paths.path(workdirs[-1]) / 'config.json' if workdirs else None
+  if saved is None or not paths.is_file(saved):
     return argv
   from moetrain import saved_config
   return argv[:1] + [f'--config={saved_config.__file__}:{saved}'] + argv[1:]

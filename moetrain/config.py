@@ -106,6 +106,14 @@ def default_config() -> ml_collections.ConfigDict:
   # both softmax orders: topk_softmax selects by probability + bias, then weights the
   # chosen experts by a softmax of their logits).
   e.bias_update_rate = 0.0
+  # Ablation (what `moetrain analyze` measures): comma-separated experts whose assignments
+  # are removed, 'E' (expert E in every MoE layer) or 'L:E' (expert E of layer L only).
+  # A removed assignment keeps its slot and gets combine weight 0 (the token's other
+  # weights are not renormalized), so the residual carries it. '': none.
+  e.remove_experts = ''
+  # comma-separated choice ranks removed the same way (1: each token's top-1 choice;
+  # '2' with top_k=2 keeps only the top-1). Token choice only. '': none.
+  e.remove_choices = ''
 
   c.data = ml_collections.ConfigDict()
   d = c.data
@@ -322,6 +330,55 @@ def clamp_warmup(cfg) -> str | None:
   return note
 
 
+def parse_ints(text: str) -> list[int]:
+  """'1, 3' -> [1, 3]; '' -> []. Raises ValueError for anything else."""
+  return [int(part) for part in text.split(',') if part.strip()]
+
+
+def removed_experts(text: str) -> list[tuple[int | None, int]]:
+  """model.moe.remove_experts -> [(layer or None for every MoE layer, expert)]:
+  '3, 1:5' -> [(None, 3), (1, 5)]. Raises ValueError for anything else."""
+  out = []
+  for part in (p.strip() for p in text.split(',') if p.strip()):
+    layer, _, expert = part.rpartition(':')
+    out.append((int(layer) if layer else None, int(expert)))
+  return out
+
+
+def _check_removals(m):
+  """model.moe.remove_experts / remove_choices name real experts, MoE layers and ranks."""
+  e = m.moe
+  for name in ('remove_experts', 'remove_choices'):
+    _require(isinstance(e[name], str), f'model.moe.{name}={e[name]!r} must be a string of '
+             "comma-separated numbers, e.g. '3' or '0,2'.")
+  try:
+    removed = removed_experts(e.remove_experts)
+  except ValueError:
+    raise ConfigError(f'model.moe.remove_experts={e.remove_experts!r} is not a list of '
+                      "experts; write ids such as '3,5' or layer:expert pairs such as "
+                      "'1:3'.") from None
+  layers = moe_layers(m)
+  for layer, expert in removed:
+    _require(0 <= expert < m.num_experts, f'model.moe.remove_experts names expert {expert}, '
+             f'but the layers have experts 0..{m.num_experts - 1}; remove that entry.')
+    _require(layer is None or layer in layers, f'model.moe.remove_experts names layer '
+             f'{layer}, which is not a MoE layer (those are {layers}); use one of them.')
+    _require(layer is None or not m.scan_layers, f'model.moe.remove_experts names layer '
+             f'{layer}, but model.scan_layers runs every MoE layer of a run as one; remove '
+             'that expert in every layer, or use a model trained without scan_layers.')
+  try:
+    ranks = parse_ints(e.remove_choices)
+  except ValueError:
+    raise ConfigError(f'model.moe.remove_choices={e.remove_choices!r} is not a list of '
+                      "choice ranks; write ranks such as '1' or '2,3'.") from None
+  for rank in ranks:
+    _require(1 <= rank <= e.top_k, f'model.moe.remove_choices names rank {rank}, but '
+             f'tokens choose ranks 1..{e.top_k} (top_k); remove that entry.')
+  _require(not ranks or e.router == 'token_choice', 'model.moe.remove_choices needs '
+           f"router='token_choice' (got {e.router!r}); only token choice ranks choices, so "
+           "set remove_choices=''.")
+
+
 def parse_mixture(spec: str) -> list[tuple[str, str, float]]:
   """data.mixture '[NAME=]DIR:WEIGHT,...' -> [(name, dir, weight)], weights summing to 1.
   NAME defaults to the directory's last path component; names must differ."""
@@ -444,6 +501,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(moe_layers(m), f'no layer is a MoE layer with model.num_layers={m.num_layers},'
              f' first_k_dense={m.first_k_dense}, moe_every={m.moe_every}; lower '
              'first_k_dense or moe_every, or set num_experts=0 for a dense model.')
+    _check_removals(m)
 
   for name in ('seq_len', 'batch_size'):
     positive(f'data.{name}', d[name])

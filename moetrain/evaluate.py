@@ -62,14 +62,19 @@ def evaluate_workdir(workdir, overrides: dict | None = None,
   """Restores `workdir` with `overrides` and evaluates it on its (overridden) data
   config's eval split, `num_batches` batches (default: train.eval_batches).
   Returns (run, EvalTotals)."""
+  run = restore_lib.load(workdir, with_eval_batches(overrides, num_batches))
+  return run, evaluate(run)
+
+
+def with_eval_batches(overrides: dict | None, num_batches: int | None) -> dict:
+  """`overrides` plus train.eval_batches=num_batches when that is given (checked)."""
   overrides = dict(overrides or {})
   if num_batches is not None:
     if num_batches <= 0:
       raise config_lib.ConfigError(f'--eval_batches={num_batches} must be positive; pass '
                                    'the number of eval batches to read.')
     overrides['train.eval_batches'] = num_batches
-  run = restore_lib.load(workdir, overrides)
-  return run, evaluate(run)
+  return overrides
 
 
 def report_lines(run: restore_lib.Run, totals: metrics_lib.EvalTotals) -> list[str]:

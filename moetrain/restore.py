@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 import sys
 
 import jax
@@ -15,6 +14,7 @@ from flax import nnx
 from moetrain import checkpoint as checkpoint_lib
 from moetrain import config as config_lib
 from moetrain import data as data_lib
+from moetrain import paths
 from moetrain import train as train_lib
 from moetrain.parallel import mesh as mesh_lib
 
@@ -23,7 +23,7 @@ from moetrain.parallel import mesh as mesh_lib
 class Run:
   """A restored run: `state` is the whole TrainState at checkpoint `step`, laid out on
   `mesh`; `cfg` is the run's config with the overrides applied."""
-  workdir: pathlib.Path
+  workdir: object  # an epath.Path (local or gs://)
   cfg: object
   step: int
   graphdef: object
@@ -54,12 +54,12 @@ class Run:
 def run_config(workdir, overrides: dict | None = None):
   """The config a run was trained with (`workdir/config.json`), with `overrides`
   ({'data.source': 'files', ...}) applied, validated and with its vocabulary resolved."""
-  workdir = pathlib.Path(workdir)
+  workdir = paths.path(workdir)
   path = workdir / 'config.json'
-  if not path.is_file():
+  if not paths.is_file(path):
     raise config_lib.ConfigError(f'{workdir} has no config.json; pass the --workdir of a '
                                  'training run.')
-  cfg = config_lib.from_dict(json.loads(path.read_text()))
+  cfg = config_lib.from_dict(json.loads(paths.read_text(path)))
   for key, value in (overrides or {}).items():
     config_lib.check_key(key)
     config_lib.set_key(cfg, key, value)
@@ -77,7 +77,7 @@ def load(workdir, overrides: dict | None = None, *, devices=None) -> Run:
 
   Raises ConfigError (one sentence) for a workdir without config or checkpoints, a mesh
   that does not fit the devices, or overrides that change the saved arrays' shapes."""
-  workdir = pathlib.Path(workdir)
+  workdir = paths.path(workdir)
   cfg = run_config(workdir, overrides)
   devices = list(jax.local_devices() if devices is None else devices)
   mesh_lib.check(cfg, len(devices))

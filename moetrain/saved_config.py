@@ -4,13 +4,12 @@ exists (a run to resume, or one written by `moetrain import`); `--config.KEY=VAL
 overrides work as with any config file."""
 
 import json
-import pathlib
 
 from moetrain import config as config_lib
+from moetrain import paths
 
 
 def get_config(path: str):
-  file = pathlib.Path(path)
-  if not file.is_file():
+  if not paths.is_file(path):
     raise config_lib.ConfigError(f'{path} does not exist; pass --config=FILE.')
-  return config_lib.from_dict(json.loads(file.read_text()))
+  return config_lib.from_dict(json.loads(paths.read_text(path)))

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import itertools
 import json
-import pathlib
 import re
 
 from moetrain import config as config_lib
 from moetrain import metrics as metrics_lib
+from moetrain import paths
 
 SUMMARY = 'summary.json'
 
@@ -88,12 +89,12 @@ def sweep(base, axes: list[str], workdir, *, log=print) -> list[dict] | None:
   the same command resumes it and goes on)."""
   from moetrain import train
   from moetrain import workdir as workdir_lib
-  workdir = pathlib.Path(workdir)
+  workdir = paths.path(workdir)
   runs = grid(base, axes)
   with workdir_lib.locked(workdir, log), train.PreemptionHandler() as stop:
     for i, (name, cfg) in enumerate(runs):
       run_dir = workdir / name
-      if (run_dir / SUMMARY).is_file():
+      if paths.is_file(run_dir / SUMMARY):
         log(f'[{i + 1}/{len(runs)}] {name}: finished earlier, kept')
         continue
       if stop.stop_requested():  # the signal came between runs.
@@ -109,12 +110,12 @@ def sweep(base, axes: list[str], workdir, *, log=print) -> list[dict] | None:
   return report(workdir, [name for name, _ in runs], log=log)
 
 
-def _row(run_dir: pathlib.Path) -> dict:
+def _row(run_dir) -> dict:
   from moetrain import counting, data
-  summary = json.loads((run_dir / SUMMARY).read_text())
-  cfg = config_lib.from_dict(json.loads((run_dir / 'config.json').read_text()))
+  summary = json.loads(paths.read_text(run_dir / SUMMARY))
+  cfg = config_lib.from_dict(json.loads(paths.read_text(run_dir / 'config.json')))
   counts = counting.count(data.resolve_vocab(cfg))
-  records = metrics_lib.read_jsonl(run_dir / 'metrics.jsonl')
+  records = metrics_lib.read_jsonl(run_dir / metrics_lib.JSONL)
   last = [r for r in records if 'loss' in r][-1]
   loads = [v for k, v in last.items() if k.endswith('load_max_over_mean')]
   dropped = [v for k, v in last.items() if k.endswith('dropped_frac')]
@@ -123,7 +124,8 @@ def _row(run_dir: pathlib.Path) -> dict:
               eval_bits_per_byte=summary.get('eval_bits_per_byte', float('nan')),
               tokens_per_second=summary['tokens_per_second'],
               max_over_mean_load=max(loads) if loads else float('nan'),
-              dropped_frac=sum(dropped) / len(dropped) if dropped else float('nan'))
+              dropped_frac=sum(dropped) / len(dropped) if dropped else float('nan'),
+              num_experts=cfg.model.num_experts, top_k=cfg.model.moe.top_k)
 
 
 def _natural(name: str) -> list:
@@ -134,22 +136,31 @@ def _natural(name: str) -> list:
 def report(workdir, names: list[str] | None = None, *, log=print) -> list[dict]:
   """Writes results.csv, results.md and the two plots for the finished runs in `workdir`
   (all of them, or `names` in that order). Returns the rows."""
-  workdir = pathlib.Path(workdir)
-  if names is None:
-    names = sorted((p.parent.name for p in workdir.glob(f'*/{SUMMARY}')), key=_natural)
-  rows = [_row(workdir / n) for n in names if (workdir / n / SUMMARY).is_file()]
+  workdir = paths.path(workdir)
+  rows = read_rows(workdir, names)
   if not rows:
     raise config_lib.ConfigError(f'{workdir} holds no finished runs (no */{SUMMARY}); run '
                                  '`moetrain sweep` first.')
-  with open(workdir / 'results.csv', 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-  (workdir / 'results.md').write_text('\n'.join(markdown_table(rows)) + '\n')
+  table = io.StringIO(newline='')
+  writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+  writer.writeheader()
+  writer.writerows(rows)
+  paths.write_text(workdir / 'results.csv', table.getvalue())
+  paths.write_text(workdir / 'results.md', '\n'.join(markdown_table(rows)) + '\n')
   _plot(workdir, [r['run'] for r in rows])
   for line in markdown_table(rows):
     log(line)
   return rows
+
+
+def read_rows(workdir, names: list[str] | None = None) -> list[dict]:
+  """One row per finished run in `workdir` (all of them in natural order, or `names`):
+  its parameter counts, losses, throughput, load balance and drops, and the run's
+  num_experts and top_k."""
+  workdir = paths.path(workdir)
+  if names is None:
+    names = sorted((p.parent.name for p in paths.glob(workdir, f'*/{SUMMARY}')), key=_natural)
+  return [_row(workdir / n) for n in names if paths.is_file(workdir / n / SUMMARY)]
 
 
 def markdown_table(rows: list[dict]) -> list[str]:
@@ -166,7 +177,7 @@ def markdown_table(rows: list[dict]) -> list[str]:
   return lines
 
 
-def _curves(path: pathlib.Path, key: str) -> tuple[list[int], list[float]]:
+def _curves(path, key: str) -> tuple[list[int], list[float]]:
   """(steps, values) of one scalar in a metrics.jsonl; the last record of a step wins
   (a resumed run logs some steps again)."""
   by_step = {r['step']: r[key] for r in metrics_lib.read_jsonl(path) if key in r}
@@ -174,14 +185,21 @@ def _curves(path: pathlib.Path, key: str) -> tuple[list[int], list[float]]:
   return steps, [by_step[s] for s in steps]
 
 
-def _plot(workdir: pathlib.Path, names: list[str]):
+def _save(fig, path):
+  """Writes a matplotlib figure as PNG to `path` (a local file or an object)."""
+  png = io.BytesIO()
+  fig.savefig(png, format='png', dpi=120)
+  paths.write_bytes(path, png.getvalue())
+
+
+def _plot(workdir, names: list[str]):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
   finals = []
   for name in names:
-    path = workdir / name / 'metrics.jsonl'
+    path = workdir / name / metrics_lib.JSONL
     train_ax.plot(*_curves(path, 'loss'), label=name, alpha=0.8)
     steps, evals = _curves(path, 'eval/loss')
     eval_ax.plot(steps, evals, marker='o', label=name)
@@ -192,11 +210,11 @@ def _plot(workdir: pathlib.Path, names: list[str]):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(workdir / 'loss_curves.png', dpi=120)
+  _save(fig, workdir / 'loss_curves.png')
   plt.close(fig)
   fig, ax = plt.subplots(figsize=(7, 0.8 + 0.4 * len(names)))
   ax.barh(names, finals)
   ax.set(xlabel='final eval loss (nats/token)', xlim=(min(finals) * 0.98, max(finals) * 1.01))
   fig.tight_layout()
-  fig.savefig(workdir / 'final_eval_loss.png', dpi=120)
+  _save(fig, workdir / 'final_eval_loss.png')
   plt.close(fig)

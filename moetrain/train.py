@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import pathlib
 import signal
 import threading
 import time
@@ -34,6 +33,7 @@ from moetrain import data as data_lib
 from moetrain import guard as guard_lib
 from moetrain import metrics as metrics_lib
 from moetrain import objective
+from moetrain import paths
 from moetrain import token_bytes
 from moetrain import workdir as workdir_lib
 from moetrain.interop import params as params_lib
@@ -263,13 +263,16 @@ def keep_if(condition, new, old):
 def make_eval_step(graphdef, eod_id: int, loss_chunk: int = 0):
   """(params, model_state, batch, bytes_2V) -> sums over the batch at eval capacity:
   `nats` (token losses), `tokens` and `bytes`, the UTF-8 bytes the target tokens decode to
-  (bytes_2V: `moetrain.token_bytes.TokenBytes.table()`); `loss_chunk` as model.loss_chunk."""
+  (bytes_2V: `moetrain.token_bytes.TokenBytes.table()`), and `dropped` [MoE layers], each
+  MoE layer's fraction of assignments dropped for capacity; `loss_chunk` as
+  model.loss_chunk."""
   def eval_step(params, model_state, batch, bytes_2V):
     model = nnx.merge(graphdef, params, model_state)
-    nats, _ = forward(model, batch, loss_chunk, train=False)
+    nats, stats = forward(model, batch, loss_chunk, train=False)
     count = jnp.sum(batch['mask'])
     bytes_BL = token_bytes.target_bytes(batch['inputs'], batch['targets'], bytes_2V, eod_id)
-    return dict(nats=nats, tokens=count, bytes=jnp.sum(bytes_BL * batch['mask']))
+    return dict(nats=nats, tokens=count, bytes=jnp.sum(bytes_BL * batch['mask']),
+                dropped=jnp.asarray([s['dropped_frac'] for s in stats], jnp.float32))
 
   return eval_step
 
@@ -281,11 +284,13 @@ def bytes_table(tokenizer, vocab_size: int, mesh) -> jax.Array:
 
 
 def evaluate(eval_fn, params, model_state, batches, put, bytes_2V) -> metrics_lib.EvalTotals:
-  """Loss and byte sums over the fixed eval batches (fetched once, at the end)."""
+  """Loss and byte sums over the fixed eval batches (fetched once, at the end), and the
+  mean dropped fraction of each MoE layer."""
   sums = jax.device_get([eval_fn(params, model_state, put(batch), bytes_2V)
                          for batch in batches])
+  dropped = tuple(np.mean([s['dropped'] for s in sums], axis=0).tolist()) if sums else ()
   return metrics_lib.EvalTotals(*(float(sum(s[k] for s in sums))
-                                  for k in ('nats', 'tokens', 'bytes')))
+                                  for k in ('nats', 'tokens', 'bytes')), dropped)
 
 
 @dataclasses.dataclass
@@ -493,8 +498,8 @@ def train(cfg, workdir, *, log=print, stop: PreemptionHandler | None = None) -> 
   read-only, no permission) raises WorkdirError with one sentence; the checkpoints saved
   before it stay readable (orbax commits a save by renaming a finished folder).
   """
+  workdir = paths.path(workdir)  # a gs:// one without the gcp extra stops here.
   cfg = prepare(cfg, log)
-  workdir = pathlib.Path(workdir)
   try:
     with workdir_lib.locked(workdir, log), workdir_lib.quiet_write_errors():
       return _train(cfg, workdir, log, stop)
@@ -504,7 +509,7 @@ def train(cfg, workdir, *, log=print, stop: PreemptionHandler | None = None) -> 
     raise workdir_lib.WorkdirError(workdir_lib.os_error_sentence(e, workdir)) from None
 
 
-def _train(cfg, workdir: pathlib.Path, log, stop) -> Summary:
+def _train(cfg, workdir, log, stop) -> Summary:
   """`train` in a locked workdir, with a prepared config."""
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=cfg.checkpoint.keep)
   data = data_lib.make_data(cfg, log=log)
@@ -571,6 +576,7 @@ def _train(cfg, workdir: pathlib.Path, log, stop) -> Summary:
         if (every and step % every == 0) or step == t.steps or preempted:
           guard.check(jax.device_get(records), log=note)
           records = []
+          writer.flush()  # in a bucket: the logs up to this checkpoint are uploaded.
           checkpointer.save(step, state, checkpoint_meta(cfg, data, guard, restored_from),
                             force=True)
           guard.note_checkpoint(step)
@@ -588,9 +594,9 @@ def _train(cfg, workdir: pathlib.Path, log, stop) -> Summary:
     # Report the finished run: the checkpoint's eval loss, the last logged training loss.
     with jax.set_mesh(mesh):
       totals = run_eval(state)
-    logged = workdir / 'metrics.jsonl'
+    logged = workdir / metrics_lib.JSONL
     losses = [r['loss'] for r in metrics_lib.read_jsonl(logged) if 'loss' in r] \
-        if logged.is_file() else []
+        if metrics_lib.jsonl_files(logged) else []
     loss = losses[-1] if losses else loss
   summary = Summary(step, loss, totals.loss, data.eval_unigram_entropy,
                     (step - first) * tokens_per_step / max(seconds, 1e-9), seconds, preempted,

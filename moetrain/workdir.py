@@ -1,12 +1,13 @@
 """The workdir's own files, through small functions in one place: the lock that keeps one
 run per workdir, the small text files a run writes, and the one sentence for a write the
-filesystem refuses.
+filesystem refuses. A workdir is a local folder or a gs:// bucket (moetrain.paths).
 
 The lock is `WORKDIR/moetrain.lock`, a JSON file naming its holder (host, pid, process
-start time, command). It is created atomically (O_EXCL); a second run refuses at once,
-naming the holder. A lock whose holder is gone (same host, pid no longer running or
-reused by another process) is taken over with a warning. In a multi-process run process 0
-holds it and the others follow its verdict.
+start time, command). It is created atomically (O_EXCL locally; in a bucket, an upload
+with ifGenerationMatch=0, which GCS enforces and the test emulator does not); a second
+run refuses at once, naming the holder. A lock whose holder is gone (same host, pid no
+longer running or reused by another process) is taken over with a warning. In a
+multi-process run process 0 holds it and the others follow its verdict.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import pathlib
 import shutil
 import socket
 import sys
+
+from moetrain import paths
 
 LOCK = 'moetrain.lock'
 
@@ -66,13 +69,12 @@ def is_running(info: dict) -> bool | None:
   return not (ticks is not None and info.get('start_ticks') not in (None, ticks))
 
 
-def read_lock(path: pathlib.Path) -> dict:
+def read_lock(path) -> dict:
   """The holder recorded in a lock file ({} when it is unreadable or half written)."""
   try:
-    info = json.loads(path.read_text())
-  except (OSError, ValueError):
+    return _parse(paths.read_text(path))
+  except OSError:
     return {}
-  return info if isinstance(info, dict) else {}
 
 
 def _describe(info: dict) -> str:
@@ -86,12 +88,12 @@ def acquire(workdir, log=print) -> dict:
   """Creates the lock of `workdir` for this process (taking over a stale one with a
   warning through `log`). Returns the holder written; raises WorkdirError naming the
   holder when another run has it."""
-  workdir = pathlib.Path(workdir)
+  workdir = paths.path(workdir)
   make_dirs(workdir)
   path, me = workdir / LOCK, holder()
   for _ in range(3):
     try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      paths.create_new(path, json.dumps(me))
     except FileExistsError:
       info = read_lock(path)
       running = is_running(info) if info else None
@@ -106,33 +108,28 @@ def acquire(workdir, log=print) -> dict:
                          f'wait for it to end or choose another --workdir{hint}.') from None
     except OSError as e:
       raise WorkdirError(os_error_sentence(e, path)) from None
-    with os.fdopen(fd, 'w') as f:
-      f.write(json.dumps(me))
     return me
   raise WorkdirError(f'{path} keeps changing hands; another run is starting in {workdir}; '
                      'choose another --workdir.')
 
 
-def _take_over(path: pathlib.Path, stale: dict) -> bool:
-  """Moves a stale lock aside atomically; False when it changed hands meanwhile."""
-  aside = path.with_name(f'{LOCK}.stale.{os.getpid()}')
+def _take_over(path, stale: dict) -> bool:
+  """Removes a stale lock; False when it changed hands meanwhile."""
+  return paths.remove_if(path, lambda text: _parse(text) == stale)
+
+
+def _parse(text: str) -> dict:
+  """The holder in the text of a lock ({} when it is not one)."""
   try:
-    os.rename(path, aside)
-  except FileNotFoundError:
-    return False
-  if read_lock(aside) != stale:  # someone else's fresh lock: put it back.
-    os.rename(aside, path)
-    return False
-  os.unlink(aside)
-  return True
+    info = json.loads(text)
+  except ValueError:
+    return {}
+  return info if isinstance(info, dict) else {}
 
 
 def release(workdir, me: dict):
   """Removes the lock if this process still holds it."""
-  path = pathlib.Path(workdir) / LOCK
-  if read_lock(path) == me:
-    with contextlib.suppress(FileNotFoundError):
-      path.unlink()
+  paths.remove_if(paths.path(workdir) / LOCK, lambda text: _parse(text) == me)
 
 
 @contextlib.contextmanager
@@ -164,7 +161,7 @@ def locked(workdir, log=print):
 def make_dirs(path):
   """mkdir -p, with one sentence when the filesystem refuses."""
   try:
-    pathlib.Path(path).mkdir(parents=True, exist_ok=True)
+    paths.make_dirs(path)
   except OSError as e:
     raise WorkdirError(os_error_sentence(e, path)) from None
 
@@ -175,13 +172,14 @@ def free_bytes(path) -> int:
 
 
 def tree_bytes(path) -> int:
-  """Bytes in the files under `path` (0 when it does not exist)."""
+  """Bytes in the files under the local folder `path` (0 when it does not exist)."""
   return sum(f.stat().st_size for f in pathlib.Path(path).rglob('*') if f.is_file())
 
 
 def check_room(path, need: int):
-  """Raises OSError(ENOSPC) before a write of about `need` bytes under `path` that the
-  filesystem has no room for (a save that fails half way leaves noise in the output)."""
+  """Raises OSError(ENOSPC) before a write of about `need` bytes under the local folder
+  `path` that the filesystem has no room for (a save that fails half way leaves noise in
+  the output)."""
   free = free_bytes(path)
   if free < need:
     raise OSError(errno.ENOSPC, f'{free} bytes free, {need} needed', str(path))
@@ -190,14 +188,9 @@ def check_room(path, need: int):
 def write_text(path, text: str):
   """Writes a small file of the workdir (config.json, summary.json) whole: to a
   temporary name, then renamed, so a full disk never leaves half a file."""
-  path = pathlib.Path(path)
-  tmp = path.with_name(path.name + '.tmp')
   try:
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    paths.write_text(path, text)
   except OSError as e:
-    with contextlib.suppress(OSError):
-      tmp.unlink()
     raise WorkdirError(os_error_sentence(e, path)) from None
 
 
@@ -237,7 +230,8 @@ def refused_write_in(error: BaseException, workdir) -> bool:
   unreadable data file elsewhere."""
   if io_errno(error) is None:
     return False
-  roots = {str(pathlib.Path(workdir)), str(pathlib.Path(workdir).absolute())}
+  roots = {str(workdir)} if paths.is_cloud(workdir) else {
+      str(pathlib.Path(workdir)), str(pathlib.Path(workdir).absolute())}
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))

@@ -113,3 +113,22 @@ def model_logits(cfg, params: dict, tokens):
   graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
   model = nnx.merge(graphdef, params_lib.from_flat(abstract, params), rest)
   return np.asarray(model(jnp.asarray(tokens, jnp.int32), train=False)[0])
+
+
+@pytest.fixture(scope='session')
+def analyzed_run(trained_run):
+  """`moetrain analyze --workdir=<trained_run> --eval_batches=1` run once as a command on 2
+  devices (the run trained on 8): (workdir, what it printed). Shared by the analysis and
+  notebook tests."""
+  import pathlib
+  import subprocess
+  import sys
+  root = pathlib.Path(__file__).parents[1]
+  env = dict(os.environ, PYTHONPATH=str(root),
+             XLA_FLAGS='--xla_force_host_platform_device_count=2 '
+                       '--xla_backend_optimization_level=0')
+  out = subprocess.run([sys.executable, '-m', 'moetrain.cli', 'analyze',
+                        f'--workdir={trained_run}', '--eval_batches=1'], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return trained_run, out.stdout

@@ -134,3 +134,22 @@ def start(folder, timeout: float = 60):
     yield emulator
   finally:
     stop(process, timeout=10)
+
+
+if __name__ == '__main__':
+  # `python tests/gcs_emulator.py [FOLDER]`: runs the emulator (bucket test-bucket) until
+  # killed and prints the environment that points moetrain's clients at it.
+  import os
+  import signal
+  import sys
+  import tempfile
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that the server stops too.
+  folder = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix='gcs-emulator-')
+  with start(folder) as running:
+    print('export ' + ' '.join(f'{k}={v}' for k, v in running.env.items()) +
+          f'  # stop: kill {os.getpid()}', flush=True)
+    try:
+      while True:
+        time.sleep(3600)
+    except KeyboardInterrupt:
+      pass

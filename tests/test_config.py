@@ -46,6 +46,14 @@ CONFIGS = sorted((pathlib.Path(__file__).parents[1] / 'configs').glob('*.py'))
     ({'init.upcycle': True}, r'init\.upcycle=True needs init\.from_workdir'),
     ({'init.upcycle': True, 'init.from_workdir': 'runs/dense', 'model.num_experts': 0},
      r'init\.upcycle=True builds a MoE from a dense run, but model\.num_experts=0'),
+    ({'model.moe.remove_experts': 'x'}, r"model\.moe\.remove_experts='x' is not a list"),
+    ({'model.moe.remove_experts': '4'}, r'remove_experts names expert 4, but the layers have '
+                                        r'experts 0\.\.3'),
+    ({'model.moe.remove_experts': '5:1'}, r'remove_experts names layer 5, which is not a MoE'),
+    ({'model.moe.remove_choices': '3'}, r'remove_choices names rank 3, but tokens choose '
+                                        r'ranks 1\.\.2'),
+    ({'model.moe.remove_choices': '1', 'model.moe.router': 'soft'},
+     r"remove_choices needs router='token_choice'"),
 ])
 def test_bad_values_raise_one_sentence(overrides, message):
   with pytest.raises(ConfigError, match=message) as info:
@@ -141,3 +149,10 @@ def test_dotted_keys_get_and_set():
   saved = config_lib.from_dict({'model': {'num_experts': 16}, 'train': {'lr': 1e-4}})
   assert saved.model.num_experts == 16 and saved.train.lr == 1e-4
   assert saved.model.d_model == config_lib.default_config().model.d_model
+
+
+def test_removal_lists_parse():
+  assert config_lib.removed_experts(' 3, 1:5,') == [(None, 3), (1, 5)]
+  assert config_lib.parse_ints('') == [] and config_lib.parse_ints('2, 3') == [2, 3]
+  config_lib.validate(tiny_config(**{'model.moe.remove_experts': '0,1:3',
+                                     'model.moe.remove_choices': '1,2'}))

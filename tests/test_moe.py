@@ -344,3 +344,50 @@ def test_bias_balancing_lowers_load_imbalance_of_a_skewed_router(gate):
   assert skewed.min() > 2.2 and np.ptp(skewed) == 0  # no bias: the same skew every step.
   assert balanced[0] == skewed[0]
   assert balanced[-20:].mean() < 1.3, balanced[::10]
+
+
+def np_top_k(x, router, k):
+  """Each token's top-k experts (best first) and softmax weights, NumPy."""
+  probs = np_softmax(x.astype(np.float64) @ router)
+  expert_TK = np.argsort(-probs, axis=1, kind='stable')[:, :k]
+  return expert_TK, np.take_along_axis(probs, expert_TK, axis=1)
+
+
+@pytest.mark.parametrize('dropless,drop_order', [(True, 'position'), (False, 'position'),
+                                                 (False, 'probability')])
+def test_removed_experts_and_choices_get_zero_weight(dropless, drop_order):
+  """Ablation: removed assignments keep their slots (the same tokens drop) and add
+  nothing; the others keep their weights. Reference: the loop over the unablated
+  routing table with those slots' weights set to 0."""
+  x, r, wg, wu, wd = make_inputs()
+  removed = tuple(int(e) for e in RNG.choice(E, 2, replace=False))
+  s = spec(dropless=dropless, drop_order=drop_order, capacity_factor=0.75,
+           eval_capacity_factor=0.75)
+  expert_TK, _ = np_top_k(x, r, 2)
+  _, plain_stats = run(s, x, r, wg, wu, wd, train=False)
+  table, _ = routing.route(jnp.asarray(x) @ jnp.asarray(r), router='token_choice', top_k=2,
+                           capacity=s.capacity(T, False), drop_order=drop_order)
+  for experts, choices in ((removed, ()), ((), (0,)), (removed[:1], (1,))):
+    ablated = dataclasses.replace(s, remove_experts=experts, remove_choices=choices)
+    y, stats = run(ablated, x, r, wg, wu, wd, train=False)
+    assert float(stats['dropped_frac']) == float(plain_stats['dropped_frac'])
+    token_EC, weight_EC = np.asarray(table.token_EC), np.asarray(table.weight_EC).copy()
+    for e, c in np.ndindex(*token_EC.shape):
+      t = token_EC[e, c]
+      if t < T and (e in experts or list(expert_TK[t]).index(e) in choices):
+        weight_EC[e, c] = 0.0
+    ref = reference_from_table(x, token_EC, weight_EC, wg, wu, wd)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=2e-5, atol=2e-5)
+
+
+def test_eval_stats_hold_each_tokens_routed_experts():
+  cfg = tiny_config(**{'model.d_model': D, 'model.num_experts': E})
+  layer = moe_layer.MoE(cfg.model, rngs=nnx.Rngs(0), dtype=jnp.float32,
+                        param_dtype=jnp.float32)
+  x = RNG.standard_normal((2, T // 2, D)).astype(np.float32)
+  _, stats = layer(jnp.asarray(x), train=False)
+  expert_TK, _ = np_top_k(x.reshape(T, D), np.asarray(layer.router[...]), 2)
+  np.testing.assert_array_equal(np.asarray(stats['expert_TK']), expert_TK)
+  np.testing.assert_allclose(np.asarray(stats['load_E']),
+                             np.bincount(expert_TK.reshape(-1), minlength=E) / (2 * T))
+  assert 'expert_TK' not in layer(jnp.asarray(x), train=True)[1]

@@ -33,6 +33,7 @@ import types
 
 import numpy as np
 
+from moetrain import paths
 from moetrain.config import ConfigError
 from moetrain.data import sources
 from moetrain.data.packing import is_eval_document, join_documents
@@ -249,6 +250,10 @@ def prepare(cfg, output, *, where: str = '--output', progress: bool = True,
   """Tokenizes the configured text source into `output` (see the module docstring) with
   data.prepare_workers processes and returns the index. Run again after an interruption, it
   redoes only unfinished shards; on a finished directory it only checks the files."""
+  if paths.is_cloud(output):
+    raise ConfigError(f'{where}={output} is in a bucket, but prepared token files are '
+                      'memory-mapped from a local disk; prepare into a local folder (or '
+                      'one every host mounts).')
   d = cfg.data
   tokenizer = make_tokenizer(d)
   if d.bpe_encoder == 'tiktoken':

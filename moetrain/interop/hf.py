@@ -22,6 +22,7 @@ import numpy as np
 from moetrain import checkpoint as checkpoint_lib
 from moetrain import config as config_lib
 from moetrain import data as data_lib
+from moetrain import paths
 from moetrain import train as train_lib
 from moetrain.interop import hf_config, hf_weights
 from moetrain.interop import params as params_lib
@@ -89,8 +90,16 @@ def load_safetensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
   return tensors
 
 
-def _side_files(directory: pathlib.Path) -> list[pathlib.Path]:
-  """Tokenizer and generation files of a HF directory (not config.json, not weights)."""
+def _local_only(path, flag: str, fix: str):
+  """Raises ConfigError when `path` (given by `flag`) is in a bucket."""
+  if paths.is_cloud(path):
+    raise config_lib.ConfigError(f'{flag}={path} is in a bucket, and Hugging Face model '
+                                 f'directories are local here; {fix}.')
+
+
+def _side_files(directory) -> list:
+  """Tokenizer and generation files of a HF directory (not config.json, not weights;
+  local, or a gs:// workdir's hf/)."""
   if not directory.is_dir():
     return []
   return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in SIDE_SUFFIXES
@@ -127,14 +136,15 @@ def export(workdir, output, *, fmt: str = 'auto', inexact: bool = False,
   family cannot hold is refused (ConfigError); one whose transformers outputs would differ
   is refused unless `inexact`, which prints how they differ.
   """
-  workdir, output = pathlib.Path(workdir), pathlib.Path(output)
+  _local_only(output, '--output', 'export writes a local directory; copy it there afterwards')
+  workdir, output = paths.path(workdir), pathlib.Path(output)
   if fmt not in hf_config.FORMATS:
     raise config_lib.ConfigError(f'--format={fmt!r} is not known; use one of '
                                  f'{", ".join(hf_config.FORMATS)}.')
   cfg = params_lib.run_config(workdir)
   source = workdir / SOURCE
-  base = json.loads((source / 'config.json').read_text()) \
-      if (source / 'config.json').is_file() else None
+  base = json.loads(paths.read_text(source / 'config.json')) \
+      if paths.is_file(source / 'config.json') else None
   family = hf_config.choose_family(cfg.model) if fmt == 'auto' else fmt
   if fmt == 'auto' and family in hf_config.DENSE and (base or {}).get('model_type') in \
       hf_config.DENSE:
@@ -153,7 +163,7 @@ def export(workdir, output, *, fmt: str = 'auto', inexact: bool = False,
   tmp = _new_directory(output, '--output')
   try:
     for path in _side_files(source):
-      shutil.copyfile(path, tmp / path.name)
+      (tmp / path.name).write_bytes(paths.read_bytes(path))
     if cfg.data.tokenizer.endswith('.json'):
       shutil.copyfile(cfg.data.tokenizer, tmp / 'tokenizer.json')
       if not (tmp / 'tokenizer_config.json').exists():
@@ -181,6 +191,9 @@ def import_model(hf_dir, workdir, cfg=None, *, log=print):
   `cfg` gives everything but the model (data, train, mesh; default_config() if None); the
   model keys come from the HF config.json. Returns the run's config.
   """
+  _local_only(hf_dir, '--from', 'copy the model directory to this machine first')
+  _local_only(workdir, '--workdir', 'import into a local directory (its config names the '
+              'local tokenizer it copies)')
   hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir)
   if not (hf_dir / 'config.json').is_file():
     raise config_lib.ConfigError(f'--from={hf_dir} has no config.json; pass a Hugging Face '

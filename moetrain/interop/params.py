@@ -13,12 +13,12 @@ warm-starts and upcycles exactly as the unscanned run with the same weights.
 from __future__ import annotations
 
 import json
-import pathlib
 
 import numpy as np
 
 from moetrain import checkpoint as checkpoint_lib
 from moetrain import config as config_lib
+from moetrain import paths
 
 _PREFIX, _SUFFIX = 'params.', '.value'
 
@@ -116,11 +116,11 @@ def from_flat(target_state, flat: dict):
 
 def run_config(workdir):
   """The resolved config a run saved in WORKDIR/config.json."""
-  path = pathlib.Path(workdir) / 'config.json'
-  if not path.is_file():
+  path = paths.path(workdir) / 'config.json'
+  if not paths.is_file(path):
     raise config_lib.ConfigError(f'{workdir} has no config.json; pass the --workdir of a '
                                  'training run (or of `moetrain import`).')
-  return config_lib.from_dict(json.loads(path.read_text()))
+  return config_lib.from_dict(json.loads(paths.read_text(path)))
 
 
 def newest_params(workdir) -> tuple[int, dict[str, np.ndarray]]:
@@ -128,7 +128,7 @@ def newest_params(workdir) -> tuple[int, dict[str, np.ndarray]]:
 
   Only reads: a damaged checkpoint is skipped, never moved (training does that).
   """
-  if not (pathlib.Path(workdir) / 'checkpoints').is_dir():
+  if not paths.is_dir(paths.path(workdir) / 'checkpoints'):
     raise config_lib.ConfigError(f'{workdir} has no checkpoint yet; train it first.')
   checkpointer = checkpoint_lib.Checkpointer(workdir)
   try:

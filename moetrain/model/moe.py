@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moetrain.model.layers import MLP, param
-from moetrain.model.moe_ffn import MoESpec
+from moetrain.model.moe_ffn import MoESpec, token_choices
 from moetrain.parallel import dispatch as parallel_dispatch
 
 
@@ -22,13 +22,15 @@ class MoE(nnx.Module):
   """MoE feed-forward [B, L, D] -> [B, L, D]: E routed SwiGLU experts plus optional
   always-active shared experts, whose output `moe.shared_expert_gate` scales per token by
   sigmoid(x @ shared_gate) (shared_gate [D, 1], Qwen2-MoE). Returns the output and the
-  layer's statistics."""
+  layer's statistics; at eval they also hold `expert_TK` int32 [B * L, K], each token's
+  routed experts before capacity (`moe_ffn.token_choices`; computed only where read).
+  `layer` is the layer's index in the model (for per-layer ablations)."""
 
-  def __init__(self, model_cfg, *, rngs: nnx.Rngs, dtype, param_dtype):
+  def __init__(self, model_cfg, *, rngs: nnx.Rngs, dtype, param_dtype, layer: int | None = None):
     e = model_cfg.moe
     d, n = model_cfg.d_model, model_cfg.num_experts
     f = e.d_expert or model_cfg.d_ff
-    self.spec = MoESpec.from_config(model_cfg)
+    self.spec = MoESpec.from_config(model_cfg, layer)
     self.router = param(rngs, (d, n), ('embed', None), std=model_cfg.init_std)
     self.w_gate = param(rngs, (n, d, f), ('expert', 'embed', 'mlp'), fan_in=d,
                         dtype=param_dtype)
@@ -52,6 +54,9 @@ class MoE(nnx.Module):
         x_BLD.reshape(batch * length, d), self.router[...], self.w_gate[...],
         self.w_up[...], self.w_down[...], bias_E, rng, spec=self.spec, seq_len=length,
         train=train, dtype=self.dtype)
+    if not train:
+      stats = dict(stats, expert_TK=token_choices(x_BLD.reshape(batch * length, d),
+                                                  self.router[...], bias_E, self.spec))
     y_BLD = y_TD.reshape(batch, length, d).astype(self.dtype)
     if self.shared is not None:
       shared_BLD = self.shared(x_BLD)

@@ -39,14 +39,26 @@ class MoESpec:
   jitter: float
   balance_scope: str
   expert_chunk: int = 0  # dropless expert parallelism: tokens exchanged per chunk.
+  # Ablation (`routing.ablation_keep`): expert ids and choice ranks (0 = top-1) whose
+  # assignments get combine weight 0.
+  remove_experts: tuple = ()
+  remove_choices: tuple = ()
 
   @classmethod
-  def from_config(cls, model_cfg) -> 'MoESpec':
+  def from_config(cls, model_cfg, layer: int | None = None) -> 'MoESpec':
+    """The spec of MoE layer `layer` (its index in the model: the experts
+    `model.moe.remove_experts` removes there)."""
     e = model_cfg.moe
+    removed = config_lib.removed_experts(e.remove_experts)
     return cls(model_cfg.num_experts, e.top_k, e.router, e.gate, e.softmax_order,
                e.renormalize, e.routed_scaling, e.capacity_factor, e.eval_capacity_factor,
                e.drop_order, e.dropless, e.dropless_impl, e.jitter, e.balance_scope,
-               e.expert_chunk)
+               e.expert_chunk,
+               tuple(sorted({i for l, i in removed if l is None or l == layer})),
+               tuple(rank - 1 for rank in config_lib.parse_ints(e.remove_choices)))
+
+  def ablates(self) -> bool:
+    return bool(self.remove_experts or self.remove_choices)
 
   def capacity(self, num_tokens: int, train: bool) -> int:
     """Slots per expert for a routing group of `num_tokens` tokens."""
@@ -85,6 +97,18 @@ class MoESpec:
     (only the routed tokens) instead of a padded all-to-all (E/K times the bytes).
     `auto` takes it where the backend has it (GPU, TPU)."""
     return self._dropless_choice(ragged.backend_supports_ragged_all_to_all())
+
+
+def token_choices(x_TD: jax.Array, router_DE: jax.Array, bias_E, spec: MoESpec) -> jax.Array:
+  """The K experts the router ranks highest for each token, int32 [T, K] (best first):
+  for token choice exactly the experts the layer sends it to before capacity (selection
+  bias included, no jitter: eval); for expert choice and soft routing the top-K of the
+  router's probabilities. What analyses read (`moetrain.analysis`)."""
+  logits_TE = x_TD.astype(jnp.float32) @ router_DE.astype(jnp.float32)
+  if spec.router != 'token_choice':
+    return jax.lax.top_k(logits_TE, spec.top_k)[1].astype(jnp.int32)
+  return routing.top_k_gates(logits_TE, spec.top_k, gate=spec.gate,
+                             softmax_order=spec.softmax_order, bias_E=bias_E)[0]
 
 
 def dispatch(x_TD: jax.Array, token_EC: jax.Array) -> jax.Array:
@@ -244,6 +268,9 @@ def moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, jitter_ke
     expert_TK, weight_TK, probs_TE = routing.top_k_gates(
         logits_TE, spec.top_k, gate=spec.gate, softmax_order=spec.softmax_order,
         renormalize=spec.renormalize, routed_scaling=spec.routed_scaling, bias_E=bias_E)
+    if spec.ablates():
+      weight_TK = weight_TK * routing.ablation_keep(expert_TK, num_experts,
+                                                    spec.remove_experts, spec.remove_choices)
     stats = routing.RouterStats(probs_TE, routing.assignment_mask(expert_TK, num_experts),
                                 jnp.float32(expert_TK.size), jnp.float32(expert_TK.size))
     if ragged_exchange:
@@ -263,7 +290,8 @@ def moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, jitter_ke
         logits_TE, router=spec.router, top_k=spec.top_k,
         capacity=spec.capacity(num_tokens, train), gate=spec.gate,
         softmax_order=spec.softmax_order, renormalize=spec.renormalize,
-        routed_scaling=spec.routed_scaling, drop_order=spec.drop_order, bias_E=bias_E)
+        routed_scaling=spec.routed_scaling, drop_order=spec.drop_order, bias_E=bias_E,
+        remove_experts=spec.remove_experts, remove_choices=spec.remove_choices)
     x_ECD = dispatch(x_TD, r.token_EC)
     if expert_axis is not None:  # [E, C, D] -> [E/ep, ep*C, D]: slots travel to their expert.
       x_ECD = jax.lax.all_to_all(x_ECD, expert_axis, 0, 1, tiled=True)

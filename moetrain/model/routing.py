@@ -109,15 +109,18 @@ def slot_positions(expert_A: jax.Array, num_experts: int) -> jax.Array:
 
 
 def capacity_routing(expert_TK: jax.Array, weight_TK: jax.Array, num_experts: int,
-                     capacity: int, drop_order: str = 'position'):
+                     capacity: int, drop_order: str = 'position', keep_TK=None):
   """Places token-choice assignments into [E, C] slots; overflow is dropped.
 
+  `keep_TK` (float32 [T, K], optional) multiplies the slots' combine weights after the
+  slots are placed (an ablation: `ablation_keep`), so it never changes which tokens drop.
   Returns (Routing, kept) where kept is the number of assignments that found a slot.
   """
   num_tokens, top_k = expert_TK.shape
   order_T = priority_order(weight_TK, drop_order)
   expert_A = expert_TK[order_T].T.reshape(-1)  # choice-major: [K * T]
-  weight_A = weight_TK[order_T].T.reshape(-1)
+  combine_TK = weight_TK if keep_TK is None else weight_TK * keep_TK
+  weight_A = combine_TK[order_T].T.reshape(-1)
   token_A = jnp.tile(order_T, top_k)
   pos_A = slot_positions(expert_A, num_experts)
   keep_A = pos_A < capacity
@@ -149,6 +152,26 @@ def soft_routing(logits_TE: jax.Array) -> Routing:
   return Routing(token_EC, probs_TE.T)
 
 
+def ablation_keep(expert_TK: jax.Array, num_experts: int, remove_experts: tuple = (),
+                  remove_choices: tuple = ()) -> jax.Array:
+  """float32 [T, K]: 0 for the assignments an ablation removes, 1 for the others.
+
+  Removed: every assignment to an expert in `remove_experts` (ids) and every choice whose
+  rank is in `remove_choices` (0 = each token's top-1 choice). A removed assignment keeps
+  its expert slot (routing and capacity drops are unchanged) and gets combine weight 0;
+  the token's other assignments keep their weights (nothing is renormalized), so the
+  residual carries what the removed expert would have added. Removing expert i this way
+  gives exactly the output of a model whose expert i has all-zero weights.
+  """
+  return keep_mask(num_experts, remove_experts)[expert_TK] * keep_mask(
+      expert_TK.shape[1], remove_choices)[None]
+
+
+def keep_mask(size: int, removed: tuple) -> jax.Array:
+  """float32 [size]: 0 at the indices in `removed`, 1 elsewhere."""
+  return jnp.ones(size, jnp.float32).at[jnp.asarray(removed, jnp.int32)].set(0.0)
+
+
 def assignment_mask(expert_TK: jax.Array, num_experts: int) -> jax.Array:
   """float32 [T, E]: 1 where the token chose the expert (any of its K choices)."""
   return jnp.sum(jax.nn.one_hot(expert_TK, num_experts, dtype=jnp.float32), axis=1)
@@ -157,11 +180,14 @@ def assignment_mask(expert_TK: jax.Array, num_experts: int) -> jax.Array:
 def route(logits_TE: jax.Array, *, router: str, top_k: int, capacity: int,
                        gate: str = 'softmax', softmax_order: str = 'softmax_topk',
                        renormalize: bool = False, routed_scaling: float = 1.0,
-                       drop_order: str = 'position', bias_E: jax.Array | None = None):
+                       drop_order: str = 'position', bias_E: jax.Array | None = None,
+                       remove_experts: tuple = (), remove_choices: tuple = ()):
   """Runs the configured router on one group of tokens.
 
-  Returns (Routing, RouterStats). For expert choice and soft routing `assign_TE` records
-  which experts took each token; a token no expert took counts as dropped.
+  `remove_experts` / `remove_choices` ablate assignments after routing (`ablation_keep`;
+  choices exist for token choice only). Returns (Routing, RouterStats). For expert choice
+  and soft routing `assign_TE` records which experts took each token; a token no expert
+  took counts as dropped.
   """
   num_tokens, num_experts = logits_TE.shape
   logits_TE = logits_TE.astype(jnp.float32)
@@ -169,8 +195,10 @@ def route(logits_TE: jax.Array, *, router: str, top_k: int, capacity: int,
     expert_TK, weight_TK, probs_TE = top_k_gates(
         logits_TE, top_k, gate=gate, softmax_order=softmax_order, renormalize=renormalize,
         routed_scaling=routed_scaling, bias_E=bias_E)
+    keep_TK = (ablation_keep(expert_TK, num_experts, remove_experts, remove_choices)
+               if remove_experts or remove_choices else None)
     routing, kept = capacity_routing(expert_TK, weight_TK, num_experts, capacity,
-                                     drop_order)
+                                     drop_order, keep_TK)
     return routing, RouterStats(probs_TE, assignment_mask(expert_TK, num_experts), kept,
                                 jnp.float32(num_tokens * top_k))
   if router == 'expert_choice':
@@ -179,6 +207,9 @@ def route(logits_TE: jax.Array, *, router: str, top_k: int, capacity: int,
     routing = soft_routing(logits_TE)
   else:
     raise ValueError(f'unknown router {router!r}')
+  if remove_experts:
+    keep_E1 = keep_mask(num_experts, remove_experts)[:, None]
+    routing = routing._replace(weight_EC=routing.weight_EC * keep_E1)
   probs_TE = jax.nn.softmax(logits_TE, axis=-1)
   taken_TE = jnp.zeros((num_tokens + 1, num_experts), jnp.float32).at[
       routing.token_EC, jnp.arange(num_experts)[:, None]].set(1.0)[:num_tokens]

@@ -46,7 +46,8 @@ REMAT_POLICIES = {
 class Block(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
-  def __init__(self, model_cfg, is_moe: bool, *, rngs: nnx.Rngs, dtype, param_dtype):
+  def __init__(self, model_cfg, is_moe: bool, *, rngs: nnx.Rngs, dtype, param_dtype,
+               layer: int | None = None):
     m = model_cfg
     self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps, rngs=rngs, param_dtype=param_dtype)
     self.attn = Attention(m.d_model, m.num_heads, m.num_kv_heads, rope_theta=m.rope_theta,
@@ -55,7 +56,7 @@ class Block(nnx.Module):
                           head_dim=m.head_dim, impl=m.attention_impl)
     self.ffn_norm = RMSNorm(m.d_model, eps=m.norm_eps, rngs=rngs, param_dtype=param_dtype)
     if is_moe:
-      self.ffn = MoE(m, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+      self.ffn = MoE(m, rngs=rngs, dtype=dtype, param_dtype=param_dtype, layer=layer)
     else:
       self.ffn = MLP(m.d_model, m.d_ff, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.is_moe = is_moe
@@ -187,7 +188,7 @@ class Transformer(nnx.Module):
     self.embed = param(rngs, (m.vocab_size, m.d_model), ('vocab', 'embed'), std=m.init_std,
                        dtype=param_dtype)
     moe = set(config_lib.moe_layers(m))
-    blocks = [Block(m, i in moe, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    blocks = [Block(m, i in moe, rngs=rngs, dtype=dtype, param_dtype=param_dtype, layer=i)
               for i in range(m.num_layers)]
     if m.scan_layers:
       self.blocks = None
