@@ -94,8 +94,8 @@ def check_layer(dtype, top_k, tol):
 
   # One device: the expert axis has size 1 (so out_specs=P() is exact), but the layer
   # still takes the expert-parallel path and its two ragged all-to-alls.
-  mesh = jax.make_mesh((1, 1), mesh_lib.AXES, devices=jax.devices()[:1],
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  mesh = jax.make_mesh((1, 1, 1), mesh_lib.AXES, devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
   def expert_parallel(impl):
     fn = jax.jit(jax.shard_map(objective(spec(impl, top_k), 'expert'), mesh=mesh,

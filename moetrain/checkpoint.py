@@ -33,7 +33,7 @@ SHAPE_KEYS = (
     'model.num_kv_heads', 'model.d_ff', 'model.num_experts', 'model.moe_every',
     'model.first_k_dense', 'model.tie_embeddings', 'model.param_dtype',
     'model.moe.router', 'model.moe.d_expert', 'model.moe.num_shared_experts',
-    'model.moe.bias_update_rate', 'model.moe.gate',
+    'model.moe.bias_update_rate', 'model.moe.gate', 'model.scan_layers',
     'model.head_dim', 'model.qk_norm', 'model.qkv_bias', 'model.moe.shared_expert_gate',
 )
 

@@ -33,6 +33,9 @@ COMMANDS = {
               '[--prompts_file=PATH --max_new_tokens=N --temperature=T --top_k=K --top_p=P '
               '--seed=S]',
     'params': 'print total and active parameters and training FLOPs per token',
+    'compile': 'compile the train step ahead of time and print per-chip memory, FLOPs and '
+               'collectives: [--topology=v5p-128 [--num_slices=N]] (default: local devices) '
+               '[--dump=DIR]',
     'tokenizer': "'tokenizer train': fit a byte-level BPE on the configured corpus: "
                  '--vocab_size=N --output=PATH',
     'data': "'data prepare': tokenize the configured source once into token shards for "
@@ -56,6 +59,7 @@ COMMAND_FLAGS = {
     'sample': ('workdir', 'prompt', 'prompts_file', 'max_new_tokens', 'temperature', 'top_k',
                'top_p', 'seed', 'kv_cache'),
     'params': ('config',),
+    'compile': ('config', 'topology', 'num_slices', 'dump'),
     'tokenizer train': ('config', 'vocab_size', 'output'),
     'data prepare': ('config', 'output'),
     'export': ('workdir', 'output', 'format', 'inexact'),
@@ -89,6 +93,13 @@ _PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'sample: a file of pro
                                     'per line (\\n in a line is a newline).')
 _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 200, 'sample: tokens to generate.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'sample: 0 is greedy.')
+_TOPOLOGY = flags.DEFINE_string(
+    'topology', None, 'compile: a TPU slice (v5p-128, v4-32, v5e-16, v6e-64, or a libtpu '
+    'name such as v5p:4x4x4), compiled on this host; needs the tpu extra.')
+_NUM_SLICES = flags.DEFINE_integer('num_slices', 1, 'compile: slices of --topology '
+                                   '(multi-slice; data parallelism spans them).')
+_DUMP = flags.DEFINE_string('dump', None, "compile: a directory for XLA's dump of the "
+                            'compiled step (HLO, buffer assignment, memory-usage report).')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'sample: draw from the k most likely tokens; 0: all.')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'sample: draw from the smallest set of tokens whose '
                             'probabilities sum to at least p; 1.0: all.')
@@ -216,6 +227,23 @@ def _params(_):
     print(line)
 
 
+def _compile(_):
+  import os
+  if _TOPOLOGY.value:  # compile-only TPU devices; the host's own backend stays CPU, and
+    # other processes may use libtpu at the same time (no TPU is touched).
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  from moetrain import compile as compile_lib
+  if _NUM_SLICES.value < 1 or (_NUM_SLICES.value > 1 and not _TOPOLOGY.value):
+    raise config_lib.ConfigError(f'--num_slices={_NUM_SLICES.value} needs a --topology and '
+                                 'a positive count; pass e.g. --topology=v5p-128 '
+                                 '--num_slices=2.')
+  report, _ = compile_lib.compile_step(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value,
+                                       dump=_DUMP.value)
+  for line in report.lines():
+    print(line)
+
+
 def _tokenizer_train(_):
   from moetrain import data
   if not _VOCAB_SIZE.value or not _OUTPUT.value:
@@ -254,7 +282,7 @@ def _import(_):
 
 
 RUNNERS = {'train': _train, 'sweep': _sweep, 'report': _report, 'eval': _eval,
-           'analyze': _analyze, 'sample': _sample, 'params': _params,
+           'analyze': _analyze, 'sample': _sample, 'params': _params, 'compile': _compile,
            'tokenizer train': _tokenizer_train, 'data prepare': _data_prepare,
            'export': _export, 'import': _import}
 # commands on a trained run: its config, plus overrides.
@@ -265,9 +293,10 @@ _OVERRIDES: list[str] = []  # their `--config.KEY=VALUE` arguments.
 def _runtime_errors() -> tuple:
   """Errors that stop a command with one sentence (exit 1) instead of a traceback: a
   checkpoint folder that cannot be resumed, a diverged run, a workdir that is locked or
-  refuses writes (from modules already imported, so `params` never imports jax for this)."""
+  refuses writes, a step that does not fit (from modules already imported, so `params`
+  never imports jax for this)."""
   names = (('moetrain.checkpoint', 'CheckpointError'), ('moetrain.guard', 'DivergenceError'),
-           ('moetrain.workdir', 'WorkdirError'))
+           ('moetrain.workdir', 'WorkdirError'), ('moetrain.compile', 'DoesNotFitError'))
   return tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
 
 

@@ -18,6 +18,8 @@ import traceback
 import ml_collections
 
 DTYPES = ('float32', 'bfloat16')
+REMAT_POLICIES = ('none', 'full', 'save_dots', 'minimal')
+ATTENTION_IMPLS = ('auto', 'xla', 'dot_product', 'cudnn', 'splash')
 
 
 class ConfigError(ValueError):
@@ -49,7 +51,23 @@ def default_config() -> ml_collections.ConfigDict:
   m.dtype = 'float32'  # compute dtype of matmuls; the router is always float32.
   m.param_dtype = 'float32'
   m.init_std = 0.02  # embedding init; kernels use 1/sqrt(fan_in).
-  m.remat = False  # rematerialize each block in the backward pass.
+  # Rematerialization of each block in the backward pass: none | full (keep only block
+  # inputs) | save_dots (keep every matmul output) | minimal (keep the weight matmuls'
+  # outputs, recompute attention scores and elementwise ops; MaxText's 'minimal').
+  # Old configs' True / False mean full / none.
+  m.remat = 'none'
+  # Stack the weights of each homogeneous run of blocks (first_k_dense, moe_every) along a
+  # leading 'layers' axis and run it with lax.scan: one traced layer per run, so compile
+  # time does not grow with depth. Same numbers as unscanned.
+  m.scan_layers = False
+  # xla (scores as einsums, any backend) | dot_product (jax.nn.dot_product_attention) |
+  # cudnn (its cuDNN flash kernel; GPU, bfloat16) | splash (Pallas splash kernel; TPU) |
+  # auto (splash on TPU, cudnn on GPU in bfloat16, else xla).
+  m.attention_impl = 'xla'
+  # Cross-entropy over chunks of this many sequence positions (a scan that recomputes each
+  # chunk's logits in the backward pass), so the [tokens, vocab] float32 logits are never
+  # whole; 0: all at once. Must divide data.seq_len.
+  m.loss_chunk = 0
 
   m.moe = ml_collections.ConfigDict()
   e = m.moe
@@ -69,6 +87,11 @@ def default_config() -> ml_collections.ConfigDict:
   # parallelism, a ragged all-to-all (GPU/TPU only). auto: the ragged all-to-all where the
   # backend has it, ragged_dot on TPU only (slower than padded buffers on an H100).
   e.dropless_impl = 'auto'
+  # Dropless under expert parallelism with the ragged all-to-all: route every token, then
+  # send them to their experts and back in chunks of this many tokens per device (a scan),
+  # so the receive buffers, sized for the worst case (every token of every device to this
+  # device's experts), shrink by tokens / chunk; same result. 0: all tokens at once.
+  e.expert_chunk = 0
   e.jitter = 0.0  # multiplicative router-input noise, U(1-j, 1+j), training only.
   e.d_expert = 0  # expert hidden size; 0 means model.d_ff.
   e.num_shared_experts = 0
@@ -150,6 +173,11 @@ def default_config() -> ml_collections.ConfigDict:
   # spikes) instead of stopping, until max_bad_in_a_row bad steps in a row stop the run.
   t.skip_nonfinite = False
   t.max_bad_in_a_row = 3
+  # Split each batch into this many micro-batches, run them in a lax.scan and apply their
+  # summed gradient once (each micro-batch's cross-entropy divides by the whole batch's
+  # token count: the same update as the whole batch; capacity and the balance statistics
+  # are per micro-batch, see the README).
+  t.grad_accum_steps = 1
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 0  # async saves; 0: only the final one (and on SIGTERM/SIGINT).
@@ -171,6 +199,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes.
+  c.mesh.fsdp = 1  # weights and optimizer state split over this axis (ZeRO-3 / FSDP).
   c.mesh.expert = 1
   return c
 
@@ -237,6 +266,8 @@ def from_dict(values: dict) -> ml_collections.ConfigDict:
   cfg = default_config()
   for key, value in _flatten(ml_collections.ConfigDict(values)).items():
     check_key(key)
+    if key == 'model.remat' and isinstance(value, bool):  # saved before remat had policies.
+      value = 'full' if value else 'none'
     set_key(cfg, key, value)
   return cfg
 
@@ -332,6 +363,9 @@ def _check_removals(m):
              f'but the layers have experts 0..{m.num_experts - 1}; remove that entry.')
     _require(layer is None or layer in layers, f'model.moe.remove_experts names layer '
              f'{layer}, which is not a MoE layer (those are {layers}); use one of them.')
+    _require(layer is None or not m.scan_layers, f'model.moe.remove_experts names layer '
+             f'{layer}, but model.scan_layers runs every MoE layer of a run as one; remove '
+             'that expert in every layer, or use a model trained without scan_layers.')
   try:
     ranks = parse_ints(e.remove_choices)
   except ValueError:
@@ -413,6 +447,18 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(m[name] in DTYPES, f'model.{name}={m[name]!r} is not supported; use one of '
              f'{", ".join(DTYPES)}.')
   positive('model.rope_theta', m.rope_theta)
+  if str(m.remat).lower() in ('true', 'false'):  # old configs: a bool.
+    m.remat = 'full' if str(m.remat).lower() == 'true' else 'none'
+  _require(m.remat in REMAT_POLICIES, f'model.remat={m.remat!r} is not known; use one of '
+           f'{", ".join(REMAT_POLICIES)}.')
+  _require(isinstance(m.scan_layers, bool), f'model.scan_layers={m.scan_layers!r} must be '
+           'True or False; set it to a bool.')
+  _require(m.attention_impl in ATTENTION_IMPLS, f'model.attention_impl={m.attention_impl!r} '
+           f'is not known; use one of {", ".join(ATTENTION_IMPLS)}.')
+  positive('model.loss_chunk', m.loss_chunk, allow_zero=True)
+  _require(m.loss_chunk == 0 or d.seq_len % m.loss_chunk == 0,
+           f'model.loss_chunk={m.loss_chunk} does not divide data.seq_len={d.seq_len}; '
+           'choose a divisor of seq_len (or 0 for the whole sequence).')
   positive('model.norm_eps', m.norm_eps)
   positive('model.init_std', m.init_std)
   for name in ('qk_norm', 'qkv_bias'):
@@ -436,7 +482,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     positive('model.moe.eval_capacity_factor', e.eval_capacity_factor)
     positive('model.moe.routed_scaling', e.routed_scaling)
     for name in ('d_expert', 'num_shared_experts', 'balance_coef', 'z_coef',
-                 'bias_update_rate'):
+                 'bias_update_rate', 'expert_chunk'):
       positive(f'model.moe.{name}', e[name], allow_zero=True)
     _require(0 <= e.jitter < 1, f'model.moe.jitter={e.jitter} must lie in [0, 1); '
              'set it to 0 to turn jitter off.')
@@ -493,7 +539,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(0 < d.eval_fraction < 1, f'data.eval_fraction={d.eval_fraction} must lie in '
            '(0, 1); set a share such as 0.05.')
 
-  for name in ('steps', 'lr', 'log_every', 'eval_every', 'eval_batches'):
+  for name in ('steps', 'lr', 'log_every', 'eval_every', 'eval_batches', 'grad_accum_steps'):
     positive(f'train.{name}', t[name])
   for name in ('warmup_steps', 'weight_decay', 'clip_norm', 'min_lr_ratio'):
     positive(f'train.{name}', t[name], allow_zero=True)
@@ -519,7 +565,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   positive('checkpoint.every_steps', cfg.checkpoint.every_steps, allow_zero=True)
   positive('checkpoint.keep', cfg.checkpoint.keep)
   positive('checkpoint.restore_step', cfg.checkpoint.restore_step, allow_zero=True)
-  for name in ('data', 'expert'):
+  for name in ('data', 'fsdp', 'expert'):
     value = cfg.mesh[name]
     _require(value == -1 or value > 0,
              f'mesh.{name}={value} must be a positive size or -1; set it to -1 to use the '

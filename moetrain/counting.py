@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -82,7 +83,10 @@ def experts_per_token(model_cfg) -> float:
 def count(cfg, seq_len: int | None = None) -> Counts:
   """Counts for a resolved config (model.vocab_size set)."""
   m = cfg.model
-  model = nnx.eval_shape(lambda: Transformer(m, rngs=nnx.Rngs(0)))
+  # Counted on the unscanned layout (the same parameters; paths name one layer each).
+  unscanned = ml_collections.ConfigDict(m.to_dict())
+  unscanned.scan_layers = False
+  model = nnx.eval_shape(lambda: Transformer(unscanned, rngs=nnx.Rngs(0)))
   params = nnx.state(model, nnx.Param)
   by_group: dict[str, int] = {}
   for path, leaf in nnx.to_flat_state(params):

@@ -36,10 +36,10 @@ def eval_batches(cfg) -> list[dict]:
 
 
 @functools.lru_cache(maxsize=8)
-def eval_step(graphdef, eod_id: int):
+def eval_step(graphdef, eod_id: int, loss_chunk: int = 0):
   """The jitted eval step of a model structure: models that differ only in their arrays
   (an expert ablated, other weights) share one compile."""
-  return jax.jit(train_lib.make_eval_step(graphdef, eod_id))
+  return jax.jit(train_lib.make_eval_step(graphdef, eod_id, loss_chunk))
 
 
 def evaluate(run: restore_lib.Run, batches: list[dict] | None = None, *,
@@ -49,7 +49,7 @@ def evaluate(run: restore_lib.Run, batches: list[dict] | None = None, *,
   model = run.model() if model is None else model
   batches = eval_batches(run.cfg) if batches is None else batches
   graphdef, params, model_state = train_lib.split_model(model)
-  eval_fn = eval_step(graphdef, run.tokenizer.eod_id)
+  eval_fn = eval_step(graphdef, run.tokenizer.eod_id, run.cfg.model.loss_chunk)
   sharding = mesh_lib.batch_sharding(run.mesh)
   put = lambda batch: data_lib.to_global(batch, sharding)
   with jax.set_mesh(run.mesh):

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from moetrain import accumulate
 from moetrain import checkpoint as checkpoint_lib
 from moetrain import config as config_lib
 from moetrain import data as data_lib
@@ -37,8 +38,7 @@ from moetrain import token_bytes
 from moetrain import workdir as workdir_lib
 from moetrain.interop import params as params_lib
 from moetrain.interop import upcycle
-from moetrain.model import routing
-from moetrain.model.moe import MoE
+from moetrain.model import attention, routing
 from moetrain.model.transformer import Transformer
 from moetrain.parallel import mesh as mesh_lib
 
@@ -148,24 +148,65 @@ def state_shardings(abstract_state: TrainState, mesh):
 
 def update_router_biases(model, stats, rate: float):
   """Aux-loss-free balancing: nudges each MoE layer's selection bias toward equal load.
-  Adds `bias_norm` to the layer's stats."""
-  moe_layers = [b.ffn for b in model.blocks if isinstance(b.ffn, MoE)]
-  for moe, s in zip(moe_layers, stats):
-    if moe.bias is not None:
-      moe.bias[...] = routing.bias_update(moe.bias[...], s['load_E'], rate)
-      s['bias_norm'] = jnp.linalg.norm(moe.bias[...])
+  `stats` holds one dict per MoE layer, in layer order; adds `bias_norm` to each."""
+  modules = model.moe_modules()
+  index = {layer: i for i, layer in enumerate(l for _, layers in modules for l in layers)}
+  for moe, layers in modules:
+    if moe.bias is None:
+      continue
+    layer_stats = [stats[index[layer]] for layer in layers]
+    load = jnp.stack([s['load_E'] for s in layer_stats])  # [layers, E]
+    bias = moe.bias[...]
+    bias = routing.bias_update(bias.reshape(load.shape), load, rate).reshape(bias.shape)
+    moe.bias[...] = bias
+    for s, b in zip(layer_stats, bias.reshape(load.shape)):
+      s['bias_norm'] = jnp.linalg.norm(b)
+
+
+def forward(model, batch, loss_chunk: int, *, train: bool, rng=None):
+  """The model on a batch: (sum of the token cross-entropies over the loss mask, the
+  per-MoE-layer statistics). With `loss_chunk` (model.loss_chunk) the logits are made and
+  reduced chunk by chunk (objective.chunked_cross_entropy_sum)."""
+  kwargs = dict(positions_BL=batch.get('positions'), segment_ids_BL=batch.get('segment_ids'),
+                train=train, rng=rng)
+  if loss_chunk:
+    x_BLD, stats = model.hidden(batch['inputs'], **kwargs)
+    ce_sum = objective.chunked_cross_entropy_sum(
+        x_BLD, batch['targets'], batch['mask'], model.logits_fn(), loss_chunk)
+  else:
+    logits, stats = model(batch['inputs'], **kwargs)
+    ce_sum = objective.cross_entropy_sum(logits, batch['targets'], batch['mask'])
+  return ce_sum, stats
 
 
 def make_loss_fn(graphdef, cfg):
-  """(params, model_state, batch, rng) -> (loss, (loss parts, per-MoE-layer stats))."""
-  def loss_fn(params, model_state, batch, rng):
+  """(params, model_state, batch, rng[, num_tokens, aux_weight]) -> (loss, (loss parts,
+  per-MoE-layer stats)).
+
+  loss = (sum of token cross-entropies) / num_tokens + aux_weight * router losses;
+  num_tokens defaults to the batch's own mask count (the mean cross-entropy). Gradient
+  accumulation passes the whole batch's count and 1/micro-batches, so the micro-batch
+  losses add up to the whole batch's.
+  """
+  def loss_fn(params, model_state, batch, rng, num_tokens=None, aux_weight=1.0):
     model = nnx.merge(graphdef, params, model_state)
-    logits, stats = model(batch['inputs'], positions_BL=batch.get('positions'),
-                          segment_ids_BL=batch.get('segment_ids'), train=True, rng=rng)
-    loss, parts = objective.total_loss(logits, stats, batch, cfg.model.moe)
+    ce_sum, stats = forward(model, batch, cfg.model.loss_chunk, train=True, rng=rng)
+    if num_tokens is None:
+      num_tokens = jnp.maximum(jnp.sum(batch['mask']), 1.0)
+    loss, parts = objective.combine(ce_sum / num_tokens, stats, cfg.model.moe, aux_weight)
     return loss, (parts, stats)
 
   return loss_fn
+
+
+def make_grad_fn(graphdef, cfg):
+  """(params, model_state, batch, rng) -> ((loss, (parts, stats)), grads) for the whole
+  batch; with train.grad_accum_steps > 1 over micro-batches in a `lax.scan`
+  (`moetrain.accumulate`: the same update as the whole batch, see make_loss_fn)."""
+  loss_fn = make_loss_fn(graphdef, cfg)
+  if cfg.train.grad_accum_steps == 1:
+    return jax.value_and_grad(loss_fn, has_aux=True)
+  return accumulate.accumulated_grad_fn(loss_fn, cfg.train.grad_accum_steps)
 
 
 def make_train_step(graphdef, tx, cfg):
@@ -173,7 +214,7 @@ def make_train_step(graphdef, tx, cfg):
   moe_cfg = cfg.model.moe
   schedule = make_schedule(cfg.train)
   moe_layers = config_lib.moe_layers(cfg.model)
-  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg), has_aux=True)
+  grad_fn = make_grad_fn(graphdef, cfg)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -201,6 +242,13 @@ def make_train_step(graphdef, tx, cfg):
   return train_step
 
 
+def jit_train_step(graphdef, tx, cfg, shardings):
+  """The jitted train step as training runs it (and `moetrain compile` compiles it): the
+  state donated, the new state in `shardings`."""
+  return jax.jit(make_train_step(graphdef, tx, cfg), donate_argnums=0,
+                 out_shardings=(shardings, None))
+
+
 def all_finite(tree) -> jax.Array:
   """True when no leaf of `tree` holds a NaN or Inf (one sum per leaf: NaN and Inf
   propagate into it)."""
@@ -212,19 +260,18 @@ def keep_if(condition, new, old):
   return jax.tree.map(lambda n, o: jnp.where(condition, n, o), new, old)
 
 
-def make_eval_step(graphdef, eod_id: int):
+def make_eval_step(graphdef, eod_id: int, loss_chunk: int = 0):
   """(params, model_state, batch, bytes_2V) -> sums over the batch at eval capacity:
   `nats` (token losses), `tokens` and `bytes`, the UTF-8 bytes the target tokens decode to
   (bytes_2V: `moetrain.token_bytes.TokenBytes.table()`), and `dropped` [MoE layers], each
-  MoE layer's fraction of assignments dropped for capacity."""
+  MoE layer's fraction of assignments dropped for capacity; `loss_chunk` as
+  model.loss_chunk."""
   def eval_step(params, model_state, batch, bytes_2V):
     model = nnx.merge(graphdef, params, model_state)
-    logits, stats = model(batch['inputs'], positions_BL=batch.get('positions'),
-                          segment_ids_BL=batch.get('segment_ids'), train=False)
-    ce = objective.cross_entropy(logits, batch['targets'], batch['mask'])
+    nats, stats = forward(model, batch, loss_chunk, train=False)
     count = jnp.sum(batch['mask'])
     bytes_BL = token_bytes.target_bytes(batch['inputs'], batch['targets'], bytes_2V, eod_id)
-    return dict(nats=ce * count, tokens=count, bytes=jnp.sum(bytes_BL * batch['mask']),
+    return dict(nats=nats, tokens=count, bytes=jnp.sum(bytes_BL * batch['mask']),
                 dropped=jnp.asarray([s['dropped_frac'] for s in stats], jnp.float32))
 
   return eval_step
@@ -283,6 +330,8 @@ def prepare(cfg, log=None):
   if note and log:
     log(note)
   mesh_lib.check(cfg, jax.device_count())
+  attention.choose_impl(cfg.model.attention_impl, seq_len=cfg.data.seq_len,
+                        dtype=cfg.model.dtype)
   return cfg
 
 
@@ -472,9 +521,9 @@ def _train(cfg, workdir, log, stop) -> Summary:
   restored_from = meta and meta.get('restored_from')
   batch_sharding = mesh_lib.batch_sharding(mesh)
   put = lambda batch: data_lib.to_global(batch, batch_sharding)
-  step_fn = jax.jit(make_train_step(graphdef, tx, cfg), donate_argnums=0,
-                    out_shardings=(shardings, None))
-  eval_fn = jax.jit(make_eval_step(graphdef, data.tokenizer.eod_id))
+  step_fn = jit_train_step(graphdef, tx, cfg, shardings)
+  eval_fn = jax.jit(
+      make_eval_step(graphdef, data.tokenizer.eod_id, cfg.model.loss_chunk))
   bytes_2V = bytes_table(data.tokenizer, cfg.model.vocab_size, mesh)
   run_eval = lambda state: evaluate(eval_fn, state.params, state.model_state,
                                     data.eval_batches, put, bytes_2V)

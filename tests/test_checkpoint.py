@@ -342,27 +342,31 @@ def test_shape_check_names_arrays_when_no_shape_key_differs():
 # --------------------------------------------------------------------------------------
 # Restore onto another mesh.
 
-def resumed_loss(base, workdir, expert):
+def resumed_loss(base, workdir, fsdp, expert):
   """Step 3's loss when a copy of `base` (checkpoints at steps 2 and 3) loses its step-3
-  checkpoint and resumes from step 2 on a mesh with `expert` devices on that axis."""
+  checkpoint and resumes from step 2 on a mesh with `fsdp` x `expert` devices on those
+  axes (data takes the rest)."""
   shutil.copytree(base, workdir)
   shutil.rmtree(workdir / 'checkpoints' / '3')
   logs = []
-  train_lib.train(small_config(**{'train.steps': 3, 'mesh.expert': expert}), workdir,
-                  log=logs.append)
+  train_lib.train(small_config(**{'train.steps': 3, 'mesh.fsdp': fsdp, 'mesh.expert': expert}),
+                  workdir, log=logs.append)
   assert 'resuming from the checkpoint at step 2' in logs
   return losses(workdir)[3]
 
 
-@pytest.mark.parametrize('saved_expert,resume_experts', [(4, (2, 1)), (1, (4,))])
-def test_restore_onto_another_mesh(tmp_path, saved_expert, resume_experts):
+@pytest.mark.parametrize('saved,resumed', [((1, 4), [(4, 2), (1, 1)]),
+                                           ((4, 2), [(1, 4), (1, 1)])])
+def test_restore_onto_another_mesh(tmp_path, saved, resumed):
+  """(fsdp, expert) meshes: weights split over fsdp 1 -> 4 and 4 -> 1, experts re-split."""
   base = tmp_path / 'base'
   train_lib.train(small_config(**{'train.steps': 3, 'checkpoint.every_steps': 2,
-                                  'mesh.expert': saved_expert}), base, log=lambda _: None)
+                                  'mesh.fsdp': saved[0], 'mesh.expert': saved[1]}), base,
+                  log=lambda _: None)
   expected = losses(base)[3]
-  for expert in resume_experts:
-    got = resumed_loss(base, tmp_path / f'expert{expert}', expert)
-    np.testing.assert_allclose(got, expected, rtol=2e-6, err_msg=f'mesh.expert={expert}')
+  for fsdp, expert in resumed:
+    got = resumed_loss(base, tmp_path / f'fsdp{fsdp}_expert{expert}', fsdp, expert)
+    np.testing.assert_allclose(got, expected, rtol=2e-6, err_msg=f'fsdp={fsdp} expert={expert}')
 
 
 # --------------------------------------------------------------------------------------

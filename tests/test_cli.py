@@ -21,12 +21,12 @@ TINY = ['--config.model.d_model=32', '--config.model.num_layers=2',
         '--config.mesh.expert=2']
 
 
-def moetrain(*args, devices=2):
+def moetrain(*args, devices=2, timeout=600):
   env = dict(os.environ, PYTHONPATH=str(ROOT),
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
                        '--xla_backend_optimization_level=0')
   return subprocess.run([sys.executable, '-m', 'moetrain.cli', *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+                        capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize('name,extra', [

@@ -1,4 +1,5 @@
-"""Expert parallelism: the same config on any (data, expert) mesh of simulated devices."""
+"""Expert parallelism and FSDP: the same config on any (data, fsdp, expert) mesh of
+simulated devices."""
 
 import re
 
@@ -16,7 +17,8 @@ from moetrain.parallel import dispatch, mesh as mesh_lib
 from conftest import tiny_config
 
 RNG = np.random.default_rng()
-MESHES = [(1, 1), (1, 2), (2, 2), (1, 4), (2, 4), (1, 8)]
+MESHES = [(1, 1, 1), (1, 1, 2), (2, 1, 2), (1, 1, 4), (2, 1, 4), (1, 1, 8)]  # data, fsdp, expert
+FSDP_MESHES = [(1, 2, 1), (1, 4, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 FAMILIES = {
     'switch': {'model.moe.top_k': 1},
     'gshard': {'model.moe.top_k': 2},
@@ -28,15 +30,15 @@ FAMILIES = {
 }
 
 
-def equivalence_config(family, data, expert):
+def equivalence_config(family, data, expert, fsdp=1):
   """Capacity so large nothing drops, and global balancing, so meshes must agree."""
   return tiny_config(**{
       'model.vocab_size': 128, 'model.d_model': 16, 'model.num_heads': 2,
       'model.num_kv_heads': 1, 'model.d_ff': 32, 'model.num_layers': 1,
       'model.num_experts': 8, 'model.moe.capacity_factor': 8.0,
       'model.moe.eval_capacity_factor': 8.0, 'model.moe.balance_scope': 'global',
-      'data.seq_len': 8, 'data.batch_size': 8, 'mesh.data': data, 'mesh.expert': expert,
-      **FAMILIES[family]})
+      'data.seq_len': 8, 'data.batch_size': 8, 'mesh.data': data, 'mesh.fsdp': fsdp,
+      'mesh.expert': expert, **FAMILIES[family]})
 
 
 def random_batches(cfg, n):
@@ -56,7 +58,7 @@ def run_steps(cfg, graphdef, state, batches):
   """Loss and gradients at the initial params, then the losses of len(batches) steps and
   the final params and router biases, on the config's mesh (first data*expert devices).
   One jit: the gradient, then the steps as a scan."""
-  n = cfg.mesh.data * cfg.mesh.expert
+  n = cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.expert
   mesh = mesh_lib.make_mesh(cfg, devices=jax.devices()[:n])
   tx = train.make_optimizer(cfg.train)
   grad_fn = jax.value_and_grad(train.make_loss_fn(graphdef, cfg), has_aux=True)
@@ -78,17 +80,18 @@ def run_steps(cfg, graphdef, state, batches):
 
 def assert_meshes_match_one_device(family, meshes, **mesh_overrides):
   """Loss, gradients, 3 steps' losses, final params and router biases of the family's
-  config on each (data, expert) mesh (with `mesh_overrides`) equal the one-device run."""
+  config on each (data, fsdp, expert) mesh (with `mesh_overrides`) equal the one-device
+  run."""
   cfg = equivalence_config(family, 1, 1)
   graphdef, state = initial_state(cfg)
   batches = random_batches(cfg, 3)
   ref = run_steps(cfg, graphdef, state, batches)
-  for data, expert in meshes:
-    mesh_cfg = equivalence_config(family, data, expert)
+  for data, fsdp, expert in meshes:
+    mesh_cfg = equivalence_config(family, data, expert, fsdp)
     for key, value in mesh_overrides.items():
       config_lib.set_key(mesh_cfg, key, value)
     got = run_steps(mesh_cfg, graphdef, state, batches)
-    where = f'{family} {mesh_overrides or ""} on mesh data={data} expert={expert}'
+    where = f'{family} {mesh_overrides or ""} on mesh ({data}, {fsdp}, {expert})'
     close = lambda rtol, atol: lambda a, b: np.testing.assert_allclose(
         a, b, rtol=rtol, atol=atol, err_msg=where)
     close(1e-5, 0)(got[0], ref[0])  # loss
@@ -101,6 +104,14 @@ def assert_meshes_match_one_device(family, meshes, **mesh_overrides):
 @pytest.mark.parametrize('family', list(FAMILIES))
 def test_meshes_match_single_device(family):
   assert_meshes_match_one_device(family, MESHES[1:])
+
+
+@pytest.mark.newest_jax
+@pytest.mark.parametrize('family', ['gshard', 'mixtral'])  # capacity router; dropless
+def test_fsdp_meshes_match_single_device(family):
+  """Weights and optimizer moments split over fsdp (experts over expert x fsdp) give the
+  one-device loss, gradients and parameters after 3 steps."""
+  assert_meshes_match_one_device(family, FSDP_MESHES)
 
 
 def layer_inputs(t, d, f, e):
@@ -123,8 +134,9 @@ def test_capacity_is_per_device_group(router, scope, data, expert):
   x, r, wg, wu, wd = layer_inputs(t, d, f, e)
   spec = moe_lib.MoESpec(e, 2, router, 'softmax', 'softmax_topk', False, 1.0, 0.75, 0.75,
                          'position', False, 'padded', 0.0, scope)
-  mesh = jax.make_mesh((data, expert), mesh_lib.AXES, devices=jax.devices()[:data * expert],
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  mesh = jax.make_mesh((data, 1, expert), mesh_lib.AXES,
+                       devices=jax.devices()[:data * expert],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
   def layer(x, r, wg, wu, wd):
     return dispatch.run_moe_ffn(x, r, wg, wu, wd, None, jax.random.key(0), spec=spec,
@@ -182,6 +194,7 @@ def test_train_step_uses_all_to_all_and_never_gathers_expert_weights():
     ({'data.batch_size': 6, 'mesh.expert': 4, 'mesh.data': 2}, 'data.batch_size=6'),
     ({'mesh.expert': 4, 'mesh.data': 4}, '8 are present'),
     ({'mesh.expert': 3, 'mesh.data': -1}, 'does not divide the 8 devices'),
+    ({'mesh.fsdp': -1, 'mesh.data': -1}, 'only one of mesh.data, mesh.fsdp and mesh.expert'),
     ({'model.num_experts': 0, 'mesh.expert': 2}, 'needs a MoE model'),
 ])
 def test_mesh_errors_name_the_key(overrides, message):
@@ -192,16 +205,47 @@ def test_mesh_errors_name_the_key(overrides, message):
 
 def test_fill_axis_takes_the_remaining_devices():
   cfg = tiny_config(**{'mesh.data': -1, 'mesh.expert': 2})
-  assert mesh_lib.mesh_shape(cfg.mesh, 8) == (4, 2)
-  assert mesh_lib.make_mesh(cfg).shape == {'data': 4, 'expert': 2}
+  assert mesh_lib.mesh_shape(cfg.mesh, 8) == (4, 1, 2)
+  assert mesh_lib.make_mesh(cfg).shape == {'data': 4, 'fsdp': 1, 'expert': 2}
+  cfg = tiny_config(**{'mesh.data': 1, 'mesh.fsdp': -1, 'mesh.expert': 2})
+  assert mesh_lib.mesh_shape(cfg.mesh, 8) == (1, 4, 2)
+
+
+@pytest.mark.newest_jax
+def test_fsdp_step_stores_one_eighth_and_gathers_just_in_time():
+  """With fsdp=8 each device's compiled-step arguments (state and batch) are at most
+  1.15 x the whole state / 8, and the program all-gathers weights and reduce-scatters
+  expert gradients instead of holding replicated copies."""
+  from moetrain import compile as compile_lib
+  cfg = equivalence_config('gshard', 1, 1, fsdp=8)
+  cfg.model.vocab_size = 0  # the tokenizer's (384): real data could feed this step.
+  report, compiled = compile_lib.compile_step(cfg)
+  prepared = compile_lib.prepare(cfg, 8, 'cpu')
+  total = compile_lib.state_bytes(prepared, mesh_lib.make_mesh(prepared))
+  assert report.argument_bytes <= 1.15 * total / 8, (report.argument_bytes, total)
+  assert report.collectives['all-gather'] > 0 and report.collectives['reduce-scatter'] > 0
+  m = prepared.model
+  hlo = compiled.as_text()
+  entry = hlo[hlo.index('\nENTRY'):].split('\n}\n')[0]  # the step's own arguments
+  local = [l for l in entry.splitlines() if 'parameter(' in l]
+  assert any(f'[{m.num_experts},{m.d_model // 8},{m.d_ff}]' in l for l in local)
+  for shape in (f'[{m.num_experts},{m.d_model},{m.d_ff}]', f'[{m.vocab_size},{m.d_model}]'):
+    assert not [l for l in local if shape in l], shape  # no argument holds a whole weight
+
+
+def test_d_model_must_split_over_fsdp():
+  cfg = tiny_config(**{'mesh.data': 1, 'mesh.fsdp': 8, 'model.d_model': 36,
+                       'model.num_heads': 2})
+  with pytest.raises(ConfigError, match=r'model\.d_model=36 is not divisible by mesh\.fsdp=8'):
+    train.prepare(cfg)
 
 
 def test_dropless_under_expert_parallelism_says_padded_once(caplog):
   t, d, f, e = 32, 8, 16, 8
   spec = moe_lib.MoESpec(e, 2, 'token_choice', 'softmax', 'topk_softmax', False, 1.0, 1.0,
                          1.0, 'position', True, 'auto', 0.0, 'micro_batch')
-  mesh = jax.make_mesh((1, 2), mesh_lib.AXES, devices=jax.devices()[:2],
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  mesh = jax.make_mesh((1, 1, 2), mesh_lib.AXES, devices=jax.devices()[:2],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
   dispatch.log_dropless_choice.cache_clear()
   layer = lambda *a: dispatch.run_moe_ffn(*a, None, jax.random.key(0), spec=spec, seq_len=4,
                                           train=True, dtype=jnp.float32)

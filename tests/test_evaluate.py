@@ -29,7 +29,7 @@ def np_nats(logits, targets):
 
 def test_eval_equals_the_training_runs_final_eval(trained_run, evaluated):
   run, totals = evaluated
-  assert run.step == 3 and dict(run.mesh.shape) == {'data': 4, 'expert': 2}
+  assert run.step == 3 and dict(run.mesh.shape) == {'data': 4, 'fsdp': 1, 'expert': 2}
   last = [r for r in metrics_lib.read_jsonl(trained_run / 'metrics.jsonl')
           if 'eval/loss' in r][-1]
   assert last['step'] == 3

@@ -13,6 +13,7 @@ import torch
 import transformers
 from flax import nnx
 
+from moetrain import checkpoint as checkpoint_lib
 from moetrain import config as config_lib
 from moetrain import data as data_lib
 from moetrain.interop import hf, hf_config, hf_weights
@@ -137,6 +138,30 @@ def test_export_import_export_reproduces_files_and_logits(exported):
   assert first == again
   match, mismatch, errors = filecmp.cmpfiles(root / 'hf', root / 'again', first, shallow=False)
   assert mismatch == [] and errors == [] and match == first
+
+
+def test_a_scanned_run_exports_the_files_of_the_unscanned_run(tmp_path_factory, tmp_path):
+  """qwen3_moe's test model has a dense layer, then MoE layers: two scanned runs."""
+  family, cfg, params, root = export_family('qwen3_moe', tmp_path_factory)
+  scanned = cfg.copy_and_resolve_references()
+  scanned.model.scan_layers = True
+  hf.save_run(scanned, params, tmp_path / 'run')
+  stored = checkpoint_lib.Checkpointer(tmp_path / 'run')
+  try:
+    keys = stored.read_arrays(0)
+  finally:
+    stored.manager.close()
+  assert any(k.startswith('params.runs.1.units.0.ffn.w_gate') for k in keys)
+  assert not any(k.startswith('params.blocks.') for k in keys)
+  step, back = params_lib.newest_params(tmp_path / 'run')
+  assert set(back) == set(params)
+  for key in params:
+    np.testing.assert_array_equal(back[key], params[key], err_msg=key)
+  hf.export(tmp_path / 'run', tmp_path / 'hf', log=lambda *a: None)
+  names = sorted(p.name for p in (root / 'hf').iterdir())
+  assert sorted(p.name for p in (tmp_path / 'hf').iterdir()) == names
+  match, mismatch, errors = filecmp.cmpfiles(root / 'hf', tmp_path / 'hf', names, shallow=False)
+  assert mismatch == [] and errors == [] and match == names
 
 
 def test_imported_run_trains_with_one_argument(tmp_path_factory, tmp_path):

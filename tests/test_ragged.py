@@ -125,24 +125,29 @@ def emulated(monkeypatch):
   monkeypatch.setattr(ragged, 'backend_supports_ragged_all_to_all', lambda: True)
 
 
-def dropless_spec(impl, top_k=2, num_experts=8):
+def dropless_spec(impl, top_k=2, num_experts=8, chunk=0):
   return moe_lib.MoESpec(num_experts, top_k, 'token_choice', 'softmax', 'topk_softmax', False,
-                         1.0, 1.0, 1.0, 'position', True, impl, 0.0, 'global')
+                         1.0, 1.0, 1.0, 'position', True, impl, 0.0, 'global', chunk)
 
 
-@pytest.mark.parametrize('impl,top_k,data,expert', [
-    *[(impl, k, *mesh) for impl in ('ragged', 'auto') for k in (1, 2)
+@pytest.mark.parametrize('impl,top_k,data,expert,chunk', [
+    *[(impl, k, *mesh, 0) for impl in ('ragged', 'auto') for k in (1, 2)
       for mesh in ((1, 2), (2, 2), (1, 4), (2, 4), (1, 8))],
-    ('ragged', 3, 2, 4), ('auto', 3, 1, 8)])
-def test_ragged_expert_parallel_layer_equals_one_device(emulated, impl, top_k, data, expert):
+    ('ragged', 3, 2, 4, 0), ('auto', 3, 1, 8, 0),
+    # tokens sent in chunks (16 or 8 tokens per device)
+    ('ragged', 2, 1, 4, 4), ('auto', 2, 2, 4, 2), ('ragged', 1, 1, 8, 4)])
+def test_ragged_expert_parallel_layer_equals_one_device(emulated, impl, top_k, data, expert,
+                                                        chunk):
   """Output, statistics and gradients (input and expert weights) of the dropless layer on a
   mesh equal the single-device padded layer on the whole batch. 'ragged' runs the local
-  experts as ragged_dot, 'auto' (the GPU choice) on padded buffers."""
+  experts as ragged_dot, 'auto' (the GPU choice) on padded buffers; `chunk` exchanges the
+  tokens in chunks."""
   t, d, f, e = 64, 8, 16, 8
   x, r, wg, wu, wd = (RNG.standard_normal(s).astype(np.float32) / np.sqrt(s[-2] if len(s) > 2
                       else 1) for s in ((t, d), (d, e), (e, d, f), (e, d, f), (e, f, d)))
-  mesh = jax.make_mesh((data, expert), mesh_lib.AXES, devices=jax.devices()[:data * expert],
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  mesh = jax.make_mesh((data, 1, expert), mesh_lib.AXES,
+                       devices=jax.devices()[:data * expert],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
   cotangent = RNG.standard_normal((t, d)).astype(np.float32)
 
   def objective(spec):
@@ -156,7 +161,7 @@ def test_ragged_expert_parallel_layer_equals_one_device(emulated, impl, top_k, d
   with jax.set_mesh(mesh):
     xs = jax.device_put(x, NamedSharding(mesh, P(mesh_lib.BATCH_AXES)))
     experts = [jax.device_put(w, NamedSharding(mesh, P('expert'))) for w in (wg, wu, wd)]
-    fn = objective(dropless_spec(impl, top_k))
+    fn = objective(dropless_spec(impl, top_k, chunk=chunk))
     hlo = fn.lower(xs, *experts).as_text()
     (_, (y, stats)), grads = fn(xs, *experts)
   assert 'ragged_all_to_all' not in hlo  # emulated on CPU ...
@@ -167,6 +172,31 @@ def test_ragged_expert_parallel_layer_equals_one_device(emulated, impl, top_k, d
                                atol=1e-6, err_msg=key)
   for got, want in zip(grads, g_ref):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+def test_token_chunks_equal_one_call():
+  """`in_token_chunks` runs a per-token function chunk by chunk: same values and gradients
+  as one call on all tokens."""
+  t, d, k = 24, 5, 2
+  x = RNG.standard_normal((t, d)).astype(np.float32)
+  expert = RNG.integers(0, 4, (t, k)).astype(np.int32)
+  weight = RNG.random((t, k)).astype(np.float32)
+  w = RNG.standard_normal((4, d, d)).astype(np.float32)
+  fn = lambda w: lambda x, e, g: jnp.einsum('tk,tkd->td', g, jnp.tanh(
+      jnp.einsum('td,tkde->tke', x, w[e])))
+  whole = lambda x, w: jnp.sum(jnp.sin(fn(w)(x, expert, weight)))
+  chunked = lambda x, w: jnp.sum(jnp.sin(moe_lib.in_token_chunks(fn(w), x, expert, weight, 8)))
+  want = jax.value_and_grad(whole, argnums=(0, 1))(x, w)
+  got = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))(x, w)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+
+
+def test_expert_chunk_must_divide_the_tokens_per_device():
+  cfg = tiny_config(**{'model.moe.dropless': True, 'model.moe.expert_chunk': 48,
+                       'mesh.data': 2, 'mesh.expert': 4})
+  with pytest.raises(ConfigError, match=r'model\.moe\.expert_chunk=48 does not divide the 32 '
+                     'tokens each device routes'):
+    train.prepare(cfg)
 
 
 def test_train_step_lowers_to_ragged_all_to_all(monkeypatch):
@@ -203,8 +233,8 @@ def test_ragged_dropless_needs_a_backend_with_ragged_all_to_all():
 
 
 def test_dropless_says_ragged_all_to_all_once(emulated, caplog):
-  mesh = jax.make_mesh((1, 2), mesh_lib.AXES, devices=jax.devices()[:2],
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  mesh = jax.make_mesh((1, 1, 2), mesh_lib.AXES, devices=jax.devices()[:2],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
   dispatch.log_dropless_choice.cache_clear()
   x = np.zeros((16, 8), np.float32)
   w = np.zeros((8, 8, 4), np.float32)
@@ -237,5 +267,5 @@ def test_dropless_training_on_meshes_matches_one_device(emulated, impl):
   """Loss, gradients and params after 3 train steps of the dropless Mixtral-style model,
   tokens exchanged by (emulated) ragged all-to-all, equal the single-device run."""
   from test_dispatch import assert_meshes_match_one_device
-  assert_meshes_match_one_device('mixtral', [(2, 4), (1, 8)],
+  assert_meshes_match_one_device('mixtral', [(2, 1, 4), (1, 1, 8)],
                                  **{'model.moe.dropless_impl': impl})

@@ -60,7 +60,7 @@ def test_sbatch_preempted_and_resubmitted_equals_one_process(cluster, tmp_path,
   assert (info['JobState'], info['ExitCode'], info['NumTasks']) == ('COMPLETED', '0:0', '2'), \
       out[-3000:]
   # 2 tasks x 2 devices make the 4-device mesh only when joined; process 0 alone reports.
-  assert out.count("on mesh {'data': 1, 'expert': 4}") == 1, out[-3000:]
+  assert out.count("on mesh {'data': 1, 'fsdp': 1, 'expert': 4}") == 1, out[-3000:]
   assert 'SIGTERM received: saving a checkpoint at step' in out
   stopped = int(re.search(r'stopped by a signal at step (\d+)', out).group(1))
   assert 1 <= stopped < STEPS

@@ -70,7 +70,8 @@ def test_dry_run_command_trains_on_two_workers(tmp_path, pod_env, one_process_ru
     head = subprocess.run(['git', '-C', str(tmp_path / 'pod' / f'worker_{i}' / 'moetrain'),
                            'rev-parse', '--abbrev-ref', 'HEAD'], capture_output=True, text=True)
     assert head.stdout.strip() == BRANCH
-  assert "on mesh {'data': 1, 'expert': 4}" in logs[0] and 'final eval loss' in logs[0]
+  assert "on mesh {'data': 1, 'fsdp': 1, 'expert': 4}" in logs[0]
+  assert 'final eval loss' in logs[0]
   assert 'final eval loss' not in logs[1]  # process 0 reports alone.
   assert_same_run(workdir, one_process_run)
 

@@ -7,6 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
+from moetrain import accumulate
 from moetrain import config as config_lib
 from moetrain import data as data_lib
 from moetrain import metrics as metrics_lib
@@ -173,3 +174,62 @@ def test_clip_by_global_norm_equals_optax(max_norm):
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6), got, want)
   norm = float(optax.tree.norm(got))
   assert norm == pytest.approx(min(max_norm, float(optax.tree.norm(grads))), rel=1e-6)
+
+
+@pytest.fixture(scope='module')
+def accumulation_runs():
+  """One train step of a no-drop, sequence-balanced model from the same state on the
+  same batch (a loss mask with holes, so micro-batches differ in token count), with the
+  batch whole and as micro-batches, on one device and on a (2 data x 2 fsdp) mesh."""
+  base = {'model.num_layers': 2, 'model.moe.capacity_factor': 8.0,
+          'model.moe.balance_scope': 'sequence', 'model.moe.bias_update_rate': 0.01,
+          'data.batch_size': 16, 'data.seq_len': 8}
+  cfg0 = data_lib.resolve_vocab(config_lib.validate(tiny_config(**{**base, **ONE_DEVICE})))
+  batch = random_batch(cfg0)
+  batch['mask'] = (RNG.random(batch['mask'].shape) < 0.7).astype(np.float32)
+  _, graphdef, state, tx = setup(tiny_config(**{**base, **ONE_DEVICE}))
+  out = {}
+  meshes = {1: ONE_DEVICE, 4: {'mesh.data': 2, 'mesh.fsdp': 2}}
+  for devices, micro in ((1, 1), (1, 2), (4, 1), (4, 4)):
+    cfg = data_lib.resolve_vocab(config_lib.validate(tiny_config(**{
+        **base, **meshes[devices], 'train.grad_accum_steps': micro})))
+    mesh = mesh_lib.make_mesh(cfg, devices=jax.devices()[:devices])
+    shardings = train.state_shardings(state, mesh)
+    with jax.set_mesh(mesh):
+      new, metrics = jax.jit(train.make_train_step(graphdef, tx, cfg))(
+          jax.device_put(state, shardings),
+          jax.device_put(batch, mesh_lib.batch_sharding(mesh)))
+    out[devices, micro] = jax.device_get((new, metrics))
+  return out
+
+
+@pytest.mark.parametrize('devices,micro', [(1, 2), (4, 4)])
+def test_gradient_accumulation_gives_the_whole_batch_update(accumulation_runs, devices,
+                                                            micro):
+  (want_state, want), (got_state, got) = (accumulation_runs[devices, 1],
+                                          accumulation_runs[devices, micro])
+  assert want.keys() == got.keys() and 'moe/layer1/load' in got
+  for key in want:  # loss, ce, aux losses, grad norm and every routing metric
+    np.testing.assert_allclose(got[key], want[key], rtol=2e-5, atol=1e-7, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               got_state, want_state)
+
+
+def test_gradient_accumulation_matches_across_meshes(accumulation_runs):
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               accumulation_runs[4, 4][0], accumulation_runs[1, 1][0])
+
+
+def test_micro_batches_must_divide_the_batch():
+  cfg = tiny_config(**{'data.batch_size': 8, 'train.grad_accum_steps': 4})
+  with pytest.raises(config_lib.ConfigError, match=r'data\.batch_size=8 is not divisible '
+                     r'by the 8 devices .* x train\.grad_accum_steps=4 micro-batches; choose '
+                     r'a multiple of 32'):
+    train.prepare(cfg)
+
+
+def test_micro_batch_i_takes_every_nth_row():
+  batch = {'inputs': np.arange(8 * 3).reshape(8, 3)}
+  micro = np.asarray(accumulate.micro_batches(batch, 4)['inputs'])
+  assert micro.shape == (4, 2, 3)
+  np.testing.assert_array_equal(micro[1], batch['inputs'][[1, 5]])

@@ -1,5 +1,5 @@
 """The decoder LM's cache path: prefill + one-token decode steps equal the full forward
-(MoE dropless, dense, untied, Qwen attention options), with prompts of different lengths
+(MoE dropless, dense, untied, Qwen attention options, scanned layers), with prompts of different lengths
 in one batch."""
 
 import jax.numpy as jnp
@@ -20,6 +20,9 @@ RNG = np.random.default_rng()
     {'model.num_experts': 0, 'model.tie_embeddings': False},
     {'model.moe.dropless': True, 'model.moe.num_shared_experts': 1, 'model.first_k_dense': 1,
      'model.qkv_bias': True, 'model.qk_norm': True, 'model.head_dim': 16},
+    # scanned: a dense run and a MoE run, decoded layer by layer from the stacks.
+    {'model.moe.dropless': True, 'model.num_layers': 3, 'model.first_k_dense': 1,
+     'model.scan_layers': True},
 ])
 def test_prefill_and_decode_steps_equal_the_full_forward(overrides):
   """Row 0 has a 5-token prompt, row 1 a 3-token one (left-aligned, the rest of the block

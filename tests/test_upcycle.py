@@ -71,10 +71,11 @@ def initial_params(cfg):
   return cfg, params_lib.to_flat(state.params)
 
 
-@pytest.mark.parametrize('order', ['softmax_topk', 'topk_softmax'])
-def test_upcycled_moe_computes_the_dense_model(dense_run, order):
+@pytest.mark.parametrize('order,scan', [('softmax_topk', False), ('topk_softmax', True)])
+def test_upcycled_moe_computes_the_dense_model(dense_run, order, scan):
   dense_dir, dense = dense_run
-  cfg, moe = initial_params(moe_config(dense_dir, **{'model.moe.softmax_order': order}))
+  cfg, moe = initial_params(moe_config(dense_dir, **{'model.moe.softmax_order': order,
+                                                     'model.scan_layers': scan}))
   assert moe['blocks.1.ffn.w_gate'].shape == (4,) + dense['blocks.1.ffn.w_gate'].shape
   dense_cfg = params_lib.run_config(dense_dir)
   tokens = RNG.integers(0, cfg.model.vocab_size, (2, 24))
@@ -87,9 +88,12 @@ def test_warm_start_copies_every_parameter(dense_run):
   cfg = tiny_config(**{'model.num_experts': 0, 'init.from_workdir':
                                      str(dense_dir)})
   _, warm = initial_params(cfg)
-  assert set(warm) == set(dense)
+  cfg.model.scan_layers = True  # the blocks stacked into one scanned run: the same weights.
+  _, scanned = initial_params(cfg)
+  assert set(warm) == set(scanned) == set(dense)
   for key in dense:
     np.testing.assert_array_equal(warm[key], dense[key])
+    np.testing.assert_array_equal(scanned[key], dense[key])
   with pytest.raises(config_lib.ConfigError, match=r'parameter blocks\.0\.attn\.w_k is 32x2x8 '
                      'there but this config builds 48x2x12;'):
     initial_params(tiny_config(**{'model.num_experts': 0, 'model.d_model': 48,

@@ -233,7 +233,7 @@ def save_run(cfg, params: dict, workdir) -> pathlib.Path:
   starts at the beginning of the data) and config.json. `cfg` must be resolved."""
   workdir = pathlib.Path(workdir)
   one = cfg.copy_and_resolve_references()
-  one.mesh.data, one.mesh.expert = 1, 1
+  one.mesh.data, one.mesh.fsdp, one.mesh.expert = 1, 1, 1
   mesh = mesh_lib.make_mesh(one, devices=jax.devices()[:1])
   tx = train_lib.make_optimizer(cfg.train)
   _, abstract, _ = train_lib.abstract_state(one, mesh, tx)

@@ -1,15 +1,41 @@
 """Causal self-attention with grouped-query heads and rotary embeddings, over a whole
 sequence (`Attention.__call__`) or for new tokens against a key-value cache
 (`Attention.decode`, for sampling); optional q/k/v biases (Qwen2) and per-head RMSNorm of
-queries and keys before the rotation (Qwen3)."""
+queries and keys before the rotation (Qwen3).
+
+The layer is three separable steps: `Attention.project` (q/k/v projections and rotary
+embeddings), the attention itself (`attend` over a whole sequence, by one of several
+implementations; `masked_attention` against a cache), and `Attention.output` (the output
+projection).
+
+Implementations of `attend` (`model.attention_impl`), all with the same inputs and output:
+- xla: the scores as batched einsums, heads-major (any backend; materializes [L, L]).
+- dot_product: `jax.nn.dot_product_attention` with XLA's lowering.
+- cudnn: `jax.nn.dot_product_attention(implementation='cudnn')`, cuDNN's fused flash
+  attention (GPU, bfloat16 or float16).
+- splash: the Pallas splash-attention kernel (TPU; sequence a multiple of 128), run per
+  device under `jax.shard_map` over the batch axes, one multi-query kernel per key-value
+  head (grouped-query attention).
+- auto: splash on TPU when the sequence allows it, cudnn on GPU in bfloat16, else xla.
+
+Shapes: B batch, L sequence, H query heads, G key-value heads, R = H / G queries per
+key-value head, K head size, D model width.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from moetrain.model.layers import RMSNorm, param, rope
+from moetrain import backend
+from moetrain.config import ConfigError
+from moetrain.model.layers import RMSNorm, param, rope, use
+
+SPLASH_BLOCK = 128  # the splash kernel's default block: the sequence must be a multiple.
 
 
 def attention_mask(segment_ids_BL: jax.Array | None, length: int) -> jax.Array:
@@ -59,6 +85,103 @@ def write_cache(cache_BSGK: jax.Array, new_BLGK: jax.Array, positions_BL: jax.Ar
                                                   mode='drop')
 
 
+def choose_impl(impl: str, *, seq_len: int, dtype: str, platform: str | None = None) -> str:
+  """The implementation `impl` runs as on `platform` (default: the target backend).
+
+  Resolves 'auto'; raises ConfigError (one sentence) for a kernel the platform lacks.
+  """
+  platform = platform or backend.name()
+  splash_ok = platform == 'tpu' and seq_len % SPLASH_BLOCK == 0
+  if impl == 'auto':
+    if splash_ok:
+      return 'splash'
+    return 'cudnn' if platform == 'gpu' and dtype == 'bfloat16' else 'xla'
+  if impl == 'cudnn' and (platform != 'gpu' or dtype != 'bfloat16'):
+    raise ConfigError(f"model.attention_impl='cudnn' needs a GPU and model.dtype="
+                      f"'bfloat16' (here: {platform}, {dtype}); use 'auto' or 'xla'.")
+  if impl == 'splash' and not splash_ok:
+    raise ConfigError(f"model.attention_impl='splash' needs a TPU and data.seq_len a "
+                      f'multiple of {SPLASH_BLOCK} (here: {platform}, {seq_len}); use '
+                      "'auto' or 'xla'.")
+  return impl
+
+
+def xla_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=None):
+  """softmax(q k^T / sqrt(K) + causal/document mask) v, scores in float32: [B, L, H, K]
+  (`masked_attention` over the sequence's own keys)."""
+  mask_BLL = attention_mask(segment_ids_BL, q_BLHK.shape[1])
+  return masked_attention(q_BLHK, k_BLGK, v_BLGK, mask_BLL)
+
+
+def dot_product_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=None, *,
+                          implementation=None):
+  """`jax.nn.dot_product_attention` (causal; document mask from segment ids): [B, L, H, K]."""
+  mask = None
+  if segment_ids_BL is not None:
+    mask = attention_mask(segment_ids_BL, q_BLHK.shape[1])[:, None]  # [B, 1, L, L]
+  return jax.nn.dot_product_attention(q_BLHK, k_BLGK, v_BLGK, mask=mask,
+                                      is_causal=mask is None,
+                                      implementation=implementation)
+
+
+def _splash_kernel(rep: int, length: int, interpret: bool):
+  """A causal multi-query splash kernel for `rep` query heads over one key-value head
+  (built per trace: it holds arrays, which must belong to the trace that uses them)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+      splash_attention_kernel as kernel, splash_attention_mask as mask_lib)
+  mask = mask_lib.MultiHeadMask([mask_lib.CausalMask((length, length))] * rep)
+  return kernel.make_splash_mqa_single_device(mask=mask, interpret=interpret)
+
+
+def splash_local(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=None, *, interpret: bool = False):
+  """The splash kernel on this device's sequences, one multi-query call per (sequence,
+  key-value head); `interpret` runs the Pallas kernel in interpret mode (CPU tests)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
+  batch, length, heads, head_dim = q_BLHK.shape
+  groups = k_BLGK.shape[2]
+  rep = heads // groups
+  kernel = _splash_kernel(rep, length, interpret)
+  q_BGRLK = (q_BLHK * head_dim ** -0.5).reshape(batch, length, groups, rep, head_dim) \
+      .transpose(0, 2, 3, 1, 4)
+  k_BGLK, v_BGLK = k_BLGK.transpose(0, 2, 1, 3), v_BLGK.transpose(0, 2, 1, 3)
+  if segment_ids_BL is None:
+    segment_ids_BL = jnp.zeros((batch, length), jnp.int32)
+
+  def one(q_RLK, k_LK, v_LK, seg_L):
+    return kernel(q_RLK, k_LK, v_LK,
+                  segment_ids=splash_attention_kernel.SegmentIds(seg_L, seg_L))
+
+  per_head = jax.vmap(one, in_axes=(0, 0, 0, None))
+  out_BGRLK = jax.vmap(per_head)(q_BGRLK, k_BGLK, v_BGLK, segment_ids_BL)
+  return out_BGRLK.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
+
+
+def splash_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=None, *, interpret=False):
+  """`splash_local` per device: a Pallas kernel is not partitioned by GSPMD, so it runs
+  under shard_map over the batch axes of the current mesh (directly without one)."""
+  from moetrain.parallel import mesh as mesh_lib
+  mesh = jax.sharding.get_abstract_mesh()
+  local = functools.partial(splash_local, interpret=interpret)
+  if mesh.empty or mesh.size == 1:
+    return local(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL)
+  tokens = P(mesh_lib.BATCH_AXES)
+  seg_spec = None if segment_ids_BL is None else tokens
+  return jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, seg_spec),
+                       out_specs=tokens, check_vma=False)(
+                           q_BLHK, k_BLGK, v_BLGK, segment_ids_BL)
+
+
+def attend(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=None, *, impl: str = 'xla'):
+  """Causal (and, with segment ids, per-document) attention by a resolved `impl`
+  (see `choose_impl`): [B, L, H, K] in the dtype of q."""
+  if impl == 'xla':
+    return xla_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL)
+  if impl == 'splash':
+    return splash_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL)
+  return dot_product_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL,
+                               implementation='cudnn' if impl == 'cudnn' else None)
+
+
 class Attention(nnx.Module):
   """Multi-head causal attention; H query heads share G = num_kv_heads key/value heads of
   K = head_dim features (0: d_model // H).
@@ -72,7 +195,8 @@ class Attention(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, *, rope_theta: float,
                rngs: nnx.Rngs, dtype, param_dtype, qkv_bias: bool = False,
-               qk_norm: bool = False, norm_eps: float = 1e-6, head_dim: int = 0):
+               qk_norm: bool = False, norm_eps: float = 1e-6, head_dim: int = 0,
+               impl: str = 'xla'):
     head_dim = head_dim or d_model // num_heads
     self.w_q = param(rngs, (d_model, num_heads, head_dim), ('embed', 'heads', 'head_dim'),
                      fan_in=d_model, dtype=param_dtype)
@@ -91,6 +215,7 @@ class Attention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.rope_theta = rope_theta
     self.dtype = dtype
+    self.impl = impl  # model.attention_impl, resolved per call by `choose_impl`.
 
   def project(self, x_BLD, positions_BL):
     """Queries [B, L, H, K] and keys [B, L, G, K] with rotary embeddings, values [B, L, G, K]."""
@@ -100,12 +225,10 @@ class Attention(nnx.Module):
     # gradient of a [B, L, D] einsum 2-3x slower (bench/NOTES.md).
     x_TD = x_BLD.reshape(batch * length, d_model)
 
-    cast = lambda w: w[...].astype(self.dtype)
-
     def project(w_DHK, b_HK, norm):
-      w = cast(w_DHK)
+      w = use(w_DHK, self.dtype)
       y_BLHK = (x_TD @ w.reshape(d_model, -1)).reshape(batch, length, *w.shape[1:])
-      y_BLHK = y_BLHK if b_HK is None else y_BLHK + cast(b_HK)
+      y_BLHK = y_BLHK if b_HK is None else y_BLHK + use(b_HK, self.dtype)
       return y_BLHK if norm is None else norm(y_BLHK)
 
     q_BLHK = rope(project(self.w_q, self.b_q, self.q_norm), positions_BL, self.rope_theta)
@@ -113,16 +236,16 @@ class Attention(nnx.Module):
     return q_BLHK, k_BLGK, project(self.w_v, self.b_v, None)
 
   def output(self, out_BLHK):
-    """Attention output [B, L, H, K] -> [B, L, D]."""
+    """The output projection [B, L, H, K] -> [B, L, D]."""
     batch, length = out_BLHK.shape[:2]
-    w_o = self.w_o[...].astype(self.dtype)
-    w_MD = w_o.reshape(self.num_heads * self.head_dim, -1)
-    return (out_BLHK.reshape(batch * length, -1) @ w_MD).reshape(batch, length, -1)
+    w_o = use(self.w_o, self.dtype).reshape(self.num_heads * self.head_dim, -1)
+    out_TM = out_BLHK.reshape(batch * length, self.num_heads * self.head_dim)
+    return (out_TM @ w_o).reshape(batch, length, -1)
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL=None):
     q_BLHK, k_BLGK, v_BLGK = self.project(x_BLD, positions_BL)
-    mask_BLL = attention_mask(segment_ids_BL, x_BLD.shape[1])
-    return self.output(masked_attention(q_BLHK, k_BLGK, v_BLGK, mask_BLL))
+    impl = choose_impl(self.impl, seq_len=x_BLD.shape[1], dtype=jnp.dtype(self.dtype).name)
+    return self.output(attend(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, impl=impl))
 
   def decode(self, x_BLD, positions_BL, k_BSGK, v_BSGK):
     """L new tokens per row against a key-value cache of S slots (slot = position).

@@ -10,6 +10,28 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moetrain.parallel.mesh import gather, logical_to_spec
+
+
+def layer_axes(variable: nnx.Variable) -> tuple:
+  """The logical axes of the variable's value: inside a scan over stacked layers the
+  value is one layer's slice, so a leading 'layers' axis is dropped."""
+  value = variable[...]
+  axes = variable.get_metadata().get('axes') or (None,) * value.ndim
+  return axes[1:] if len(axes) == value.ndim + 1 and axes[0] == 'layers' else axes
+
+
+def use(variable: nnx.Variable, dtype=None) -> jax.Array:
+  """A weight's value for compute: cast to `dtype` (if given), then gathered whole on the
+  mesh (under FSDP the all-gather happens here, per layer and just in time, on the cast
+  copy; the gradient is reduce-scattered back to the weight's split)."""
+  value, axes = variable[...], layer_axes(variable)
+  value = value if dtype is None else value.astype(dtype)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return value
+  return gather(value, logical_to_spec(axes, value.shape, mesh.shape))
+
 
 def param(rngs: nnx.Rngs, shape, axes, *, std: float | None = None, fan_in: int | None = None,
           dtype=jnp.float32, init: str = 'normal') -> nnx.Param:
@@ -41,7 +63,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+    return (y * use(self.scale, jnp.float32)).astype(x.dtype)
 
 
 def rope(x_BLHK: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
@@ -79,7 +101,7 @@ class MLP(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x):
-    cast = lambda w: w[...].astype(self.dtype)
+    cast = lambda w: use(w, self.dtype)
     # Tokens flattened to [T, D]: XLA:CPU runs the weight gradient of a [B, L, D] einsum
     # (two contracted axes) 2-3x slower than one GEMM (bench/NOTES.md).
     x_TD = x.astype(self.dtype).reshape(-1, x.shape[-1])

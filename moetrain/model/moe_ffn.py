@@ -16,7 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from moetrain import config as config_lib
+from moetrain import backend, config as config_lib
 from moetrain.model import routing
 from moetrain.model.layers import swiglu
 from moetrain.parallel import ragged
@@ -38,6 +38,7 @@ class MoESpec:
   dropless_impl: str
   jitter: float
   balance_scope: str
+  expert_chunk: int = 0  # dropless expert parallelism: tokens exchanged per chunk.
   # Ablation (`routing.ablation_keep`): expert ids and choice ranks (0 = top-1) whose
   # assignments get combine weight 0.
   remove_experts: tuple = ()
@@ -52,6 +53,7 @@ class MoESpec:
     return cls(model_cfg.num_experts, e.top_k, e.router, e.gate, e.softmax_order,
                e.renormalize, e.routed_scaling, e.capacity_factor, e.eval_capacity_factor,
                e.drop_order, e.dropless, e.dropless_impl, e.jitter, e.balance_scope,
+               e.expert_chunk,
                tuple(sorted({i for l, i in removed if l is None or l == layer})),
                tuple(rank - 1 for rank in config_lib.parse_ints(e.remove_choices)))
 
@@ -81,7 +83,7 @@ class MoESpec:
     train step 1.6-1.8x slower than padded buffers of capacity T per expert, even with 64
     experts where the padded buffers do 32x the expert FLOPs (bench/NOTES.md).
     """
-    return self._dropless_choice(jax.default_backend() == 'tpu')
+    return self._dropless_choice(backend.name() == 'tpu')
 
   def gathers(self, num_tokens: int, train: bool) -> bool:
     """Dropless eval on fewer assignments than experts (decoding a few new tokens): each
@@ -133,7 +135,7 @@ CPU_EXPERT_LOOP_MAX = 8
 def experts(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
   """SwiGLU expert e on its buffer row x_ECD[e]: [E, C, D] -> [E, C, D]."""
   num_experts = x_ECD.shape[0]
-  if jax.default_backend() == 'cpu' and num_experts <= CPU_EXPERT_LOOP_MAX:
+  if backend.name() == 'cpu' and num_experts <= CPU_EXPERT_LOOP_MAX:
     return jnp.stack([swiglu(x_ECD[e], w_gate_EDF[e], w_up_EDF[e], w_down_EFD[e],
                              'cd,df->cf', 'cf,fd->cd') for e in range(num_experts)])
   return swiglu(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD, 'ecd,edf->ecf', 'ecf,efd->ecd')
@@ -199,6 +201,19 @@ def padded_grouped_swiglu(x_MD, w_gate_LDF, w_up_LDF, w_down_LFD, sizes_L, capac
   return y_LCD.at[expert_M, slot_M].get(mode='fill', fill_value=0)
 
 
+def in_token_chunks(fn, x_TD, expert_TK, weight_TK, chunk: int):
+  """fn(x [C, D], expert_CK, weight_CK) -> y [C, D] over consecutive chunks of `chunk`
+  tokens (a `lax.scan` whose steps are rematerialized in the backward pass), so buffers
+  that scale with the tokens exist for one chunk at a time. Dropless routing decides
+  every token alone, so the result equals one call on all tokens. Returns y [T, D]."""
+  num_chunks = x_TD.shape[0] // chunk
+  split = lambda a: a.reshape(num_chunks, chunk, *a.shape[1:])
+  step = jax.checkpoint(fn)
+  _, y = jax.lax.scan(lambda _, xs: (None, step(*xs)), None,
+                      (split(x_TD), split(expert_TK), split(weight_TK)))
+  return y.reshape(x_TD.shape[0], -1)
+
+
 def ragged_expert_parallel(x_TD, expert_TK, weight_TK, w_gate_LDF, w_up_LDF, w_down_LFD, *,
                            num_experts: int, expert_axis: str, ragged_dot: bool):
   """Dropless experts split over `expert_axis` (L = E/ep per device): the sorted
@@ -259,9 +274,13 @@ def moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, jitter_ke
     stats = routing.RouterStats(probs_TE, routing.assignment_mask(expert_TK, num_experts),
                                 jnp.float32(expert_TK.size), jnp.float32(expert_TK.size))
     if ragged_exchange:
-      y_TD = ragged_expert_parallel(x_TD, expert_TK, weight_TK, *weights,
-                                    num_experts=num_experts, expert_axis=expert_axis,
-                                    ragged_dot=spec.use_ragged())
+      run = lambda x, e, w: ragged_expert_parallel(
+          x, e, w, *weights, num_experts=num_experts, expert_axis=expert_axis,
+          ragged_dot=spec.use_ragged())
+      if 0 < spec.expert_chunk < num_tokens:
+        y_TD = in_token_chunks(run, x_TD, expert_TK, weight_TK, spec.expert_chunk)
+      else:
+        y_TD = run(x_TD, expert_TK, weight_TK)
     elif gather:
       y_TD = gathered_experts(x_TD, expert_TK, weight_TK, *weights)
     else:  # no expert axis (use_ragged() implies use_ragged_exchange())

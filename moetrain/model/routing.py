@@ -247,5 +247,6 @@ def router_entropy(probs_TE: jax.Array) -> jax.Array:
 
 
 def bias_update(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:
-  """Aux-loss-free balancing step (DeepSeek-V3): bias += rate * sign(mean_load - load)."""
-  return bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E)
+  """Aux-loss-free balancing step (DeepSeek-V3): bias += rate * sign(mean_load - load);
+  the mean is over the last axis (experts), so [..., E] stacks of layers work too."""
+  return bias_E + rate * jnp.sign(jnp.mean(load_E, axis=-1, keepdims=True) - load_E)

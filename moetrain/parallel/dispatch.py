@@ -7,6 +7,12 @@ each device runs its E/ep experts on [E/ep, ep*C, D], and a second all-to-all br
 outputs back for the weighted combine. Dropless token choice on GPU/TPU instead sends only
 the routed tokens by ragged all-to-all (moetrain.parallel.ragged). Without a mesh (or on
 one device) the same function runs directly on the whole batch.
+
+Under FSDP (an `fsdp` axis of size > 1) the expert weights arrive split over `fsdp` as
+well (along d_model, the rule table of moetrain.parallel.mesh); each device all-gathers
+its slice over `fsdp` just before use and casts it to the compute dtype, so a layer's
+full local experts exist only while it runs. The gather's transpose reduce-scatters the
+weight gradients.
 """
 
 from __future__ import annotations
@@ -18,7 +24,12 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from moetrain.model.moe_ffn import MoESpec, moe_ffn
+from moetrain.parallel import mesh as mesh_lib
 from moetrain.parallel.mesh import BATCH_AXES
+
+# Logical axes of the expert weight stacks (as in moetrain.model.moe.MoE).
+EXPERT_IN_AXES = ('expert', 'embed', 'mlp')  # w_gate, w_up [E, D, F]
+EXPERT_OUT_AXES = ('expert', 'mlp', 'embed')  # w_down [E, F, D]
 
 
 def current_mesh():
@@ -61,15 +72,30 @@ def run_moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng, 
     return moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng, **kwargs)
 
   expert_axis = 'expert' if mesh.shape['expert'] > 1 else None
+  w_in, w_out = (mesh_lib.logical_to_spec(a, w.shape, mesh.shape)
+                 for a, w in ((EXPERT_IN_AXES, w_gate_EDF), (EXPERT_OUT_AXES, w_down_EFD)))
 
   def local(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng):
     rng = jax.random.fold_in(rng, jax.lax.axis_index(BATCH_AXES))
+    # Gathered, then cast: a cast before the gather would be hoisted by XLA out of a loop
+    # over scanned layers as one cast of every layer's experts (a second copy of them).
+    w_gate_EDF, w_up_EDF = (gather_fsdp(w, w_in).astype(dtype) for w in (w_gate_EDF, w_up_EDF))
+    w_down_EFD = gather_fsdp(w_down_EFD, w_out).astype(dtype)
     return moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng,
                    expert_axis=expert_axis, batch_axes=BATCH_AXES, **kwargs)
 
-  tokens, experts = P(BATCH_AXES), P('expert')
   bias_spec = None if bias_E is None else P()
   fn = jax.shard_map(local, mesh=mesh,
-                     in_specs=(tokens, P(), experts, experts, experts, bias_spec, P()),
-                     out_specs=(tokens, P()))
+                     in_specs=(P(BATCH_AXES), P(), w_in, w_in, w_out, bias_spec, P()),
+                     out_specs=(P(BATCH_AXES), P()))
   return fn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng)
+
+
+def gather_fsdp(w, spec: P):
+  """Inside shard_map: the local slice `w` all-gathered over the `fsdp` mesh axis along
+  the dimension that `spec` splits over it (unchanged when fsdp has size 1)."""
+  names = lambda entry: entry if isinstance(entry, tuple) else (entry,)
+  dims = [i for i, entry in enumerate(spec) if 'fsdp' in names(entry)]
+  if jax.lax.axis_size('fsdp') == 1 or not dims:
+    return w
+  return jax.lax.all_gather(w, 'fsdp', axis=dims[0], tiled=True)

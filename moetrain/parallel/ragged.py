@@ -24,14 +24,16 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moetrain import backend
+
 # The collective, looked up at trace time so that tests can substitute an emulation on
 # CPU (XLA:CPU raises UNIMPLEMENTED for ragged-all-to-all).
 ragged_all_to_all = jax.lax.ragged_all_to_all
 
 
 def backend_supports_ragged_all_to_all() -> bool:
-  """Whether the default backend implements ragged-all-to-all (GPU and TPU do)."""
-  return jax.default_backend() in ('gpu', 'tpu')
+  """Whether the target backend (moetrain.backend) has ragged-all-to-all (GPU, TPU)."""
+  return backend.name() in ('gpu', 'tpu')
 
 
 class ExchangePlan(NamedTuple):
