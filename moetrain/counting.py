@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import ml_collections
 import numpy as np
 from flax import nnx

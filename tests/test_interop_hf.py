@@ -16,7 +16,7 @@ from flax import nnx
 from moetrain import checkpoint as checkpoint_lib
 from moetrain import config as config_lib
 from moetrain import data as data_lib
-from moetrain.interop import hf, hf_config, hf_weights
+from moetrain.interop import hf, hf_config
 from moetrain.interop import params as params_lib
 from moetrain.model.transformer import Transformer
 

@@ -14,7 +14,6 @@ among its UTF-8 bytes; char class: among its characters; ties: the first in the 
 
 from __future__ import annotations
 
-import io
 import keyword
 import tokenize
 import unicodedata
