@@ -16,6 +16,7 @@ from moetrain import config as config_lib
 from moetrain import data as data_lib
 from moetrain import paths
 from moetrain import train as train_lib
+from moetrain.interop import params as params_lib
 from moetrain.parallel import mesh as mesh_lib
 
 
@@ -54,12 +55,7 @@ class Run:
 def run_config(workdir, overrides: dict | None = None):
   """The config a run was trained with (`workdir/config.json`), with `overrides`
   ({'data.source': 'files', ...}) applied, validated and with its vocabulary resolved."""
-  workdir = paths.path(workdir)
-  path = workdir / 'config.json'
-  if not paths.is_file(path):
-    raise config_lib.ConfigError(f'{workdir} has no config.json; pass the --workdir of a '
-                                 'training run.')
-  cfg = config_lib.from_dict(json.loads(paths.read_text(path)))
+  cfg = params_lib.run_config(workdir)
   for key, value in (overrides or {}).items():
     config_lib.check_key(key)
     config_lib.set_key(cfg, key, value)
