@@ -242,10 +242,14 @@ def test_train_step_lowers_to_ragged_all_to_all(monkeypatch):
   assert gathers and not any(full in line for line in gathers)
 
 
-def test_ragged_dropless_needs_a_backend_with_ragged_all_to_all():
-  cfg = tiny_config(**{'model.moe.dropless': True, 'model.moe.dropless_impl': 'ragged',
-                       'mesh.data': 2, 'mesh.expert': 4})
-  with pytest.raises(ConfigError, match="dropless_impl='ragged' with mesh.expert=4"):
+@pytest.mark.parametrize('overrides,message', [
+    ({'model.moe.dropless_impl': 'ragged'}, "dropless_impl='ragged' with mesh.expert=4 needs"),
+    ({'model.moe.grouped_matmul': 'tokamax'},
+     "grouped_matmul='tokamax' with mesh.expert=4 needs .* set grouped_matmul='xla'")])
+def test_ragged_dropless_needs_a_backend_with_ragged_all_to_all(overrides, message):
+  cfg = tiny_config(**{'model.moe.dropless': True, 'mesh.data': 2, 'mesh.expert': 4,
+                       **overrides})
+  with pytest.raises(ConfigError, match=message):
     train.prepare(cfg)
 
 
