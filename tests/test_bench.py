@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from bench import configs, harness  # noqa: E402
+from bench import configs, gpu_check, harness  # noqa: E402
 from moetrain import counting  # noqa: E402
 
 from conftest import tiny_config  # noqa: E402
@@ -132,3 +132,25 @@ def test_step_bench_result_and_output(tmp_path):
   lines = {line.split()[0]: line for line in text.splitlines() if line[:2] in ('R1', 'R3', 'R4')}
   assert lines['R1'].endswith('ok') and lines['R3'].endswith('MISSED')
   assert lines['R4'].endswith('n/a')
+
+
+def test_gpu_check_passes_every_check_this_backend_has(capsys):
+  """bench/gpu_check.py at tiny sizes: every check that runs here passes (on CPU: the
+  grouped matmuls of jax.lax.ragged_dot, tokamax's 'xla' implementation and the cuDNN-flag
+  subprocess, and the local layers), and the rest say why they are not available."""
+  gpu_check.RESULTS.clear()
+  assert gpu_check.main(['--tiny']) == 0
+  out = capsys.readouterr().out
+  checks = [line for line in out.splitlines() if line.startswith(('ok', 'FAIL'))]
+  assert len(checks) == len(gpu_check.RESULTS) and f'{len(checks)}/{len(checks)} checks ' \
+      'passed' in out
+  for dtype in ('float32', 'bfloat16'):
+    for path in ('jax.lax.ragged_dot', "tokamax.ragged_dot implementation='xla'"):
+      for what in ('output, used rows', 'd x', 'd w_gate', 'd w_up', 'd w_down'):
+        assert f'ok   {path} == padded: {what} ({dtype})' in out
+    assert 'ok   local tokamax == padded: d w_down (' + dtype in out
+  assert 'ok   jax.lax.ragged_dot + cuDNN flag == padded: d x (bfloat16)' in out or \
+      'does not know the flag' in out
+  if jax.default_backend() == 'cpu':
+    assert "--   tokamax.ragged_dot implementation='mosaic' (bfloat16)" in out
+    assert 'EP ragged a2a + tokamax (bfloat16, k=2)' in out and 'no ragged all-to-all' in out

@@ -165,17 +165,20 @@ def tokamax_module():
   return tokamax
 
 
-def grouped_dot(x_MK, w_GKN, sizes_G, impl: str = 'xla'):
+def grouped_dot(x_MK, w_GKN, sizes_G, impl='xla'):
   """Grouped matmul: row block g of x_MK [M, K] (sizes_G[g] consecutive rows) times
   w_GKN[g] -> [M, N] in x's dtype. impl 'xla': `jax.lax.ragged_dot`; 'tokamax':
   `tokamax.ragged_dot` with the kernel tokamax picks for the backend (Mosaic GPU, Triton,
-  Mosaic TPU, else XLA's)."""
+  Mosaic TPU, else XLA's); or a function with ragged_dot's arguments (bench/gpu_check.py
+  passes each tokamax implementation)."""
+  if callable(impl):
+    return impl(x_MK, w_GKN, sizes_G)
   if impl == 'tokamax':
     return tokamax_module().ragged_dot(x_MK, w_GKN, sizes_G)
   return jax.lax.ragged_dot(x_MK, w_GKN, sizes_G)
 
 
-def grouped_swiglu(x_AD, w_gate_EDF, w_up_EDF, w_down_EFD, sizes_E, impl: str = 'xla'):
+def grouped_swiglu(x_AD, w_gate_EDF, w_up_EDF, w_down_EFD, sizes_E, impl='xla'):
   """SwiGLU of expert e on its consecutive sizes_E[e] rows of x_AD [A, D] -> [A, D]
   (rows past sum(sizes_E) are not read back: zeros with impl 'xla'); `impl` as in
   `grouped_dot`."""
