@@ -85,7 +85,8 @@ def default_config() -> ml_collections.ConfigDict:
   e.dropless = False
   # auto | padded | ragged. ragged: ragged_dot grouped matmuls and, under expert
   # parallelism, a ragged all-to-all (GPU/TPU only). auto: the ragged all-to-all where the
-  # backend has it, ragged_dot on TPU only (slower than padded buffers on an H100).
+  # backend has it, ragged_dot on TPU only (slower than padded buffers on an H100) or
+  # with grouped_matmul='tokamax'.
   e.dropless_impl = 'auto'
   # The grouped matmuls of the ragged dropless path: xla (jax.lax.ragged_dot) | tokamax
   # (tokamax.ragged_dot's Pallas kernels: Mosaic GPU on H100/H200, Triton, Mosaic TPU;

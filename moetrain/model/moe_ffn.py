@@ -180,8 +180,8 @@ def grouped_dot(x_MK, w_GKN, sizes_G, impl='xla'):
 
 def grouped_swiglu(x_AD, w_gate_EDF, w_up_EDF, w_down_EFD, sizes_E, impl='xla'):
   """SwiGLU of expert e on its consecutive sizes_E[e] rows of x_AD [A, D] -> [A, D]
-  (rows past sum(sizes_E) are not read back: zeros with impl 'xla'); `impl` as in
-  `grouped_dot`."""
+  (rows past sum(sizes_E) are unused: zeros with jax.lax.ragged_dot, unspecified with
+  other kernels); `impl` as in `grouped_dot`."""
   h_AF = (jax.nn.silu(grouped_dot(x_AD, w_gate_EDF, sizes_E, impl))
           * grouped_dot(x_AD, w_up_EDF, sizes_E, impl))
   return grouped_dot(h_AF, w_down_EFD, sizes_E, impl)
@@ -296,7 +296,8 @@ def moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, jitter_ke
   x_TD = x_TD.astype(dtype)
   ragged_exchange = expert_axis is not None and spec.use_ragged_exchange()
   gather = expert_axis is None and spec.gathers(num_tokens, train)
-  if spec.use_ragged() or ragged_exchange or gather:
+  local_ragged = expert_axis is None and spec.use_ragged()
+  if local_ragged or ragged_exchange or gather:
     expert_TK, weight_TK, probs_TE = routing.top_k_gates(
         logits_TE, spec.top_k, gate=spec.gate, softmax_order=spec.softmax_order,
         renormalize=spec.renormalize, routed_scaling=spec.routed_scaling, bias_E=bias_E)
@@ -315,7 +316,7 @@ def moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, jitter_ke
         y_TD = run(x_TD, expert_TK, weight_TK)
     elif gather:
       y_TD = gathered_experts(x_TD, expert_TK, weight_TK, *weights)
-    else:  # no expert axis (use_ragged() implies use_ragged_exchange())
+    else:  # local_ragged
       y_TD = ragged_experts(x_TD, expert_TK, weight_TK, *weights, spec.grouped_matmul)
   else:
     r, stats = routing.route(
