@@ -63,6 +63,17 @@ def not_available(name, reason):
   print(f"{'--':<5}{name:<64} not available: {reason}", flush=True)
 
 
+@functools.cache
+def tokamax_or_reason():
+  """(the tokamax module, None), or (None, why it cannot be used)."""
+  if importlib.util.find_spec('tokamax') is None:
+    return None, "tokamax is not installed (pip install 'moetrain[gpu]')"
+  try:
+    return moe_lib.tokamax_module(), None
+  except ImportError as e:
+    return None, f'tokamax does not import: {e}'
+
+
 def rel(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
@@ -163,19 +174,17 @@ def check_grouped_paths(sizes, only_xla=False, label_suffix=''):
   group_sizes, _, x, ws, cot = inputs
   rows = x.shape[0]
   padded = functools.partial(moe_lib.padded_grouped_swiglu, capacity=rows)
-  tokamax = (moe_lib.tokamax_module() if not only_xla and importlib.util.find_spec('tokamax')
-             else None)
   for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
     with jax.default_matmul_precision('highest' if dtype == jnp.float32 else 'default'):
       reference = grouped_objective(padded, group_sizes, cot, dtype)(x, *ws)
       check_grouped(f'jax.lax.ragged_dot{label_suffix}', 'xla', inputs, dtype, tol, reference)
       if only_xla:
         continue
+      tokamax, reason = tokamax_or_reason()
       for impl in TOKAMAX_IMPLS:
         label = f"tokamax.ragged_dot implementation='{impl}'"
         if tokamax is None:
-          not_available(f'{label} ({jnp.dtype(dtype).name})', "tokamax is not installed "
-                        "(pip install 'moetrain[gpu]')")
+          not_available(f'{label} ({jnp.dtype(dtype).name})', reason)
           continue
         check_grouped(label, functools.partial(tokamax.ragged_dot, implementation=impl),
                       inputs, dtype, tol, reference)
@@ -270,9 +279,8 @@ def check_layer(dtype, top_k, tol, sizes):
       not_available(f'{label} ({name})', f'the {jax.default_backend()} backend has no '
                     'ragged all-to-all')
       continue
-    if 'tokamax' in label and not importlib.util.find_spec('tokamax'):
-      not_available(f'{label} ({name})', "tokamax is not installed (pip install "
-                    "'moetrain[gpu]')")
+    if 'tokamax' in label and tokamax_or_reason()[0] is None:
+      not_available(f'{label} ({name})', tokamax_or_reason()[1])
       continue
     (_, (y, stats)), grads = run()
     report(f'{label} == padded: output ({name})', rel(y, y_ref), tol)
