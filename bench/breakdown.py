@@ -195,12 +195,14 @@ def device_events(trace: dict) -> list[Event]:
   device_pids = {pid for pid, name in processes.items()
                  if '/device:GPU' in name or '/device:TPU' in name}
 
-  def op_thread(pid, tid):
-    name = threads.get((pid, tid), '')
-    return name.startswith('Stream') or name == 'XLA Ops'
-
   spans = [e for e in trace_events if e.get('ph') == 'X' and 'dur' in e]
-  device = [e for e in spans if e.get('pid') in device_pids and op_thread(e['pid'], e['tid'])]
+  on_device = [(e, threads.get((e['pid'], e.get('tid')), '')) for e in spans
+               if e.get('pid') in device_pids]
+  # GPU: the CUDA stream lines (a viewer may add derived 'XLA Ops' lines beside them,
+  # which would count the kernels twice); TPU: the 'XLA Ops' line.
+  device = [e for e, line in on_device if line.startswith('Stream')]
+  if not device:
+    device = [e for e, line in on_device if line == 'XLA Ops']
   out = []
   if device:
     for e in device:
@@ -305,7 +307,8 @@ def breakdown(events: list[Event], instrs: dict[str, Instruction], steps: int,
 
 
 def format_table(result: dict) -> str:
-  """The breakdown as a small text table (ms per step and device, and shares of op time)."""
+  """The breakdown as a small text table (ms per step and device, and shares of op time),
+  the time by named scope ('-': none), and the largest unattributed events."""
   step = result['step_ms']
   lines = [f"step {'-' if step is None else f'{step:.1f}'} ms, device busy "
            f"{result['busy_ms']:.1f} ms, op time {result['op_ms']:.1f} ms "
@@ -316,6 +319,8 @@ def format_table(result: dict) -> str:
                  f"{result['shares'][name]:>8.1%}")
   lines.append(f"{'UNATTRIBUTED':<18}{result['unattributed_ms']:>10.2f}"
                f"{result['shares']['unattributed']:>8.1%}")
+  lines.append('by scope: ' + ', '.join(f'{name} {ms:.2f}'
+                                        for name, ms in result['scopes'].items()))
   for name, ms in result['unattributed_top'][:5]:
     lines.append(f'  unattributed {ms:8.2f} ms  {name[:90]}')
   return '\n'.join(lines)
