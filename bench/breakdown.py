@@ -276,10 +276,12 @@ def breakdown(events: list[Event], instrs: dict[str, Instruction], steps: int,
               module: str = '', step_s: float | None = None) -> dict:
   """Per-category ms per step and device from op events and the module's instructions.
 
-  Returns a dict: steps, devices, step_ms (from `step_s`, the measured step time, if given),
+  Returns a dict: steps, devices (how many), device_names (where the events ran: GPU or TPU
+  processes, or 'cpu:N' for CPU device ordinals), step_ms (from `step_s`, the measured step time, if given),
   busy_ms, op_ms (summed self time), unattributed_ms, categories {category: ms},
   shares {category: share of op_ms} (and 'unattributed'), scopes {scope or '-': ms},
-  per_op {instruction: ms}, unattributed_top [(event name, ms)] (the 10 largest).
+  per_op {instruction: ms}, unattributed_top [(event name, ms)] (the 10 largest; an event
+  of another module is named 'name [module]').
   """
   devices = max(len({e.device for e in events}), 1)
   scale = 1e-3 / (steps * devices)  # microseconds over all steps and devices -> ms
@@ -290,7 +292,8 @@ def breakdown(events: list[Event], instrs: dict[str, Instruction], steps: int,
   for e, t in zip(events, self_times(events)):
     ins = instruction_of(e, instrs, module)
     if ins is None:
-      missing[e.name or e.op] += t * scale
+      other = e.module and module and e.module != module
+      missing[f'{e.name or e.op} [{e.module}]' if other else e.name or e.op] += t * scale
       continue
     categories[category(ins.opcode, ins.op_name)] += t * scale
     scopes[scope_of(ins.op_name) or '-'] += t * scale
@@ -299,7 +302,7 @@ def breakdown(events: list[Event], instrs: dict[str, Instruction], steps: int,
   op_ms = sum(categories.values()) + unattributed
   shares = {k: (v / op_ms if op_ms else 0.0) for k, v in categories.items()}
   shares['unattributed'] = unattributed / op_ms if op_ms else 0.0
-  return dict(steps=steps, devices=devices,
+  return dict(steps=steps, devices=devices, device_names=sorted({e.device for e in events}),
               step_ms=None if step_s is None else step_s * 1e3,
               busy_ms=busy_time(events) * scale, op_ms=op_ms, unattributed_ms=unattributed,
               categories=categories, shares=shares, scopes=dict(scopes.most_common()),
@@ -312,7 +315,8 @@ def format_table(result: dict) -> str:
   step = result['step_ms']
   lines = [f"step {'-' if step is None else f'{step:.1f}'} ms, device busy "
            f"{result['busy_ms']:.1f} ms, op time {result['op_ms']:.1f} ms "
-           f"(per step and device; {result['devices']} device(s), {result['steps']} steps)",
+           f"(per step and device; {result['steps']} steps; events of "
+           f"{', '.join(result['device_names']) or 'no device'})",
            f"{'category':<18}{'ms/step':>10}{'share':>8}"]
   for name in CATEGORIES:
     lines.append(f"{name:<18}{result['categories'][name]:>10.2f}"

@@ -158,7 +158,7 @@ def test_cpu_shaped_trace():
   assert r['scopes']['optimizer'] == pytest.approx(0.09)
   assert r['unattributed_top'] == [('not_in_module.1', pytest.approx(0.01))]
   table = breakdown.format_table(r)
-  assert 'UNATTRIBUTED' in table and 'expert_matmul' in table
+  assert 'UNATTRIBUTED' in table and 'expert_matmul' in table and 'cpu:0' in table
 
 
 def test_gpu_shaped_trace():
@@ -196,7 +196,7 @@ def test_gpu_shaped_trace():
   found = breakdown.device_events(dict(traceEvents=events))
   assert len(found) == 14 and {e.device for e in found} == {'/device:GPU:0', '/device:GPU:1'}
   r = breakdown.breakdown(found, breakdown.instructions(HLO), steps=1, module='jit_train_step')
-  assert r['devices'] == 2
+  assert r['devices'] == 2 and r['device_names'] == ['/device:GPU:0', '/device:GPU:1']
   cats = r['categories']
   assert cats['expert_matmul'] == pytest.approx(0.4)
   assert cats['rest'] == pytest.approx(0.2)
@@ -205,7 +205,8 @@ def test_gpu_shaped_trace():
   assert cats['optimizer'] == pytest.approx(0.05)
   assert r['unattributed_ms'] == pytest.approx(0.05)
   assert r['busy_ms'] == pytest.approx(1.0)  # 10..1015 less the gap 985..990
-  assert {n for n, _ in r['unattributed_top']} == {'input_reduce_fusion', 'MemcpyD2D'}
+  assert {n for n, _ in r['unattributed_top']} == {'input_reduce_fusion [jit_other]',
+                                                   'MemcpyD2D'}
 
 
 @pytest.fixture(scope='module')
