@@ -30,8 +30,10 @@ Pieces, each pure:
     command buffers (CUDA graphs) thunk by thunk (CommandBufferThunk::ExecuteOnStream), so
     each kernel keeps its own annotation. Without `hlo_op` the kernel name is tried as an
     instruction name (`loop_fusion_3` -> `loop_fusion.3`).
-  * TPU (not measured here): events on the `XLA Ops` line of `/device:TPU:N`, named by
-    instruction.
+  * TPU: events on the `XLA Ops` line of `/device:TPU:N`, named by instruction.
+  The GPU and TPU shapes are read from the XLA sources cited, not yet from a trace of this
+  project (no GPU when this was written): the UNATTRIBUTED line of a GPU run says whether
+  they hold, and names the largest events it could not map.
 - `breakdown(events, instrs, steps, ...)`: per-category milliseconds per step and device
   (self time: an event's time minus the events nested in it on the same thread, so a
   while loop's body is not counted twice), their shares of the op time, the device busy
