@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from moetrain import backend, config as config_lib
-from moetrain.model import routing
+from moetrain.model import routing, slots
 from moetrain.model.layers import scoped, swiglu
 from moetrain.parallel import ragged
 
@@ -112,15 +112,22 @@ def token_choices(x_TD: jax.Array, router_DE: jax.Array, bias_E, spec: MoESpec) 
 
 
 @scoped('dispatch')
-def dispatch(x_TD: jax.Array, token_EC: jax.Array) -> jax.Array:
-  """Gathers each slot's token: [T, D] -> [E, C, D]; empty slots get zeros."""
+def dispatch(x_TD: jax.Array, r: routing.Routing) -> jax.Array:
+  """Gathers each slot's token: [T, D] -> [E, C, D]; empty slots get zeros. With the
+  token-choice table both ways, the gradient is a gather too (`slots.dispatch`)."""
+  if r.slot_TK is not None:
+    return slots.dispatch(x_TD, r.token_EC, r.slot_TK)
   x_pad = jnp.concatenate([x_TD, jnp.zeros_like(x_TD[:1])], axis=0)
-  return x_pad[token_EC]
+  return x_pad[r.token_EC]
 
 
 @scoped('combine')
 def combine(y_ECD: jax.Array, r: routing.Routing, num_tokens: int) -> jax.Array:
-  """Adds each slot's output, times its weight, back to its token: [E, C, D] -> [T, D]."""
+  """Adds each slot's output, times its weight, back to its token: [E, C, D] -> [T, D]
+  float32. Token choice gathers each token's K slots (`slots.combine`); expert choice and
+  soft routing (a token in up to E slots) scatter-add the slots into their tokens."""
+  if r.slot_TK is not None:
+    return slots.combine(y_ECD, r.weight_TK, r.slot_TK, r.token_EC)
   d = y_ECD.shape[-1]
   weighted = (y_ECD.astype(jnp.float32) * r.weight_EC[..., None]).reshape(-1, d)
   y_TD = jnp.zeros((num_tokens + 1, d), jnp.float32).at[r.token_EC.reshape(-1)].add(weighted)
@@ -308,7 +315,7 @@ def moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, jitter_ke
           softmax_order=spec.softmax_order, renormalize=spec.renormalize,
           routed_scaling=spec.routed_scaling, drop_order=spec.drop_order, bias_E=bias_E,
           remove_experts=spec.remove_experts, remove_choices=spec.remove_choices)
-    x_ECD = dispatch(x_TD, r.token_EC)
+    x_ECD = dispatch(x_TD, r)
     if expert_axis is not None:  # [E, C, D] -> [E/ep, ep*C, D]: slots travel to their expert.
       x_ECD = jax.lax.all_to_all(x_ECD, expert_axis, 0, 1, tiled=True)
     y_ECD = experts(x_ECD, *weights)
