@@ -20,6 +20,7 @@
    float32 (highest matmul precision) and bfloat16.
 On CPU (no ragged all-to-all) the checks of 1 and the expert-parallel ones of 3 say "not
 available". --tiny: small sizes (tests/test_bench.py runs it so on CPU).
+--has-xla-flag FLAG: no checks; exit status 0 if this jaxlib knows the XLA flag, else 1.
 Errors are relative: |a - b| / |b| over the whole array.
 """
 
@@ -293,8 +294,16 @@ def check_layer(dtype, top_k, tol, sizes):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--tiny', action='store_true', help='small sizes (CPU tests)')
+  parser.add_argument('--has-xla-flag', metavar='FLAG',
+                      help='only say (exit status 0 or 1) whether this jaxlib knows FLAG')
   parser.add_argument('--cudnn-child', action='store_true', help=argparse.SUPPRESS)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if '--has-xla-flag' in argv[:-1]:  # its value starts with dashes: argparse wants '='
+    i = argv.index('--has-xla-flag')
+    argv[i:i + 2] = [f'--has-xla-flag={argv[i + 1]}']
   args = parser.parse_args(argv)
+  if args.has_xla_flag:
+    return 0 if jaxlib_knows_flag(args.has_xla_flag) else 1
   sizes = SIZES['tiny' if args.tiny else 'full']
   if args.cudnn_child:  # run by check_cudnn_flag with the flag in XLA_FLAGS
     check_grouped_paths(sizes, only_xla=True, label_suffix=' + cuDNN flag')

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from absl import flags
 
 from moetrain import backend, config as config_lib
-from moetrain.model import routing
-from moetrain.model.layers import swiglu
+from moetrain.model import routing, slots
+from moetrain.model.layers import scoped, swiglu
 from moetrain.parallel import ragged
 
 @dataclasses.dataclass(frozen=True)
@@ -116,14 +116,23 @@ def token_choices(x_TD: jax.Array, router_DE: jax.Array, bias_E, spec: MoESpec) 
                              softmax_order=spec.softmax_order, bias_E=bias_E)[0]
 
 
-def dispatch(x_TD: jax.Array, token_EC: jax.Array) -> jax.Array:
-  """Gathers each slot's token: [T, D] -> [E, C, D]; empty slots get zeros."""
+@scoped('dispatch')
+def dispatch(x_TD: jax.Array, r: routing.Routing) -> jax.Array:
+  """Gathers each slot's token: [T, D] -> [E, C, D]; empty slots get zeros. With the
+  token-choice table both ways, the gradient is a gather too (`slots.dispatch`)."""
+  if r.slot_TK is not None:
+    return slots.dispatch(x_TD, r.token_EC, r.slot_TK)
   x_pad = jnp.concatenate([x_TD, jnp.zeros_like(x_TD[:1])], axis=0)
-  return x_pad[token_EC]
+  return x_pad[r.token_EC]
 
 
+@scoped('combine')
 def combine(y_ECD: jax.Array, r: routing.Routing, num_tokens: int) -> jax.Array:
-  """Adds each slot's output, times its weight, back to its token: [E, C, D] -> [T, D]."""
+  """Adds each slot's output, times its weight, back to its token: [E, C, D] -> [T, D]
+  float32. Token choice gathers each token's K slots (`slots.combine`); expert choice and
+  soft routing (a token in up to E slots) scatter-add the slots into their tokens."""
+  if r.slot_TK is not None:
+    return slots.combine(y_ECD, r.weight_TK, r.slot_TK, r.token_EC)
   d = y_ECD.shape[-1]
   weighted = (y_ECD.astype(jnp.float32) * r.weight_EC[..., None]).reshape(-1, d)
   y_TD = jnp.zeros((num_tokens + 1, d), jnp.float32).at[r.token_EC.reshape(-1)].add(weighted)
@@ -137,6 +146,7 @@ def combine(y_ECD: jax.Array, r: routing.Routing, num_tokens: int) -> jax.Array:
 CPU_EXPERT_LOOP_MAX = 8
 
 
+@scoped('experts')
 def experts(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
   """SwiGLU expert e on its buffer row x_ECD[e]: [E, C, D] -> [E, C, D]."""
   num_experts = x_ECD.shape[0]
@@ -146,6 +156,7 @@ def experts(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
   return swiglu(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD, 'ecd,edf->ecf', 'ecf,efd->ecd')
 
 
+@scoped('dispatch')
 def sort_by_expert(expert_TK, num_experts: int):
   """Assignments ordered by expert: token_A int32 [A] (A = T*K), the token of each,
   order_A [A] their positions in expert_TK.reshape(-1), and sizes_E int32 [E]."""
@@ -178,6 +189,7 @@ def grouped_dot(x_MK, w_GKN, sizes_G, impl='xla'):
   return jax.lax.ragged_dot(x_MK, w_GKN, sizes_G)
 
 
+@scoped('experts')
 def grouped_swiglu(x_AD, w_gate_EDF, w_up_EDF, w_down_EFD, sizes_E, impl='xla'):
   """SwiGLU of expert e on its consecutive sizes_E[e] rows of x_AD [A, D] -> [A, D]
   (rows past sum(sizes_E) are unused: zeros with jax.lax.ragged_dot, unspecified with
@@ -187,6 +199,7 @@ def grouped_swiglu(x_AD, w_gate_EDF, w_up_EDF, w_down_EFD, sizes_E, impl='xla'):
   return grouped_dot(h_AF, w_down_EFD, sizes_E, impl)
 
 
+@scoped('combine')
 def combine_sorted(y_AD, token_A, weight_A, num_tokens: int):
   """Adds each assignment's output times its weight to its token: [A, D] -> [T, D] f32."""
   return jnp.zeros((num_tokens, y_AD.shape[-1]), jnp.float32).at[token_A].add(
@@ -203,10 +216,13 @@ def ragged_experts(x_TD, expert_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD,
   Returns y [T, D] float32.
   """
   token_A, order_A, sizes_E = sort_by_expert(expert_TK, w_gate_EDF.shape[0])
-  y_AD = grouped_swiglu(x_TD[token_A], w_gate_EDF, w_up_EDF, w_down_EFD, sizes_E, impl)
+  with jax.named_scope('dispatch'):
+    x_AD = x_TD[token_A]
+  y_AD = grouped_swiglu(x_AD, w_gate_EDF, w_up_EDF, w_down_EFD, sizes_E, impl)
   return combine_sorted(y_AD, token_A, weight_TK.reshape(-1)[order_A], x_TD.shape[0])
 
 
+@scoped('experts')
 def gathered_experts(x_TD, expert_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD):
   """Dropless experts for a few tokens: token t runs its K chosen experts with their
   weights gathered ([T, K, D, F]), so only T*K experts' weights are read. Equals the padded
@@ -223,13 +239,15 @@ def padded_grouped_swiglu(x_MD, w_gate_LDF, w_up_LDF, w_down_LFD, sizes_L, capac
   experts run, and each row takes its output back; unused rows give zeros."""
   num_rows = x_MD.shape[0]
   num_local = sizes_L.shape[0]
-  ends_L = jnp.cumsum(sizes_L)
-  expert_M = jnp.searchsorted(ends_L, jnp.arange(num_rows), side='right')  # L: unused
-  slot_M = jnp.arange(num_rows) - (ends_L - sizes_L)[jnp.minimum(expert_M, num_local - 1)]
-  x_LCD = jnp.zeros((num_local, capacity, x_MD.shape[1]), x_MD.dtype).at[
-      expert_M, slot_M].set(x_MD, mode='drop')
+  with jax.named_scope('dispatch'):
+    ends_L = jnp.cumsum(sizes_L)
+    expert_M = jnp.searchsorted(ends_L, jnp.arange(num_rows), side='right')  # L: unused
+    slot_M = jnp.arange(num_rows) - (ends_L - sizes_L)[jnp.minimum(expert_M, num_local - 1)]
+    x_LCD = jnp.zeros((num_local, capacity, x_MD.shape[1]), x_MD.dtype).at[
+        expert_M, slot_M].set(x_MD, mode='drop')
   y_LCD = experts(x_LCD, w_gate_LDF, w_up_LDF, w_down_LFD)
-  return y_LCD.at[expert_M, slot_M].get(mode='fill', fill_value=0)
+  with jax.named_scope('combine'):
+    return y_LCD.at[expert_M, slot_M].get(mode='fill', fill_value=0)
 
 
 def in_token_chunks(fn, x_TD, expert_TK, weight_TK, chunk: int):
@@ -255,16 +273,18 @@ def ragged_expert_parallel(x_TD, expert_TK, weight_TK, w_gate_LDF, w_up_LDF, w_d
   num_tokens, top_k = expert_TK.shape
   num_devices = jax.lax.axis_size(expert_axis)
   token_A, order_A, sizes_E = sort_by_expert(expert_TK, num_experts)
-  counts_PE = jax.lax.all_gather(sizes_E, expert_axis)
-  plan = ragged.exchange_plan(counts_PE, jax.lax.axis_index(expert_axis))
-  rows = ragged.receive_rows(num_tokens, top_k, num_devices, w_gate_LDF.shape[0])
-  x_MD = ragged.to_experts(x_TD[token_A], plan, rows, expert_axis)
+  with jax.named_scope('dispatch'):
+    counts_PE = jax.lax.all_gather(sizes_E, expert_axis)
+    plan = ragged.exchange_plan(counts_PE, jax.lax.axis_index(expert_axis))
+    rows = ragged.receive_rows(num_tokens, top_k, num_devices, w_gate_LDF.shape[0])
+    x_MD = ragged.to_experts(x_TD[token_A], plan, rows, expert_axis)
   weights = (w_gate_LDF, w_up_LDF, w_down_LFD)
   if grouped_matmul:
     y_MD = grouped_swiglu(x_MD, *weights, plan.group_sizes_L, grouped_matmul)
   else:
     y_MD = padded_grouped_swiglu(x_MD, *weights, plan.group_sizes_L, num_devices * num_tokens)
-  y_AD = ragged.from_experts(y_MD, plan, token_A.shape[0], expert_axis)
+  with jax.named_scope('combine'):
+    y_AD = ragged.from_experts(y_MD, plan, token_A.shape[0], expert_axis)
   return combine_sorted(y_AD, token_A, weight_TK.reshape(-1)[order_A], num_tokens)
 
 
@@ -287,25 +307,27 @@ def moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, jitter_ke
   """
   num_tokens = x_TD.shape[0]
   num_experts = spec.num_experts
-  x_router = x_TD.astype(jnp.float32)
-  if train and spec.jitter > 0:
-    x_router = x_router * jax.random.uniform(jitter_key, x_router.shape, jnp.float32,
-                                             1.0 - spec.jitter, 1.0 + spec.jitter)
-  logits_TE = x_router @ router_DE.astype(jnp.float32)
+  with jax.named_scope('router'):
+    x_router = x_TD.astype(jnp.float32)
+    if train and spec.jitter > 0:
+      x_router = x_router * jax.random.uniform(jitter_key, x_router.shape, jnp.float32,
+                                               1.0 - spec.jitter, 1.0 + spec.jitter)
+    logits_TE = x_router @ router_DE.astype(jnp.float32)
   weights = [w.astype(dtype) for w in (w_gate_EDF, w_up_EDF, w_down_EFD)]
   x_TD = x_TD.astype(dtype)
   ragged_exchange = expert_axis is not None and spec.use_ragged_exchange()
   gather = expert_axis is None and spec.gathers(num_tokens, train)
   local_ragged = expert_axis is None and spec.use_ragged()
   if local_ragged or ragged_exchange or gather:
-    expert_TK, weight_TK, probs_TE = routing.top_k_gates(
-        logits_TE, spec.top_k, gate=spec.gate, softmax_order=spec.softmax_order,
-        renormalize=spec.renormalize, routed_scaling=spec.routed_scaling, bias_E=bias_E)
-    if spec.ablates():
-      weight_TK = weight_TK * routing.ablation_keep(expert_TK, num_experts,
-                                                    spec.remove_experts, spec.remove_choices)
-    stats = routing.RouterStats(probs_TE, routing.assignment_mask(expert_TK, num_experts),
-                                jnp.float32(expert_TK.size), jnp.float32(expert_TK.size))
+    with jax.named_scope('router'):
+      expert_TK, weight_TK, probs_TE = routing.top_k_gates(
+          logits_TE, spec.top_k, gate=spec.gate, softmax_order=spec.softmax_order,
+          renormalize=spec.renormalize, routed_scaling=spec.routed_scaling, bias_E=bias_E)
+      if spec.ablates():
+        weight_TK = weight_TK * routing.ablation_keep(
+            expert_TK, num_experts, spec.remove_experts, spec.remove_choices)
+      stats = routing.RouterStats(probs_TE, routing.assignment_mask(expert_TK, num_experts),
+                                  jnp.float32(expert_TK.size), jnp.float32(expert_TK.size))
     if ragged_exchange:
       run = lambda x, e, w: ragged_expert_parallel(
           x, e, w, *weights, num_experts=num_experts, expert_axis=expert_axis,
@@ -319,13 +341,14 @@ def moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, jitter_ke
     else:  # local_ragged
       y_TD = ragged_experts(x_TD, expert_TK, weight_TK, *weights, spec.grouped_matmul)
   else:
-    r, stats = routing.route(
-        logits_TE, router=spec.router, top_k=spec.top_k,
-        capacity=spec.capacity(num_tokens, train), gate=spec.gate,
-        softmax_order=spec.softmax_order, renormalize=spec.renormalize,
-        routed_scaling=spec.routed_scaling, drop_order=spec.drop_order, bias_E=bias_E,
-        remove_experts=spec.remove_experts, remove_choices=spec.remove_choices)
-    x_ECD = dispatch(x_TD, r.token_EC)
+    with jax.named_scope('router'):
+      r, stats = routing.route(
+          logits_TE, router=spec.router, top_k=spec.top_k,
+          capacity=spec.capacity(num_tokens, train), gate=spec.gate,
+          softmax_order=spec.softmax_order, renormalize=spec.renormalize,
+          routed_scaling=spec.routed_scaling, drop_order=spec.drop_order, bias_E=bias_E,
+          remove_experts=spec.remove_experts, remove_choices=spec.remove_choices)
+    x_ECD = dispatch(x_TD, r)
     if expert_axis is not None:  # [E, C, D] -> [E/ep, ep*C, D]: slots travel to their expert.
       x_ECD = jax.lax.all_to_all(x_ECD, expert_axis, 0, 1, tiled=True)
     y_ECD = experts(x_ECD, *weights)
