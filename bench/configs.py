@@ -32,6 +32,7 @@ VOCAB = 2048
 D_MODEL = 512  # --d-model changes it; heads of 64, d_ff = 4 d, d_expert = 2 d.
 BATCH_SIZE = 32  # --batch-size changes it (sequences of 256 tokens).
 DTYPE = 'float32'  # --dtype changes it (bfloat16 on GPU/TPU by default).
+SET: dict = {}  # --set KEY=VALUE: applied to every config last (set_size).
 
 
 def add_size_flags(parser):
@@ -43,11 +44,19 @@ def add_size_flags(parser):
   parser.add_argument('--dtype', default='auto', choices=('auto', 'float32', 'bfloat16'),
                       help="compute dtype of every config (auto: the machine's matmul dtype, "
                       'float32 on CPU, else bfloat16)')
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help='a config key set in every config, after its own values (e.g. '
+                      '--set data.batch_size=8 for the ~1B configs on an 80 GB GPU)')
 
 
-def set_size(d_model: int, batch_size: int, dtype: str = 'auto'):
-  """Sets the width, batch and compute dtype every config function builds with."""
-  global D_MODEL, BATCH_SIZE, DTYPE
+def set_size(d_model: int, batch_size: int, dtype: str = 'auto', sets=()):
+  """Sets the width, batch and compute dtype every config function builds with, and the
+  `--set KEY=VALUE` overrides applied to every config last."""
+  global D_MODEL, BATCH_SIZE, DTYPE, SET
+  from moetrain import sweep
+  default = config_lib.default_config()
+  SET = {key: values[-1] for key, values in (sweep.parse_axis(spec, default, '--set')
+                                            for spec in sets)}
   D_MODEL, BATCH_SIZE = d_model, batch_size
   if dtype == 'auto':  # imports jax: callers that set XLA_FLAGS pass a dtype
     import jax.numpy as jnp
@@ -74,7 +83,7 @@ def base(**overrides):
   c.data.batch_size = BATCH_SIZE
   c.train.steps = 1000
   c.train.warmup_steps = 10
-  for key, value in overrides.items():
+  for key, value in {**overrides, **SET}.items():
     config_lib.set_key(c, key, value)
   return config_lib.validate(c)
 

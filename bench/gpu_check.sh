@@ -15,6 +15,9 @@
 #      trace attributes); then dense_1b, the padded and XLA-ragged dropless variants, and
 #      the XLA ragged path with the cuDNN grouped-GEMM flag (when this jaxlib has it).
 #
+# On a GPU of less than ~90 GB (an 80 GB H100) moe64_1b and the padded dropless variant
+# do not fit at 16 x 2048 tokens (bench/NOTES.md, "GPU plan"): this script then sets
+# data.batch_size=8 for every config, and the JSON's command line says so.
 # Packages the GPU image lacks travel as wheels in .whl/ (bench/gpu_wheels.sh fetches them
 # here; name .whl in the device tool's carry); the image's own jax, flax, optax and orbax
 # are used. Logs and JSON go to $OUT (8 files at most come back); the tables print last.
@@ -32,10 +35,16 @@ export PYTHONPATH=.:tests${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
 python3 -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__,
   "optax", optax.__version__, jax.devices())'
+memory_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+sets=()
+if [[ ${memory_mib:-0} -lt 92000 ]]; then
+  sets=(--set data.batch_size=8)
+  echo "GPU memory ${memory_mib} MiB < 92000: every config runs at 8 x 2048 tokens"
+fi
 bench() {  # bench <seconds> <json name> <configs> [XLA flag]
   XLA_FLAGS="${XLA_FLAGS:-} ${4:-}" timeout "$1" python3 bench/run.py --no-a2a \
     --mode=sequential --matmul-n=8192 --rounds=3 --steps=3 --warmup=2 --configs="$3" \
-    --out "$out/$2" 2>&1 | tee -a "$out/bench.log" | grep -v '^round'
+    "${sets[@]}" --out "$out/$2" 2>&1 | tee -a "$out/bench.log" | grep -v '^round'
 }
 rc=0
 case $phase in
@@ -45,8 +54,8 @@ case $phase in
     ;;
   b)
     for config in moe8_1b moe64_1b; do
-      timeout 100 python3 bench/profile.py "$config" --steps=3 --out "$out/profile_$config.json" \
-        2>&1 | tee "$out/profile_$config.log" || rc=1
+      timeout 100 python3 bench/profile.py "$config" --steps=3 "${sets[@]}" \
+        --out "$out/profile_$config.json" 2>&1 | tee "$out/profile_$config.log" || rc=1
     done
     bench 200 bench_1b_b.json dense_1b,moe8_1b,moe8_1b_dropless_padded,moe8_1b_dropless_ragged || rc=1
     flag=--xla_gpu_experimental_use_ragged_dot_fusion=true

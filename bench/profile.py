@@ -73,7 +73,7 @@ def main(argv=None):
     p.error(f'--out {args.out} exists; pass a new file name')
   import jax
   from bench import harness
-  configs.set_size(args.d_model, args.batch_size, args.dtype)
+  configs.set_size(args.d_model, args.batch_size, args.dtype, args.set)
   b = harness.StepBench(args.config, configs.CONFIGS[args.config]())
   b.run(2, record=False)
   result = profile_step(b, args.steps)

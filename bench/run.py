@@ -172,7 +172,7 @@ def main(argv=None):
   import jax
   from bench import harness
 
-  configs.set_size(args.d_model, args.batch_size, args.dtype)
+  configs.set_size(args.d_model, args.batch_size, args.dtype, args.set)
   names = args.configs.split(',')
   unknown = [n for n in names if n not in configs.CONFIGS]
   if unknown:

@@ -190,6 +190,20 @@ def test_run_sequential_1b_family_ratios(tmp_path, monkeypatch):
     run.main(['--configs=moe9', '--no-a2a'])
 
 
+def test_set_overrides_every_config(monkeypatch):
+  monkeypatch.setattr(configs, 'SET', {})
+  configs.set_size(configs.D_MODEL, configs.BATCH_SIZE, 'float32',
+                   ['data.batch_size=8', 'model.remat=full'])
+  try:
+    for name in ('moe8', 'moe64_1b'):
+      cfg = configs.CONFIGS[name]()
+      assert (cfg.data.batch_size, cfg.model.remat) == (8, 'full')
+    with pytest.raises(Exception, match="--set value 'x' for data.batch_size is not a int"):
+      configs.set_size(configs.D_MODEL, configs.BATCH_SIZE, 'float32', ['data.batch_size=x'])
+  finally:
+    configs.set_size(configs.D_MODEL, configs.BATCH_SIZE, 'float32')
+
+
 def test_gpu_check_passes_every_check_this_backend_has(capsys):
   """bench/gpu_check.py at tiny sizes: every check that runs here passes (on CPU: the
   grouped matmuls of jax.lax.ragged_dot, tokamax's 'xla' implementation and the cuDNN-flag
