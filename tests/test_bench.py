@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from bench import configs, harness  # noqa: E402
+from bench import configs, gpu_check, harness  # noqa: E402
 from moetrain import counting  # noqa: E402
 
 from conftest import tiny_config  # noqa: E402
@@ -202,3 +202,30 @@ def test_set_overrides_every_config(monkeypatch):
       configs.set_size(configs.D_MODEL, configs.BATCH_SIZE, 'float32', ['data.batch_size=x'])
   finally:
     configs.set_size(configs.D_MODEL, configs.BATCH_SIZE, 'float32')
+
+
+def test_gpu_check_passes_every_check_this_backend_has(capsys):
+  """bench/gpu_check.py at tiny sizes: every check that runs here passes (on CPU: the
+  grouped matmuls of jax.lax.ragged_dot, tokamax's 'xla' implementation and the cuDNN-flag
+  subprocess, and the local layers), and the rest say why they are not available."""
+  gpu_check.RESULTS.clear()
+  assert gpu_check.main(['--tiny']) == 0
+  out = capsys.readouterr().out
+  checks = [line for line in out.splitlines() if line.startswith(('ok', 'FAIL'))]
+  assert len(checks) == len(gpu_check.RESULTS) and f'{len(checks)}/{len(checks)} checks ' \
+      'passed' in out
+  for dtype in ('float32', 'bfloat16'):
+    for path in ('jax.lax.ragged_dot', "tokamax.ragged_dot implementation='xla'"):
+      for what in ('output, used rows', 'd x', 'd w_gate', 'd w_up', 'd w_down'):
+        assert f'ok   {path} == padded: {what} ({dtype})' in out
+    assert 'ok   local tokamax == padded: d w_down (' + dtype in out
+  assert 'ok   jax.lax.ragged_dot + cuDNN flag == padded: d x (bfloat16)' in out or \
+      'does not know the flag' in out
+  if jax.default_backend() == 'cpu':
+    assert "--   tokamax.ragged_dot implementation='mosaic' (bfloat16)" in out
+    assert 'EP ragged a2a + tokamax (bfloat16, k=2)' in out and 'no ragged all-to-all' in out
+
+
+def test_gpu_check_says_whether_jaxlib_knows_an_xla_flag():
+  assert gpu_check.main(['--has-xla-flag', '--xla_force_host_platform_device_count']) == 0
+  assert gpu_check.main(['--has-xla-flag', 'xla_cpu_no_such_flag_at_all']) == 1
