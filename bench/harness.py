@@ -18,6 +18,9 @@ Model FLOPs (what MFU counts; the same formula as `moetrain.counting`, PaLM appe
 
 MFU = flops_per_step / median step seconds / measured matmul rate (the same machine, the
 same run, the compute dtype's rate: float32 on CPU, bfloat16 on GPU/TPU).
+mfu_peak = flops_per_step / median step seconds / the chip's datasheet dense bfloat16 rate
+(`PEAK_BF16`, by jax's device_kind; none on CPU): the number issue 17 and the published
+Megatron-Core / MaxText MFUs are stated against.
 """
 
 from __future__ import annotations
@@ -50,6 +53,22 @@ def matmul_rate(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
     f(a, b).block_until_ready()
     times.append(time.perf_counter() - t0)
   return 2 * n ** 3 / statistics.median(times)
+
+
+# Datasheet dense bfloat16 FLOP/s per chip (no sparsity), by jax `device_kind` prefix;
+# the longest matching prefix wins. NVIDIA H100/H200 SXM: 989.4 TFLOP/s (H100 PCIe 756,
+# H100 NVL 835); A100 312; Google Cloud TPU v4 275, v5e 197, v5p 459, v6e (Trillium) 918.
+PEAK_BF16 = {
+    'NVIDIA H100': 989.4e12, 'NVIDIA H100 PCIe': 756e12, 'NVIDIA H100 NVL': 835e12,
+    'NVIDIA H200': 989.4e12, 'NVIDIA GH200': 989.4e12, 'NVIDIA A100': 312e12,
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5': 459e12, 'TPU v6 lite': 918e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """The datasheet dense bf16 rate of a chip named `device_kind`, or None if unknown."""
+  best = max((k for k in PEAK_BF16 if device_kind.startswith(k)), key=len, default=None)
+  return PEAK_BF16[best] if best else None
 
 
 def default_matmul_dtype():
@@ -188,9 +207,10 @@ class StepBench:
     self.rounds.append(dict(step_s=statistics.median(self.times[start:]),
                             matmul_flops_per_s=matmul_flops_per_s))
 
-  def result(self) -> dict:
+  def result(self, peak: float | None = None) -> dict:
     """Medians over all steps (step_s) and over rounds (mfu: each round's step time against
-    the matmul rate measured right before it, which cancels most of the machine's load)."""
+    the matmul rate measured right before it, which cancels most of the machine's load);
+    mfu_peak against `peak` FLOP/s (the datasheet rate, `peak_flops`), None without one."""
     tokens = self.cfg.data.batch_size * self.cfg.data.seq_len
     step_s = statistics.median(self.times)
     flops = flops_per_step(self.cfg)
@@ -199,7 +219,19 @@ class StepBench:
     return dict(config=self.name, compile_s=self.compile_s, step_s=step_s,
                 step_s_all=self.times, rounds=self.rounds, tokens_per_step=tokens,
                 tokens_per_s=tokens / step_s, model_flops_per_step=flops,
-                model_flops_per_s=flops / step_s, mfu=mfu)
+                model_flops_per_s=flops / step_s, mfu=mfu,
+                mfu_peak=flops / step_s / peak if peak else None,
+                step_memory_bytes=self.step_memory_bytes())
+
+  def step_memory_bytes(self) -> int | None:
+    """Device bytes the compiled step plans for: its arguments (the state and the batch),
+    outputs not aliased to them, and temporaries (XLA's memory_analysis of this program
+    alone, so one config's number does not include another's state)."""
+    m = self.compiled.memory_analysis()
+    if m is None:
+      return None
+    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.temp_size_in_bytes)
 
 
 def paired_ratio(a: dict, b: dict) -> float:
@@ -220,18 +252,26 @@ def table(result: dict) -> str:
     lines.append(f"configs: d_model {result['d_model']}, batch {result['batch_size']} x 256 "
                  f"tokens, {result.get('dtype', 'float32')}; MFU and R1/R2 are medians over "
                  'rounds of same-round pairs')
+  if result.get('peak_flops_per_s'):
+    lines.append(f"datasheet peak ({result['device_kind']}): "
+                 f"{result['peak_flops_per_s'] / 1e12:.1f} TFLOP/s bf16 dense; MFU/peak "
+                 'against it, MFU against the measured matmul rate')
+  width = max([14] + [len(r['config']) + 2 for r in result['configs']])
   lines += ['',
-           f"{'config':<14}{'compile s':>10}{'step ms':>10}{'tokens/s':>11}"
-           f"{'GFLOP/step':>12}{'GFLOP/s':>9}{'MFU':>7}"]
+           f"{'config':<{width}}{'compile s':>10}{'step ms':>10}{'tokens/s':>11}"
+           f"{'GFLOP/step':>12}{'GFLOP/s':>9}{'MFU':>7}{'MFU/peak':>9}{'mem GiB':>9}"]
   for r in result['configs']:
-    lines.append(f"{r['config']:<14}{r['compile_s']:>10.1f}{r['step_s'] * 1e3:>10.1f}"
+    peak, memory = r.get('mfu_peak'), r.get('step_memory_bytes')
+    lines.append(f"{r['config']:<{width}}{r['compile_s']:>10.1f}{r['step_s'] * 1e3:>10.1f}"
                  f"{r['tokens_per_s']:>11,.0f}{r['model_flops_per_step'] / 1e9:>12.2f}"
-                 f"{r['model_flops_per_s'] / 1e9:>9.1f}{r['mfu']:>7.2f}")
+                 f"{r['model_flops_per_s'] / 1e9:>9.1f}{r['mfu']:>7.2f}"
+                 f"{'n/a' if peak is None else f'{peak:.3f}':>9}"
+                 f"{'n/a' if memory is None else f'{memory / 2**30:.1f}':>9}")
   lines.append('')
   for key, r in result['ratios'].items():
     ok = {True: 'ok', False: 'MISSED', None: 'n/a'}[r.get('ok')]
     value = 'n/a' if r['value'] is None else f"{r['value']:.3f}"
-    lines.append(f"{key}  {r['what']:<48} {value:>7}  target {r['target']:<7} {ok}")
+    lines.append(f"{key:<3} {r['what']:<56} {value:>7}  target {r['target']:<7} {ok}")
   return '\n'.join(lines)
 
 

@@ -85,8 +85,14 @@ def default_config() -> ml_collections.ConfigDict:
   e.dropless = False
   # auto | padded | ragged. ragged: ragged_dot grouped matmuls and, under expert
   # parallelism, a ragged all-to-all (GPU/TPU only). auto: the ragged all-to-all where the
-  # backend has it, ragged_dot on TPU only (slower than padded buffers on an H100).
+  # backend has it, ragged_dot on TPU only (slower than padded buffers on an H100) or
+  # with grouped_matmul='tokamax'.
   e.dropless_impl = 'auto'
+  # The grouped matmuls of the ragged dropless path: xla (jax.lax.ragged_dot) | tokamax
+  # (tokamax.ragged_dot's Pallas kernels: Mosaic GPU on H100/H200, Triton, Mosaic TPU;
+  # `pip install 'moetrain[gpu]'`). tokamax makes dropless_impl='auto' take the ragged
+  # path on every backend.
+  e.grouped_matmul = 'xla'
   # Dropless under expert parallelism with the ragged all-to-all: route every token, then
   # send them to their experts and back in chunks of this many tokens per device (a scan),
   # so the receive buffers, sized for the worst case (every token of every device to this
@@ -379,6 +385,20 @@ def _check_removals(m):
            "set remove_choices=''.")
 
 
+def _check_grouped_matmul(e):
+  """grouped_matmul='tokamax' runs only on the ragged dropless path, with tokamax installed."""
+  if e.grouped_matmul != 'tokamax':
+    return
+  _require(e.dropless and e.dropless_impl != 'padded',
+           "model.moe.grouped_matmul='tokamax' runs the grouped matmuls of the ragged "
+           f'dropless path, which dropless={e.dropless}, dropless_impl={e.dropless_impl!r} '
+           "does not take; set dropless=True with dropless_impl='auto' or 'ragged', or "
+           "grouped_matmul='xla'.")
+  _require(importlib.util.find_spec('tokamax') is not None,
+           "model.moe.grouped_matmul='tokamax' needs the tokamax package, which is not "
+           "installed; run pip install 'moetrain[gpu]' or set grouped_matmul='xla'.")
+
+
 def parse_mixture(spec: str) -> list[tuple[str, str, float]]:
   """data.mixture '[NAME=]DIR:WEIGHT,...' -> [(name, dir, weight)], weights summing to 1.
   NAME defaults to the directory's last path component; names must differ."""
@@ -475,6 +495,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                          ('softmax_order', ('softmax_topk', 'topk_softmax')),
                          ('drop_order', ('position', 'probability')),
                          ('dropless_impl', ('auto', 'padded', 'ragged')),
+                         ('grouped_matmul', ('xla', 'tokamax')),
                          ('balance_scope', ('micro_batch', 'global', 'sequence'))):
       _require(e[key] in allowed, f'model.moe.{key}={e[key]!r} is not known; use one of '
                f'{", ".join(allowed)}.')
@@ -492,6 +513,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(not (e.dropless and e.router != 'token_choice'),
              f"model.moe.dropless=True needs router='token_choice' (got {e.router!r}); "
              'expert choice and soft routing never drop tokens, so set dropless=False.')
+    _check_grouped_matmul(e)
     _require(not (e.bias_update_rate > 0 and e.router != 'token_choice'),
              f"model.moe.bias_update_rate>0 needs router='token_choice' (got {e.router!r}); "
              'set bias_update_rate=0.')

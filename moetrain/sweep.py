@@ -27,28 +27,28 @@ from moetrain import paths
 SUMMARY = 'summary.json'
 
 
-def parse_axis(spec: str, base) -> tuple[str, list]:
+def parse_axis(spec: str, base, flag: str = '--sweep') -> tuple[str, list]:
   """'model.num_experts=4,8,16' -> ('model.num_experts', [4, 8, 16]); each value takes the
-  type of the key's current value in `base`."""
+  type of the key's current value in `base`. `flag` names the option in error messages."""
   if '=' not in spec:
-    raise config_lib.ConfigError(f'--sweep={spec!r} has no values; write '
-                                 '--sweep=KEY=V1,V2 (e.g. model.num_experts=4,8).')
+    raise config_lib.ConfigError(f'{flag}={spec!r} has no values; write '
+                                 f'{flag}=KEY=V1,V2 (e.g. model.num_experts=4,8).')
   key, values = spec.split('=', 1)
   config_lib.check_key(key)
   current = config_lib.get_key(base, key)
-  return key, [_parse(key, v.strip(), current) for v in values.split(',') if v.strip()]
+  return key, [_parse(key, v.strip(), current, flag) for v in values.split(',') if v.strip()]
 
 
-def _parse(key: str, text: str, current):
+def _parse(key: str, text: str, current, flag: str):
   if isinstance(current, bool):
     if text.lower() not in ('true', 'false'):
-      raise config_lib.ConfigError(f'--sweep value {text!r} for {key} is not a bool; use '
+      raise config_lib.ConfigError(f'{flag} value {text!r} for {key} is not a bool; use '
                                    'true or false.')
     return text.lower() == 'true'
   try:
     return type(current)(text) if isinstance(current, (int, float)) else text
   except ValueError:
-    raise config_lib.ConfigError(f'--sweep value {text!r} for {key} is not a '
+    raise config_lib.ConfigError(f'{flag} value {text!r} for {key} is not a '
                                  f'{type(current).__name__}; give numbers like '
                                  f'{current!r}.') from None
 

@@ -169,13 +169,14 @@ def forward(model, batch, loss_chunk: int, *, train: bool, rng=None):
   reduced chunk by chunk (objective.chunked_cross_entropy_sum)."""
   kwargs = dict(positions_BL=batch.get('positions'), segment_ids_BL=batch.get('segment_ids'),
                 train=train, rng=rng)
-  if loss_chunk:
-    x_BLD, stats = model.hidden(batch['inputs'], **kwargs)
-    ce_sum = objective.chunked_cross_entropy_sum(
-        x_BLD, batch['targets'], batch['mask'], model.logits_fn(), loss_chunk)
-  else:
-    logits, stats = model(batch['inputs'], **kwargs)
-    ce_sum = objective.cross_entropy_sum(logits, batch['targets'], batch['mask'])
+  x_BLD, stats = model.hidden(batch['inputs'], **kwargs)
+  with jax.named_scope('loss'):  # the output projection and the cross-entropy
+    if loss_chunk:
+      ce_sum = objective.chunked_cross_entropy_sum(
+          x_BLD, batch['targets'], batch['mask'], model.logits_fn(), loss_chunk)
+    else:
+      ce_sum = objective.cross_entropy_sum(model.logits_fn()(x_BLD), batch['targets'],
+                                           batch['mask'])
   return ce_sum, stats
 
 
@@ -219,9 +220,10 @@ def make_train_step(graphdef, tx, cfg):
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     (loss, (parts, stats)), grads = grad_fn(state.params, state.model_state, batch, rng)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope('optimizer'):
+      grad_norm = optax.tree.norm(grads)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
     model_state = state.model_state
     if moe_cfg.bias_update_rate > 0:
       model = nnx.merge(graphdef, params, model_state)

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from bench import configs, harness  # noqa: E402
+from bench import configs, gpu_check, harness  # noqa: E402
 from moetrain import counting  # noqa: E402
 
 from conftest import tiny_config  # noqa: E402
@@ -132,3 +132,100 @@ def test_step_bench_result_and_output(tmp_path):
   lines = {line.split()[0]: line for line in text.splitlines() if line[:2] in ('R1', 'R3', 'R4')}
   assert lines['R1'].endswith('ok') and lines['R3'].endswith('MISSED')
   assert lines['R4'].endswith('n/a')
+
+
+def test_1b_configs_sizes_and_equal_active_parameters():
+  """The issue-17 GPU sizes: ~1B parameters for E=8 top-2, equal active parameters for the
+  fine-grained E=64 top-8 and the dense model, bf16 compute over f32 weights."""
+  counts = {name: counting.count(configs.CONFIGS[name]())
+            for name in ('dense_1b', 'moe8_1b', 'moe64_1b')}
+  assert 0.9e9 < counts['moe8_1b'].total < 1.1e9
+  assert counts['moe64_1b'].total > counts['moe8_1b'].total
+  matmul = [c.matmul_active for c in counts.values()]
+  assert max(matmul) / min(matmul) < 1.01  # only the routers differ
+  for name in configs.CONFIGS_1B:
+    cfg = configs.CONFIGS[name]()
+    assert (cfg.model.dtype, cfg.model.param_dtype) == ('bfloat16', 'float32')
+    assert cfg.data.seq_len == 2048 and cfg.model.d_model == 2048
+  moe64 = configs.CONFIGS['moe64_1b']().model
+  assert (moe64.num_experts, moe64.moe.top_k) == (64, 8)
+  tokamax = configs.CONFIGS['moe8_1b_tokamax']().model.moe
+  assert tokamax.dropless and tokamax.grouped_matmul == 'tokamax'
+
+
+def test_peak_flops_by_device_kind():
+  assert harness.peak_flops('NVIDIA H100 80GB HBM3') == 989.4e12
+  assert harness.peak_flops('NVIDIA H100 PCIe') == 756e12
+  assert harness.peak_flops('NVIDIA H200') == 989.4e12
+  assert harness.peak_flops('TPU v5 lite') == 197e12
+  assert harness.peak_flops('TPU v5') == 459e12
+  assert harness.peak_flops('cpu') is None
+
+
+def test_run_sequential_1b_family_ratios(tmp_path, monkeypatch):
+  """bench/run.py --mode=sequential on the 1B family shrunk to a tiny size: every config
+  is timed, G3/G4 and the dropless variants' ratios are computed, G1/G2 (MFU against a
+  datasheet peak) are n/a on CPU."""
+  from bench import run
+  tiny = {'model.vocab_size': 256, 'model.d_model': 64, 'model.num_layers': 1,
+          'model.num_heads': 2, 'model.num_kv_heads': 1, 'model.d_ff': 64,
+          'model.dtype': 'float32', 'data.seq_len': 32, 'data.batch_size': 8}
+  monkeypatch.setattr(configs, 'SIZE_1B', {**configs.SIZE_1B, **tiny})
+  monkeypatch.setattr(configs, 'SHAPES_1B', {8: (2, 32), 64: (8, 8)})
+  names = 'moe8_1b,moe64_1b,moe8_1b_dropless,moe8_1b_dropless_ragged'
+  out = tmp_path / 'r.json'
+  run.main([f'--configs={names}', '--mode=sequential', '--rounds=2', '--steps=1',
+            '--warmup=1', '--no-a2a', '--matmul-n=64', '--out', str(out)])
+  result = json.loads(out.read_text())
+  assert [r['config'] for r in result['configs']] == names.split(',')
+  assert all(len(r['rounds']) == 2 and r['mfu_peak'] is None and r['step_memory_bytes'] > 0
+             for r in result['configs'])
+  ratios = result['ratios']
+  assert set(ratios) == {'G1', 'G2', 'G3', 'G4', 'moe8_1b_dropless_ragged/moe8_1b'}
+  assert ratios['G1']['value'] is None and ratios['G1']['ok'] is None
+  assert ratios['G3']['value'] > 0 and ratios['G4']['value'] > 0
+  by = {r['config']: r for r in result['configs']}
+  assert ratios['G3']['value'] == harness.paired_ratio(by['moe64_1b'], by['moe8_1b'])
+  with pytest.raises(SystemExit, match='unknown moe9'):
+    run.main(['--configs=moe9', '--no-a2a'])
+
+
+def test_set_overrides_every_config(monkeypatch):
+  monkeypatch.setattr(configs, 'SET', {})
+  configs.set_size(configs.D_MODEL, configs.BATCH_SIZE, 'float32',
+                   ['data.batch_size=8', 'model.remat=full'])
+  try:
+    for name in ('moe8', 'moe64_1b'):
+      cfg = configs.CONFIGS[name]()
+      assert (cfg.data.batch_size, cfg.model.remat) == (8, 'full')
+    with pytest.raises(Exception, match="--set value 'x' for data.batch_size is not a int"):
+      configs.set_size(configs.D_MODEL, configs.BATCH_SIZE, 'float32', ['data.batch_size=x'])
+  finally:
+    configs.set_size(configs.D_MODEL, configs.BATCH_SIZE, 'float32')
+
+
+def test_gpu_check_passes_every_check_this_backend_has(capsys):
+  """bench/gpu_check.py at tiny sizes: every check that runs here passes (on CPU: the
+  grouped matmuls of jax.lax.ragged_dot, tokamax's 'xla' implementation and the cuDNN-flag
+  subprocess, and the local layers), and the rest say why they are not available."""
+  gpu_check.RESULTS.clear()
+  assert gpu_check.main(['--tiny']) == 0
+  out = capsys.readouterr().out
+  checks = [line for line in out.splitlines() if line.startswith(('ok', 'FAIL'))]
+  assert len(checks) == len(gpu_check.RESULTS) and f'{len(checks)}/{len(checks)} checks ' \
+      'passed' in out
+  for dtype in ('float32', 'bfloat16'):
+    for path in ('jax.lax.ragged_dot', "tokamax.ragged_dot implementation='xla'"):
+      for what in ('output, used rows', 'd x', 'd w_gate', 'd w_up', 'd w_down'):
+        assert f'ok   {path} == padded: {what} ({dtype})' in out
+    assert 'ok   local tokamax == padded: d w_down (' + dtype in out
+  assert 'ok   jax.lax.ragged_dot + cuDNN flag == padded: d x (bfloat16)' in out or \
+      'does not know the flag' in out
+  if jax.default_backend() == 'cpu':
+    assert "--   tokamax.ragged_dot implementation='mosaic' (bfloat16)" in out
+    assert 'EP ragged a2a + tokamax (bfloat16, k=2)' in out and 'no ragged all-to-all' in out
+
+
+def test_gpu_check_says_whether_jaxlib_knows_an_xla_flag():
+  assert gpu_check.main(['--has-xla-flag', '--xla_force_host_platform_device_count']) == 0
+  assert gpu_check.main(['--has-xla-flag', 'xla_cpu_no_such_flag_at_all']) == 1

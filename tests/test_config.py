@@ -1,6 +1,7 @@
 """Config validation: each bad value gives one sentence naming the key and the fix."""
 
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -26,6 +27,12 @@ CONFIGS = sorted((pathlib.Path(__file__).parents[1] / 'configs').glob('*.py'))
     ({'model.moe.jitter': 1.5}, r'model\.moe\.jitter=1\.5 must lie in \[0, 1\)'),
     ({'model.moe.router': 'expert_choice', 'model.moe.dropless': True},
      r'dropless=True needs router=.token_choice.'),
+    ({'model.moe.grouped_matmul': 'cublas'}, r"model\.moe\.grouped_matmul='cublas' is not known"),
+    ({'model.moe.grouped_matmul': 'tokamax'},
+     r"grouped_matmul='tokamax' runs the grouped matmuls of the ragged dropless path, which "
+     r"dropless=False, dropless_impl='auto' does not take"),
+    ({'model.moe.grouped_matmul': 'tokamax', 'model.moe.dropless': True,
+      'model.moe.dropless_impl': 'padded'}, r"dropless=True, dropless_impl='padded' does not"),
     ({'model.moe.gate': 'sigmoid', 'model.moe.softmax_order': 'topk_softmax'},
      r"softmax_order='topk_softmax' needs gate='softmax'"),
     ({'model.first_k_dense': 2}, r'no layer is a MoE layer'),
@@ -60,6 +67,15 @@ def test_bad_values_raise_one_sentence(overrides, message):
     config_lib.validate(tiny_config(**overrides))
   text = str(info.value)
   assert '\n' not in text and text.count('; ') >= 1  # what is wrong; how to fix it.
+
+
+def test_tokamax_grouped_matmul_needs_tokamax_installed(monkeypatch):
+  cfg = tiny_config(**{'model.moe.grouped_matmul': 'tokamax', 'model.moe.dropless': True})
+  config_lib.validate(cfg)
+  monkeypatch.setitem(sys.modules, 'tokamax', None)  # as if not installed
+  with pytest.raises(ConfigError, match=r"grouped_matmul='tokamax' needs the tokamax package, "
+                     r"which is not installed; run pip install 'moetrain\[gpu\]'"):
+    config_lib.validate(cfg)
 
 
 def test_head_dim_may_differ_from_d_model_over_heads():

@@ -13,7 +13,7 @@ from moetrain.model import moe_ffn as moe_lib
 from moetrain.model import routing
 from moetrain.model.layers import MLP
 
-from conftest import tiny_config
+from conftest import assert_close, tiny_config
 
 RNG = np.random.default_rng()
 T, D, F, E = 48, 16, 24, 8
@@ -48,10 +48,11 @@ def spec(**kw):
   return moe_lib.MoESpec(**base)
 
 
-def run(s, x, router, wg, wu, wd, train=True, seq_len=T):
+def run(s, x, router, wg, wu, wd, train=True, seq_len=T, dtype=jnp.float32):
   return moe_lib.moe_ffn(jnp.asarray(x), jnp.asarray(router), jnp.asarray(wg),
                          jnp.asarray(wu), jnp.asarray(wd), None, jax.random.key(0), spec=s,
-                         seq_len=seq_len, train=train, dtype=jnp.float32)
+                         seq_len=seq_len, train=train, dtype=dtype)
+
 
 
 def reference_from_table(x, token_EC, weight_EC, wg, wu, wd):
@@ -130,29 +131,46 @@ def test_dropless_eval_on_few_tokens_gathers_the_chosen_experts(k, gate):
   assert float(stats['dropped_frac']) == 0
 
 
-@pytest.mark.parametrize('gate,order', [('softmax', 'softmax_topk'),
-                                        ('softmax', 'topk_softmax'),
-                                        ('sigmoid', 'softmax_topk')])
-def test_ragged_dropless_equals_padded(gate, order):
+@pytest.mark.parametrize('gate,order,dtype,grouped_matmul', [
+    ('softmax', 'softmax_topk', jnp.float32, 'xla'),
+    ('softmax', 'topk_softmax', jnp.float32, 'xla'),
+    ('sigmoid', 'softmax_topk', jnp.float32, 'xla'),
+    ('softmax', 'softmax_topk', jnp.bfloat16, 'xla'),
+    ('softmax', 'topk_softmax', jnp.float32, 'tokamax'),
+    ('sigmoid', 'softmax_topk', jnp.bfloat16, 'tokamax')])
+def test_ragged_dropless_equals_padded(gate, order, dtype, grouped_matmul):
+  """Grouped matmuls (jax.lax.ragged_dot or tokamax.ragged_dot) equal the padded buffers:
+  output, statistics, and the gradients of the input and all three expert weights."""
   x, r, wg, wu, wd = make_inputs()
   padded = spec(dropless=True, dropless_impl='padded', gate=gate, softmax_order=order)
-  ragged = dataclasses.replace(padded, dropless_impl='ragged')
+  ragged = dataclasses.replace(padded, dropless_impl='ragged', grouped_matmul=grouped_matmul)
+  auto = dataclasses.replace(ragged, dropless_impl='auto')
   assert ragged.use_ragged() and not padded.use_ragged()
-  y_p, s_p = run(padded, x, r, wg, wu, wd)
-  y_r, s_r = run(ragged, x, r, wg, wu, wd)
-  np.testing.assert_allclose(np.asarray(y_r), np.asarray(y_p), rtol=1e-5, atol=1e-5)
+  assert auto.use_ragged() == (grouped_matmul == 'tokamax')  # on CPU
+  cot = RNG.standard_normal((T, D)).astype(np.float32)
+
+  def loss(s):
+    def fn(x, wg, wu, wd):
+      y, stats = run(s, x, r, wg, wu, wd, dtype=dtype)
+      return jnp.sum(y.astype(jnp.float32) * cot), (y, stats)
+    return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2, 3), has_aux=True))(x, wg, wu, wd)
+
+  jaxpr = str(jax.make_jaxpr(lambda x: run(ragged, x, r, wg, wu, wd, dtype=dtype))(x))
+  assert ('custom_vjp_call' in jaxpr) == (grouped_matmul == 'tokamax')  # tokamax's op
+  (_, (y_p, s_p)), g_p = loss(padded)
+  (_, (y_r, s_r)), g_r = loss(ragged)
+  assert_close(y_r, y_p, dtype, rtol=1e-5)
   for key in ('balance_loss', 'z_loss', 'dropped_frac'):
     np.testing.assert_allclose(float(s_r[key]), float(s_p[key]), rtol=1e-6)
-  grad = lambda s: jax.grad(lambda w: jnp.sum(run(s, x, r, w, wu, wd)[0] ** 2))(
-      jnp.asarray(wg))
-  np.testing.assert_allclose(np.asarray(grad(ragged)), np.asarray(grad(padded)), rtol=1e-4,
-                             atol=1e-5)
+  for got, want in zip(g_r, g_p):
+    assert_close(got, want, dtype)
 
 
+@pytest.mark.parametrize('impl', ['xla', 'tokamax'])
 @pytest.mark.parametrize('sizes', [[3, 0, 5, 2], [0, 0, 0, 7], [0, 0, 0, 0]])
-def test_padded_grouped_swiglu_equals_ragged_dot(sizes):
-  """Rows grouped by expert (then unused rows) through padded buffers equal ragged_dot,
-  values and gradients; unused rows give zeros."""
+def test_padded_grouped_swiglu_equals_ragged_dot(sizes, impl):
+  """Rows grouped by expert (then unused rows) through padded buffers equal ragged_dot
+  (jax.lax's or tokamax's), values and gradients; unused rows give zeros."""
   rows, d, f = 16, 6, 5
   sizes = jnp.asarray(sizes, jnp.int32)
   x = RNG.standard_normal((rows, d)).astype(np.float32)
@@ -160,7 +178,7 @@ def test_padded_grouped_swiglu_equals_ragged_dot(sizes):
   cot = RNG.standard_normal((rows, d)).astype(np.float32)
   loss = lambda fn: jax.value_and_grad(lambda *a: jnp.sum(fn(*a) * cot), argnums=(0, 1, 2, 3))
   padded = lambda x, *w: moe_lib.padded_grouped_swiglu(x, *w, sizes, capacity=8)
-  ragged = lambda x, *w: moe_lib.grouped_swiglu(x, *w, sizes)
+  ragged = lambda x, *w: moe_lib.grouped_swiglu(x, *w, sizes, impl)
   ends = np.cumsum(np.asarray(sizes))
   expected = np.zeros((rows, d), np.float32)
   for l, (start, end) in enumerate(zip(ends - np.asarray(sizes), ends)):

@@ -18,7 +18,7 @@ from moetrain.config import ConfigError
 from moetrain.model import moe_ffn as moe_lib
 from moetrain.parallel import dispatch, mesh as mesh_lib, ragged
 
-from conftest import tiny_config
+from conftest import assert_close, tiny_config
 from ragged_emulation import emulated_ragged_all_to_all
 
 RNG = np.random.default_rng()
@@ -125,23 +125,32 @@ def emulated(monkeypatch):
   monkeypatch.setattr(ragged, 'backend_supports_ragged_all_to_all', lambda: True)
 
 
-def dropless_spec(impl, top_k=2, num_experts=8, chunk=0):
+def dropless_spec(impl, top_k=2, num_experts=8, chunk=0, grouped_matmul='xla'):
   return moe_lib.MoESpec(num_experts, top_k, 'token_choice', 'softmax', 'topk_softmax', False,
-                         1.0, 1.0, 1.0, 'position', True, impl, 0.0, 'global', chunk)
+                         1.0, 1.0, 1.0, 'position', True, impl, 0.0, 'global', chunk,
+                         grouped_matmul=grouped_matmul)
 
 
-@pytest.mark.parametrize('impl,top_k,data,expert,chunk', [
-    *[(impl, k, *mesh, 0) for impl in ('ragged', 'auto') for k in (1, 2)
+F32, BF16 = jnp.float32, jnp.bfloat16
+
+
+@pytest.mark.parametrize('impl,top_k,data,expert,chunk,grouped_matmul,dtype', [
+    *[(impl, k, *mesh, 0, 'xla', F32) for impl in ('ragged', 'auto') for k in (1, 2)
       for mesh in ((1, 2), (2, 2), (1, 4), (2, 4), (1, 8))],
-    ('ragged', 3, 2, 4, 0), ('auto', 3, 1, 8, 0),
+    ('ragged', 3, 2, 4, 0, 'xla', F32), ('auto', 3, 1, 8, 0, 'xla', F32),
     # tokens sent in chunks (16 or 8 tokens per device)
-    ('ragged', 2, 1, 4, 4), ('auto', 2, 2, 4, 2), ('ragged', 1, 1, 8, 4)])
+    ('ragged', 2, 1, 4, 4, 'xla', F32), ('auto', 2, 2, 4, 2, 'xla', F32),
+    ('ragged', 1, 1, 8, 4, 'xla', F32),
+    # tokamax.ragged_dot (auto takes it too), and bfloat16
+    ('auto', 2, 2, 4, 0, 'tokamax', F32), ('ragged', 1, 1, 8, 4, 'tokamax', F32),
+    ('auto', 2, 1, 4, 0, 'tokamax', BF16), ('ragged', 2, 2, 2, 0, 'xla', BF16)])
 def test_ragged_expert_parallel_layer_equals_one_device(emulated, impl, top_k, data, expert,
-                                                        chunk):
+                                                        chunk, grouped_matmul, dtype):
   """Output, statistics and gradients (input and expert weights) of the dropless layer on a
   mesh equal the single-device padded layer on the whole batch. 'ragged' runs the local
-  experts as ragged_dot, 'auto' (the GPU choice) on padded buffers; `chunk` exchanges the
-  tokens in chunks."""
+  experts as grouped matmuls (`grouped_matmul`: jax.lax's or tokamax's ragged_dot), 'auto'
+  (the GPU choice) on padded buffers with XLA's and as grouped matmuls with tokamax's;
+  `chunk` exchanges the tokens in chunks. bfloat16: errors within 1% of the norm."""
   t, d, f, e = 64, 8, 16, 8
   x, r, wg, wu, wd = (RNG.standard_normal(s).astype(np.float32) / np.sqrt(s[-2] if len(s) > 2
                       else 1) for s in ((t, d), (d, e), (e, d, f), (e, d, f), (e, f, d)))
@@ -150,28 +159,36 @@ def test_ragged_expert_parallel_layer_equals_one_device(emulated, impl, top_k, d
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   cotangent = RNG.standard_normal((t, d)).astype(np.float32)
 
+  def layer(spec):
+    return lambda x, wg, wu, wd: dispatch.run_moe_ffn(
+        x, r, wg, wu, wd, None, jax.random.key(0), spec=spec, seq_len=8, train=True,
+        dtype=dtype)
+
   def objective(spec):
-    def f(x, wg, wu, wd):
-      y, stats = dispatch.run_moe_ffn(x, r, wg, wu, wd, None, jax.random.key(0), spec=spec,
-                                      seq_len=8, train=True, dtype=jnp.float32)
-      return jnp.sum(y * cotangent) + stats['balance_loss'], (y, stats)
+    def f(*args):
+      y, stats = layer(spec)(*args)
+      return jnp.sum(y.astype(jnp.float32) * cotangent) + stats['balance_loss'], (y, stats)
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))
 
   (_, (y_ref, s_ref)), g_ref = objective(dropless_spec('padded', top_k))(x, wg, wu, wd)
   with jax.set_mesh(mesh):
     xs = jax.device_put(x, NamedSharding(mesh, P(mesh_lib.BATCH_AXES)))
     experts = [jax.device_put(w, NamedSharding(mesh, P('expert'))) for w in (wg, wu, wd)]
-    fn = objective(dropless_spec(impl, top_k, chunk=chunk))
+    spec = dropless_spec(impl, top_k, chunk=chunk, grouped_matmul=grouped_matmul)
+    assert spec.use_ragged() == (impl == 'ragged' or grouped_matmul == 'tokamax')
+    fn = objective(spec)
     hlo = fn.lower(xs, *experts).as_text()
+    jaxpr = str(jax.make_jaxpr(layer(spec))(xs, *experts))
     (_, (y, stats)), grads = fn(xs, *experts)
+  assert ('custom_vjp_call' in jaxpr) == (grouped_matmul == 'tokamax')  # tokamax's op
   assert 'ragged_all_to_all' not in hlo  # emulated on CPU ...
   assert 'all_to_all' not in hlo  # ... and no padded exchange
-  np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-5)
+  assert_close(y, y_ref, dtype, rtol=1e-5)
   for key in ('balance_loss', 'z_loss', 'load_E', 'dropped_frac'):
     np.testing.assert_allclose(np.asarray(stats[key]), np.asarray(s_ref[key]), rtol=1e-5,
                                atol=1e-6, err_msg=key)
   for got, want in zip(grads, g_ref):
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+    assert_close(got, want, dtype)
 
 
 def test_token_chunks_equal_one_call():
@@ -225,10 +242,14 @@ def test_train_step_lowers_to_ragged_all_to_all(monkeypatch):
   assert gathers and not any(full in line for line in gathers)
 
 
-def test_ragged_dropless_needs_a_backend_with_ragged_all_to_all():
-  cfg = tiny_config(**{'model.moe.dropless': True, 'model.moe.dropless_impl': 'ragged',
-                       'mesh.data': 2, 'mesh.expert': 4})
-  with pytest.raises(ConfigError, match="dropless_impl='ragged' with mesh.expert=4"):
+@pytest.mark.parametrize('overrides,message', [
+    ({'model.moe.dropless_impl': 'ragged'}, "dropless_impl='ragged' with mesh.expert=4 needs"),
+    ({'model.moe.grouped_matmul': 'tokamax'},
+     "grouped_matmul='tokamax' with mesh.expert=4 needs .* set grouped_matmul='xla'")])
+def test_ragged_dropless_needs_a_backend_with_ragged_all_to_all(overrides, message):
+  cfg = tiny_config(**{'model.moe.dropless': True, 'mesh.data': 2, 'mesh.expert': 4,
+                       **overrides})
+  with pytest.raises(ConfigError, match=message):
     train.prepare(cfg)
 
 

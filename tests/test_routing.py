@@ -115,6 +115,17 @@ def test_capacity_routing_matches_loop(drop_order, t, e, k, factor):
   np.testing.assert_array_equal(np.asarray(r.token_EC), ref_token)
   np.testing.assert_allclose(np.asarray(r.weight_EC), ref_weight, rtol=1e-6, atol=1e-7)
   assert float(kept) == ref_kept
+  # The table the other way round: each kept assignment's slot holds its token and belongs
+  # to its expert; every filled slot is some assignment's; dropped ones point past the end.
+  slot = np.asarray(r.slot_TK)
+  kept_mask = slot < e * capacity
+  assert kept_mask.sum() == ref_kept
+  tokens, choices = np.nonzero(kept_mask)
+  np.testing.assert_array_equal(ref_token.reshape(-1)[slot[kept_mask]], tokens)
+  np.testing.assert_array_equal(slot[kept_mask] // capacity, np.asarray(experts)[tokens, choices])
+  assert np.all(slot[~kept_mask] == e * capacity)
+  assert sorted(slot[kept_mask]) == sorted(np.nonzero(ref_token.reshape(-1) < t)[0])
+  np.testing.assert_array_equal(np.asarray(r.weight_TK), np.asarray(weights))
 
 
 def test_probability_order_keeps_confident_tokens():

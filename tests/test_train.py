@@ -66,6 +66,20 @@ def test_variant_trains(name, overrides):
     assert np.asarray(metrics['moe/layer0/bias_norm']).max() > 0  # the bias moved.
 
 
+def test_tokamax_grouped_matmuls_train_like_padded_buffers():
+  """Dropless with model.moe.grouped_matmul='tokamax' (dropless_impl 'auto' then takes the
+  grouped matmuls): three steps give the losses of padded expert buffers."""
+  batch, losses = None, []
+  for overrides in ({'model.moe.grouped_matmul': 'tokamax'},
+                    {'model.moe.dropless_impl': 'padded'}):
+    cfg, graphdef, state, tx = setup(tiny_config(**{**ONE_DEVICE, 'model.moe.dropless': True,
+                                                    **overrides}))
+    batch = batch or random_batch(cfg)
+    losses.append(np.asarray(run_steps(cfg, graphdef, state, tx, batch, 3)[1]['loss']))
+  assert np.all(np.isfinite(losses[0]))
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
 @pytest.mark.parametrize('top_k', [1, 2])
 def test_router_gradient_is_nonzero_and_matches_finite_difference(top_k):
   """d loss / d router kernel (cross-entropy through the combine weights plus both aux

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from moetrain import backend
 from moetrain.config import ConfigError
-from moetrain.model.layers import RMSNorm, param, rope, use
+from moetrain.model.layers import RMSNorm, param, rope, scoped, use
 
 SPLASH_BLOCK = 128  # the splash kernel's default block: the sequence must be a multiple.
 
@@ -171,6 +171,7 @@ def splash_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=None, *, interpret=F
                            q_BLHK, k_BLGK, v_BLGK, segment_ids_BL)
 
 
+@scoped('attention')
 def attend(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=None, *, impl: str = 'xla'):
   """Causal (and, with segment ids, per-document) attention by a resolved `impl`
   (see `choose_impl`): [B, L, H, K] in the dtype of q."""
@@ -217,6 +218,7 @@ class Attention(nnx.Module):
     self.dtype = dtype
     self.impl = impl  # model.attention_impl, resolved per call by `choose_impl`.
 
+  @scoped('attn_proj')
   def project(self, x_BLD, positions_BL):
     """Queries [B, L, H, K] and keys [B, L, G, K] with rotary embeddings, values [B, L, G, K]."""
     x_BLD = x_BLD.astype(self.dtype)
@@ -235,6 +237,7 @@ class Attention(nnx.Module):
     k_BLGK = rope(project(self.w_k, self.b_k, self.k_norm), positions_BL, self.rope_theta)
     return q_BLHK, k_BLGK, project(self.w_v, self.b_v, None)
 
+  @scoped('attn_proj')
   def output(self, out_BLHK):
     """The output projection [B, L, H, K] -> [B, L, D]."""
     batch, length = out_BLHK.shape[:2]
@@ -256,5 +259,6 @@ class Attention(nnx.Module):
     k_BSGK = write_cache(k_BSGK, k_BLGK, positions_BL)
     v_BSGK = write_cache(v_BSGK, v_BLGK, positions_BL)
     mask_BLS = cache_mask(positions_BL, k_BSGK.shape[1])
-    out_BLHK = masked_attention(q_BLHK, k_BSGK, v_BSGK, mask_BLS)
+    with jax.named_scope('attention'):
+      out_BLHK = masked_attention(q_BLHK, k_BSGK, v_BSGK, mask_BLS)
     return self.output(out_BLHK), k_BSGK, v_BSGK

@@ -6,11 +6,26 @@ Every parameter carries `axes`, a tuple of logical axis names (one per dimension
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moetrain.parallel.mesh import gather, logical_to_spec
+
+
+def scoped(name: str):
+  """Decorator: the function runs under `jax.named_scope(name)`, so the HLO ops it makes
+  (and their gradients) carry `name` in their op_name metadata, which profiles group by
+  (bench/breakdown.py)."""
+  def wrap(fn):
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+      with jax.named_scope(name):
+        return fn(*args, **kwargs)
+    return call
+  return wrap
 
 
 def layer_axes(variable: nnx.Variable) -> tuple:

@@ -15,10 +15,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
 from moetrain import backend, config as config_lib
-from moetrain.model import routing
-from moetrain.model.layers import swiglu
+from moetrain.model import routing, slots
+from moetrain.model.layers import scoped, swiglu
 from moetrain.parallel import ragged
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,7 @@ class MoESpec:
   # assignments get combine weight 0.
   remove_experts: tuple = ()
   remove_choices: tuple = ()
+  grouped_matmul: str = 'xla'  # the grouped-matmul kernel of the ragged path (`grouped_dot`).
 
   @classmethod
   def from_config(cls, model_cfg, layer: int | None = None) -> 'MoESpec':
@@ -55,7 +57,8 @@ class MoESpec:
                e.drop_order, e.dropless, e.dropless_impl, e.jitter, e.balance_scope,
                e.expert_chunk,
                tuple(sorted({i for l, i in removed if l is None or l == layer})),
-               tuple(rank - 1 for rank in config_lib.parse_ints(e.remove_choices)))
+               tuple(rank - 1 for rank in config_lib.parse_ints(e.remove_choices)),
+               e.grouped_matmul)
 
   def ablates(self) -> bool:
     return bool(self.remove_experts or self.remove_choices)
@@ -77,13 +80,15 @@ class MoESpec:
     return auto if self.dropless_impl == 'auto' else self.dropless_impl == 'ragged'
 
   def use_ragged(self) -> bool:
-    """Dropless experts as `jax.lax.ragged_dot` grouped matmuls instead of padded buffers.
+    """Dropless experts as ragged_dot grouped matmuls (`grouped_dot`) instead of padded
+    buffers.
 
-    `auto` takes them on TPU only: on an H100 (jax 0.11.2) XLA's ragged_dot made the
-    train step 1.6-1.8x slower than padded buffers of capacity T per expert, even with 64
-    experts where the padded buffers do 32x the expert FLOPs (bench/NOTES.md).
+    `auto` takes them on TPU, and on every backend with grouped_matmul='tokamax' (the user
+    asked for its kernels); not with XLA's ragged_dot on GPU: on an H100 (jax 0.11.2) it
+    made the train step 1.6-1.8x slower than padded buffers of capacity T per expert, even
+    with 64 experts where the padded buffers do 32x the expert FLOPs (bench/NOTES.md).
     """
-    return self._dropless_choice(backend.name() == 'tpu')
+    return self._dropless_choice(backend.name() == 'tpu' or self.grouped_matmul == 'tokamax')
 
   def gathers(self, num_tokens: int, train: bool) -> bool:
     """Dropless eval on fewer assignments than experts (decoding a few new tokens): each
@@ -111,14 +116,23 @@ def token_choices(x_TD: jax.Array, router_DE: jax.Array, bias_E, spec: MoESpec) 
                              softmax_order=spec.softmax_order, bias_E=bias_E)[0]
 
 
-def dispatch(x_TD: jax.Array, token_EC: jax.Array) -> jax.Array:
-  """Gathers each slot's token: [T, D] -> [E, C, D]; empty slots get zeros."""
+@scoped('dispatch')
+def dispatch(x_TD: jax.Array, r: routing.Routing) -> jax.Array:
+  """Gathers each slot's token: [T, D] -> [E, C, D]; empty slots get zeros. With the
+  token-choice table both ways, the gradient is a gather too (`slots.dispatch`)."""
+  if r.slot_TK is not None:
+    return slots.dispatch(x_TD, r.token_EC, r.slot_TK)
   x_pad = jnp.concatenate([x_TD, jnp.zeros_like(x_TD[:1])], axis=0)
-  return x_pad[token_EC]
+  return x_pad[r.token_EC]
 
 
+@scoped('combine')
 def combine(y_ECD: jax.Array, r: routing.Routing, num_tokens: int) -> jax.Array:
-  """Adds each slot's output, times its weight, back to its token: [E, C, D] -> [T, D]."""
+  """Adds each slot's output, times its weight, back to its token: [E, C, D] -> [T, D]
+  float32. Token choice gathers each token's K slots (`slots.combine`); expert choice and
+  soft routing (a token in up to E slots) scatter-add the slots into their tokens."""
+  if r.slot_TK is not None:
+    return slots.combine(y_ECD, r.weight_TK, r.slot_TK, r.token_EC)
   d = y_ECD.shape[-1]
   weighted = (y_ECD.astype(jnp.float32) * r.weight_EC[..., None]).reshape(-1, d)
   y_TD = jnp.zeros((num_tokens + 1, d), jnp.float32).at[r.token_EC.reshape(-1)].add(weighted)
@@ -132,6 +146,7 @@ def combine(y_ECD: jax.Array, r: routing.Routing, num_tokens: int) -> jax.Array:
 CPU_EXPERT_LOOP_MAX = 8
 
 
+@scoped('experts')
 def experts(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
   """SwiGLU expert e on its buffer row x_ECD[e]: [E, C, D] -> [E, C, D]."""
   num_experts = x_ECD.shape[0]
@@ -141,6 +156,7 @@ def experts(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
   return swiglu(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD, 'ecd,edf->ecf', 'ecf,efd->ecd')
 
 
+@scoped('dispatch')
 def sort_by_expert(expert_TK, num_experts: int):
   """Assignments ordered by expert: token_A int32 [A] (A = T*K), the token of each,
   order_A [A] their positions in expert_TK.reshape(-1), and sizes_E int32 [E]."""
@@ -150,32 +166,63 @@ def sort_by_expert(expert_TK, num_experts: int):
   return order_A // expert_TK.shape[1], order_A, sizes_E
 
 
-def grouped_swiglu(x_AD, w_gate_EDF, w_up_EDF, w_down_EFD, sizes_E):
+def tokamax_module():
+  """The `tokamax` package (the gpu extra), imported on first use. Its options are absl
+  flags that it parses from sys.argv unless parsed already, which fails under any other
+  argument parser (pytest, argparse); outside an absl app they keep their defaults."""
+  import tokamax  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return tokamax
+
+
+def grouped_dot(x_MK, w_GKN, sizes_G, impl='xla'):
+  """Grouped matmul: row block g of x_MK [M, K] (sizes_G[g] consecutive rows) times
+  w_GKN[g] -> [M, N] in x's dtype. impl 'xla': `jax.lax.ragged_dot`; 'tokamax':
+  `tokamax.ragged_dot` with the kernel tokamax picks for the backend (Mosaic GPU, Triton,
+  Mosaic TPU, else XLA's); or a function with ragged_dot's arguments (bench/gpu_check.py
+  passes each tokamax implementation)."""
+  if callable(impl):
+    return impl(x_MK, w_GKN, sizes_G)
+  if impl == 'tokamax':
+    return tokamax_module().ragged_dot(x_MK, w_GKN, sizes_G)
+  return jax.lax.ragged_dot(x_MK, w_GKN, sizes_G)
+
+
+@scoped('experts')
+def grouped_swiglu(x_AD, w_gate_EDF, w_up_EDF, w_down_EFD, sizes_E, impl='xla'):
   """SwiGLU of expert e on its consecutive sizes_E[e] rows of x_AD [A, D] -> [A, D]
-  (rows past sum(sizes_E) give zeros)."""
-  h_AF = (jax.nn.silu(jax.lax.ragged_dot(x_AD, w_gate_EDF, sizes_E))
-          * jax.lax.ragged_dot(x_AD, w_up_EDF, sizes_E))
-  return jax.lax.ragged_dot(h_AF, w_down_EFD, sizes_E)
+  (rows past sum(sizes_E) are unused: zeros with jax.lax.ragged_dot, unspecified with
+  other kernels); `impl` as in `grouped_dot`."""
+  h_AF = (jax.nn.silu(grouped_dot(x_AD, w_gate_EDF, sizes_E, impl))
+          * grouped_dot(x_AD, w_up_EDF, sizes_E, impl))
+  return grouped_dot(h_AF, w_down_EFD, sizes_E, impl)
 
 
+@scoped('combine')
 def combine_sorted(y_AD, token_A, weight_A, num_tokens: int):
   """Adds each assignment's output times its weight to its token: [A, D] -> [T, D] f32."""
   return jnp.zeros((num_tokens, y_AD.shape[-1]), jnp.float32).at[token_A].add(
       y_AD.astype(jnp.float32) * weight_A[:, None])
 
 
-def ragged_experts(x_TD, expert_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD):
-  """Dropless experts as grouped matmuls over assignments sorted by expert.
+def ragged_experts(x_TD, expert_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD,
+                   impl: str = 'xla'):
+  """Dropless experts as grouped matmuls (`grouped_dot` with `impl`) over assignments
+  sorted by expert.
 
-  Equals the padded computation; cheaper only where XLA has a grouped-matmul kernel for
-  `jax.lax.ragged_dot` (TPU; on GPU and CPU it was slower, see MoESpec.use_ragged).
+  Equals the padded computation; cheaper only where the grouped matmul has a kernel (XLA's
+  ragged_dot on TPU; on GPU and CPU it was slower, see MoESpec.use_ragged).
   Returns y [T, D] float32.
   """
   token_A, order_A, sizes_E = sort_by_expert(expert_TK, w_gate_EDF.shape[0])
-  y_AD = grouped_swiglu(x_TD[token_A], w_gate_EDF, w_up_EDF, w_down_EFD, sizes_E)
+  with jax.named_scope('dispatch'):
+    x_AD = x_TD[token_A]
+  y_AD = grouped_swiglu(x_AD, w_gate_EDF, w_up_EDF, w_down_EFD, sizes_E, impl)
   return combine_sorted(y_AD, token_A, weight_TK.reshape(-1)[order_A], x_TD.shape[0])
 
 
+@scoped('experts')
 def gathered_experts(x_TD, expert_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD):
   """Dropless experts for a few tokens: token t runs its K chosen experts with their
   weights gathered ([T, K, D, F]), so only T*K experts' weights are read. Equals the padded
@@ -192,13 +239,15 @@ def padded_grouped_swiglu(x_MD, w_gate_LDF, w_up_LDF, w_down_LFD, sizes_L, capac
   experts run, and each row takes its output back; unused rows give zeros."""
   num_rows = x_MD.shape[0]
   num_local = sizes_L.shape[0]
-  ends_L = jnp.cumsum(sizes_L)
-  expert_M = jnp.searchsorted(ends_L, jnp.arange(num_rows), side='right')  # L: unused
-  slot_M = jnp.arange(num_rows) - (ends_L - sizes_L)[jnp.minimum(expert_M, num_local - 1)]
-  x_LCD = jnp.zeros((num_local, capacity, x_MD.shape[1]), x_MD.dtype).at[
-      expert_M, slot_M].set(x_MD, mode='drop')
+  with jax.named_scope('dispatch'):
+    ends_L = jnp.cumsum(sizes_L)
+    expert_M = jnp.searchsorted(ends_L, jnp.arange(num_rows), side='right')  # L: unused
+    slot_M = jnp.arange(num_rows) - (ends_L - sizes_L)[jnp.minimum(expert_M, num_local - 1)]
+    x_LCD = jnp.zeros((num_local, capacity, x_MD.shape[1]), x_MD.dtype).at[
+        expert_M, slot_M].set(x_MD, mode='drop')
   y_LCD = experts(x_LCD, w_gate_LDF, w_up_LDF, w_down_LFD)
-  return y_LCD.at[expert_M, slot_M].get(mode='fill', fill_value=0)
+  with jax.named_scope('combine'):
+    return y_LCD.at[expert_M, slot_M].get(mode='fill', fill_value=0)
 
 
 def in_token_chunks(fn, x_TD, expert_TK, weight_TK, chunk: int):
@@ -215,24 +264,27 @@ def in_token_chunks(fn, x_TD, expert_TK, weight_TK, chunk: int):
 
 
 def ragged_expert_parallel(x_TD, expert_TK, weight_TK, w_gate_LDF, w_up_LDF, w_down_LFD, *,
-                           num_experts: int, expert_axis: str, ragged_dot: bool):
+                           num_experts: int, expert_axis: str, grouped_matmul: str | None):
   """Dropless experts split over `expert_axis` (L = E/ep per device): the sorted
   assignments travel to their experts and back by ragged all-to-all
-  (moetrain.parallel.ragged). The local experts run as ragged_dot grouped matmuls, or
-  (`ragged_dot=False`) on padded buffers of ep*T rows per expert. Returns y [T, D] f32."""
+  (moetrain.parallel.ragged). The local experts run as grouped matmuls (`grouped_dot`
+  with impl `grouped_matmul`), or (None) on padded buffers of ep*T rows per expert.
+  Returns y [T, D] f32."""
   num_tokens, top_k = expert_TK.shape
   num_devices = jax.lax.axis_size(expert_axis)
   token_A, order_A, sizes_E = sort_by_expert(expert_TK, num_experts)
-  counts_PE = jax.lax.all_gather(sizes_E, expert_axis)
-  plan = ragged.exchange_plan(counts_PE, jax.lax.axis_index(expert_axis))
-  rows = ragged.receive_rows(num_tokens, top_k, num_devices, w_gate_LDF.shape[0])
-  x_MD = ragged.to_experts(x_TD[token_A], plan, rows, expert_axis)
+  with jax.named_scope('dispatch'):
+    counts_PE = jax.lax.all_gather(sizes_E, expert_axis)
+    plan = ragged.exchange_plan(counts_PE, jax.lax.axis_index(expert_axis))
+    rows = ragged.receive_rows(num_tokens, top_k, num_devices, w_gate_LDF.shape[0])
+    x_MD = ragged.to_experts(x_TD[token_A], plan, rows, expert_axis)
   weights = (w_gate_LDF, w_up_LDF, w_down_LFD)
-  if ragged_dot:
-    y_MD = grouped_swiglu(x_MD, *weights, plan.group_sizes_L)
+  if grouped_matmul:
+    y_MD = grouped_swiglu(x_MD, *weights, plan.group_sizes_L, grouped_matmul)
   else:
     y_MD = padded_grouped_swiglu(x_MD, *weights, plan.group_sizes_L, num_devices * num_tokens)
-  y_AD = ragged.from_experts(y_MD, plan, token_A.shape[0], expert_axis)
+  with jax.named_scope('combine'):
+    y_AD = ragged.from_experts(y_MD, plan, token_A.shape[0], expert_axis)
   return combine_sorted(y_AD, token_A, weight_TK.reshape(-1)[order_A], num_tokens)
 
 
@@ -255,44 +307,48 @@ def moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, jitter_ke
   """
   num_tokens = x_TD.shape[0]
   num_experts = spec.num_experts
-  x_router = x_TD.astype(jnp.float32)
-  if train and spec.jitter > 0:
-    x_router = x_router * jax.random.uniform(jitter_key, x_router.shape, jnp.float32,
-                                             1.0 - spec.jitter, 1.0 + spec.jitter)
-  logits_TE = x_router @ router_DE.astype(jnp.float32)
+  with jax.named_scope('router'):
+    x_router = x_TD.astype(jnp.float32)
+    if train and spec.jitter > 0:
+      x_router = x_router * jax.random.uniform(jitter_key, x_router.shape, jnp.float32,
+                                               1.0 - spec.jitter, 1.0 + spec.jitter)
+    logits_TE = x_router @ router_DE.astype(jnp.float32)
   weights = [w.astype(dtype) for w in (w_gate_EDF, w_up_EDF, w_down_EFD)]
   x_TD = x_TD.astype(dtype)
   ragged_exchange = expert_axis is not None and spec.use_ragged_exchange()
   gather = expert_axis is None and spec.gathers(num_tokens, train)
-  if spec.use_ragged() or ragged_exchange or gather:
-    expert_TK, weight_TK, probs_TE = routing.top_k_gates(
-        logits_TE, spec.top_k, gate=spec.gate, softmax_order=spec.softmax_order,
-        renormalize=spec.renormalize, routed_scaling=spec.routed_scaling, bias_E=bias_E)
-    if spec.ablates():
-      weight_TK = weight_TK * routing.ablation_keep(expert_TK, num_experts,
-                                                    spec.remove_experts, spec.remove_choices)
-    stats = routing.RouterStats(probs_TE, routing.assignment_mask(expert_TK, num_experts),
-                                jnp.float32(expert_TK.size), jnp.float32(expert_TK.size))
+  local_ragged = expert_axis is None and spec.use_ragged()
+  if local_ragged or ragged_exchange or gather:
+    with jax.named_scope('router'):
+      expert_TK, weight_TK, probs_TE = routing.top_k_gates(
+          logits_TE, spec.top_k, gate=spec.gate, softmax_order=spec.softmax_order,
+          renormalize=spec.renormalize, routed_scaling=spec.routed_scaling, bias_E=bias_E)
+      if spec.ablates():
+        weight_TK = weight_TK * routing.ablation_keep(
+            expert_TK, num_experts, spec.remove_experts, spec.remove_choices)
+      stats = routing.RouterStats(probs_TE, routing.assignment_mask(expert_TK, num_experts),
+                                  jnp.float32(expert_TK.size), jnp.float32(expert_TK.size))
     if ragged_exchange:
       run = lambda x, e, w: ragged_expert_parallel(
           x, e, w, *weights, num_experts=num_experts, expert_axis=expert_axis,
-          ragged_dot=spec.use_ragged())
+          grouped_matmul=spec.grouped_matmul if spec.use_ragged() else None)
       if 0 < spec.expert_chunk < num_tokens:
         y_TD = in_token_chunks(run, x_TD, expert_TK, weight_TK, spec.expert_chunk)
       else:
         y_TD = run(x_TD, expert_TK, weight_TK)
     elif gather:
       y_TD = gathered_experts(x_TD, expert_TK, weight_TK, *weights)
-    else:  # no expert axis (use_ragged() implies use_ragged_exchange())
-      y_TD = ragged_experts(x_TD, expert_TK, weight_TK, *weights)
+    else:  # local_ragged
+      y_TD = ragged_experts(x_TD, expert_TK, weight_TK, *weights, spec.grouped_matmul)
   else:
-    r, stats = routing.route(
-        logits_TE, router=spec.router, top_k=spec.top_k,
-        capacity=spec.capacity(num_tokens, train), gate=spec.gate,
-        softmax_order=spec.softmax_order, renormalize=spec.renormalize,
-        routed_scaling=spec.routed_scaling, drop_order=spec.drop_order, bias_E=bias_E,
-        remove_experts=spec.remove_experts, remove_choices=spec.remove_choices)
-    x_ECD = dispatch(x_TD, r.token_EC)
+    with jax.named_scope('router'):
+      r, stats = routing.route(
+          logits_TE, router=spec.router, top_k=spec.top_k,
+          capacity=spec.capacity(num_tokens, train), gate=spec.gate,
+          softmax_order=spec.softmax_order, renormalize=spec.renormalize,
+          routed_scaling=spec.routed_scaling, drop_order=spec.drop_order, bias_E=bias_E,
+          remove_experts=spec.remove_experts, remove_choices=spec.remove_choices)
+    x_ECD = dispatch(x_TD, r)
     if expert_axis is not None:  # [E, C, D] -> [E/ep, ep*C, D]: slots travel to their expert.
       x_ECD = jax.lax.all_to_all(x_ECD, expert_axis, 0, 1, tiled=True)
     y_ECD = experts(x_ECD, *weights)

@@ -17,15 +17,23 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moetrain.model.slots import slot_table
+
 
 class Routing(NamedTuple):
   """Dispatch table of one MoE layer for one group of T tokens.
 
   token_EC:  int32 [E, C], the token in each slot; T marks an empty slot.
   weight_EC: float32 [E, C], combine weight of each slot (0 for empty slots).
+  Token choice (one slot at most per assignment) also gives the table the other way round,
+  which lets dispatch and combine move rows by gathers alone (`moetrain.model.slots`):
+  slot_TK:   int32 [T, K], the flat slot e * C + c of each assignment; E * C: dropped.
+  weight_TK: float32 [T, K], the combine weight of each assignment.
   """
   token_EC: jax.Array
   weight_EC: jax.Array
+  slot_TK: jax.Array | None = None
+  weight_TK: jax.Array | None = None
 
 
 class RouterStats(NamedTuple):
@@ -130,7 +138,8 @@ def capacity_routing(expert_TK: jax.Array, weight_TK: jax.Array, num_experts: in
   weight_EC = jnp.zeros(num_experts * capacity, jnp.float32)
   weight_EC = weight_EC.at[flat_A].set(weight_A, mode='drop')
   routing = Routing(token_EC.reshape(num_experts, capacity),
-                    weight_EC.reshape(num_experts, capacity))
+                    weight_EC.reshape(num_experts, capacity),
+                    slot_table(flat_A.astype(jnp.int32), order_T), combine_TK)
   return routing, jnp.sum(keep_A).astype(jnp.float32)
 
 

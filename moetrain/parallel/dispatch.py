@@ -41,9 +41,12 @@ def current_mesh():
 
 
 @functools.cache
-def log_dropless_choice(expert_parallel: bool, ragged_exchange: bool, ragged_dot: bool):
-  """Says once per process which dropless implementation the layers use."""
-  compute = ('ragged_dot grouped matmuls' if ragged_dot else
+def log_dropless_choice(expert_parallel: bool, ragged_exchange: bool,
+                        grouped_matmul: str | None):
+  """Says once per process which dropless implementation the layers use (grouped_matmul:
+  the `model.moe.grouped_matmul` of the grouped matmuls, None for padded buffers)."""
+  kernel = {'xla': 'jax.lax', 'tokamax': 'tokamax'}.get(grouped_matmul)
+  compute = (f'{kernel}.ragged_dot grouped matmuls' if grouped_matmul else
              'padded expert buffers (capacity = every token that can reach an expert)')
   if not expert_parallel:
     how = compute
@@ -67,7 +70,8 @@ def run_moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng, 
   kwargs = dict(spec=spec, seq_len=seq_len, train=train, dtype=dtype)
   if spec.dropless_token_choice():
     log_dropless_choice(mesh is not None and mesh.shape['expert'] > 1,
-                        spec.use_ragged_exchange(), spec.use_ragged())
+                        spec.use_ragged_exchange(),
+                        spec.grouped_matmul if spec.use_ragged() else None)
   if mesh is None:
     return moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng, **kwargs)
 

@@ -93,12 +93,15 @@ def check(cfg, num_devices: int) -> tuple[int, int, int]:
     raise ConfigError(f'model.moe.expert_chunk={moe.expert_chunk} does not divide the '
                       f'{tokens} tokens each device routes per step (data.batch_size x '
                       'data.seq_len / devices / micro-batches); choose a divisor.')
-  if (cfg.model.num_experts and expert > 1 and moe.dropless and moe.dropless_impl == 'ragged'
+  ragged_key = ("dropless_impl='ragged'" if moe.dropless_impl == 'ragged' else
+                "grouped_matmul='tokamax'" if moe.grouped_matmul == 'tokamax' else None)
+  if (cfg.model.num_experts and expert > 1 and moe.dropless and ragged_key
       and not ragged.backend_supports_ragged_all_to_all()):
+    fix = ("dropless_impl='auto' (padded all-to-all here) or 'padded'"
+           if moe.dropless_impl == 'ragged' else "grouped_matmul='xla'")
     raise ConfigError(
-        f"model.moe.dropless_impl='ragged' with mesh.expert={expert} needs "
-        f'jax.lax.ragged_all_to_all, which the {backend.name()} backend lacks; set '
-        "dropless_impl='auto' (padded all-to-all here) or 'padded'.")
+        f'model.moe.{ragged_key} with mesh.expert={expert} needs '
+        f'jax.lax.ragged_all_to_all, which the {backend.name()} backend lacks; set {fix}.')
   return data, fsdp, expert
 
 
