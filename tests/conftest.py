@@ -1,9 +1,11 @@
 """Test setup: 8 simulated CPU devices and fast compiles (set before jax is imported),
-offline HF, a token cache of this session (removed at exit), tiny configs."""
+offline HF, a token cache and a compilation cache of this session (removed at exit), tiny
+configs, and the runs several modules share."""
 
 import atexit
 import contextlib
 import os
+import pathlib
 import shutil
 import tempfile
 
@@ -20,10 +22,20 @@ os.environ.setdefault('HF_UPDATE_DOWNLOAD_COUNTS', '0')
 if 'MOETRAIN_CACHE' not in os.environ:  # text sources are tokenized here, not in ~/.cache.
   os.environ['MOETRAIN_CACHE'] = tempfile.mkdtemp(prefix='moetrain-test-cache-')
   atexit.register(shutil.rmtree, os.environ['MOETRAIN_CACHE'], True)
+# One persistent compilation cache for the session (removed at exit), read by this process
+# and inherited by every `moetrain` subprocess: the many tests that build the same programs
+# again (each train() call jits fresh closures; CLI runs of one config) compile them once.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='moetrain-test-jax-cache-')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], True)
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
 import pytest  # noqa: E402
 
 from moetrain import config as config_lib  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**overrides):
@@ -70,6 +82,27 @@ def trained_run(tmp_path_factory):
                        'checkpoint.every_steps': 2})
   train.train(cfg, workdir, log=lambda *_: None)
   return workdir
+
+
+@pytest.fixture(scope='session')
+def cli_env():
+  """Environment of the `moetrain` subprocess runs of tests/cli_runs.py: this checkout first
+  on PYTHONPATH (and the session's compilation cache, so that only the first run compiles)."""
+  paths = [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + paths))
+  env.pop('SLOW_FINALIZE_STEP', None)
+  return env
+
+
+@pytest.fixture(scope='session')
+def reference(tmp_path_factory, cli_env):
+  """cli_runs' run uninterrupted, as a command: its per-step losses and final arrays. The
+  reference of the killed and resumed runs of test_checkpoint and test_cloud_workdir."""
+  import cli_runs
+  workdir = tmp_path_factory.mktemp('reference') / 'run'
+  rc, out = cli_runs.run_cli(cli_env, workdir)
+  assert rc == 0, out
+  return cli_runs.losses(workdir), cli_runs.final_arrays(workdir, cli_runs.RUN_STEPS)
 
 
 @pytest.fixture(scope='session')
@@ -131,15 +164,13 @@ def analyzed_run(trained_run):
   """`moetrain analyze --workdir=<trained_run> --eval_batches=1` run once as a command on 2
   devices (the run trained on 8): (workdir, what it printed). Shared by the analysis and
   notebook tests."""
-  import pathlib
   import subprocess
   import sys
-  root = pathlib.Path(__file__).parents[1]
-  env = dict(os.environ, PYTHONPATH=str(root),
+  env = dict(os.environ, PYTHONPATH=str(REPO),
              XLA_FLAGS='--xla_force_host_platform_device_count=2 '
                        '--xla_backend_optimization_level=0')
   out = subprocess.run([sys.executable, '-m', 'moetrain.cli', 'analyze',
-                        f'--workdir={trained_run}', '--eval_batches=1'], cwd=root, env=env,
+                        f'--workdir={trained_run}', '--eval_batches=1'], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   return trained_run, out.stdout

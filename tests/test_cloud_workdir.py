@@ -26,8 +26,7 @@ from moetrain import checkpoint as checkpoint_lib
 from moetrain import metrics as metrics_lib
 from moetrain import paths
 from moetrain import workdir as workdir_lib
-from test_checkpoint import (CLI_OVERRIDES, REPO, RUN_STEPS, cli_env,  # noqa: F401
-                             reference)
+from cli_runs import CLI_OVERRIDES, REPO, RUN_STEPS
 from test_gcs_emulator import events
 
 NO_EXTRA = ("import sys\n"
