@@ -41,8 +41,9 @@ def test_dispatch_and_combine_match_numpy_values_and_gradients(t, e, k, factor):
   y = RNG.normal(size=token.shape + (d,)).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(slots.dispatch(x, r.token_EC, r.slot_TK)),
                                 np_dispatch(x, token))
-  np.testing.assert_allclose(np.asarray(slots.combine(y, r.weight_TK, r.slot_TK, r.token_EC)),
-                             np_combine(y, token, weight_EC, t), rtol=1e-5, atol=1e-6)
+  y_TD = slots.combine(y, r.weight_TK, r.slot_TK, r.token_EC, r.weight_EC)
+  np.testing.assert_allclose(np.asarray(y_TD), np_combine(y, token, weight_EC, t),
+                             rtol=1e-5, atol=1e-6)
 
   # Gradients through random projections: against NumPy's transposes of the two tables.
   g_slots = RNG.normal(size=y.shape).astype(np.float32)
@@ -52,7 +53,7 @@ def test_dispatch_and_combine_match_numpy_values_and_gradients(t, e, k, factor):
   np.add.at(ref_dx, token, g_slots)
   np.testing.assert_allclose(np.asarray(dx), ref_dx[:t], rtol=1e-5, atol=1e-5)
 
-  loss = lambda y, w: jnp.sum(slots.combine(y, w, r.slot_TK, r.token_EC) * g_tokens)
+  loss = lambda y, w: jnp.sum(slots.combine(y, w, r.slot_TK, r.token_EC, r.weight_EC) * g_tokens)
   dy, dw = jax.grad(loss, argnums=(0, 1))(y, r.weight_TK)
   g_pad = np.concatenate([g_tokens, np.zeros((1, d))])
   np.testing.assert_allclose(np.asarray(dy), weight_EC[..., None] * g_pad[token],
@@ -68,7 +69,7 @@ def test_bfloat16_rows_accumulate_in_float32():
   t, e, k, d = 64, 4, 2, 8
   r = random_routing(t, e, k, 2.0)
   y = jnp.asarray(RNG.normal(size=r.token_EC.shape + (d,)), jnp.bfloat16)
-  out = slots.combine(y, r.weight_TK, r.slot_TK, r.token_EC)
+  out = slots.combine(y, r.weight_TK, r.slot_TK, r.token_EC, r.weight_EC)
   assert out.dtype == jnp.float32
   ref = np_combine(np.asarray(y, np.float32), np.asarray(r.token_EC), np.asarray(r.weight_EC), t)
   np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)

@@ -15,7 +15,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from absl import flags
 
 from moetrain import backend, config as config_lib
 from moetrain.model import routing, slots
@@ -132,7 +131,7 @@ def combine(y_ECD: jax.Array, r: routing.Routing, num_tokens: int) -> jax.Array:
   float32. Token choice gathers each token's K slots (`slots.combine`); expert choice and
   soft routing (a token in up to E slots) scatter-add the slots into their tokens."""
   if r.slot_TK is not None:
-    return slots.combine(y_ECD, r.weight_TK, r.slot_TK, r.token_EC)
+    return slots.combine(y_ECD, r.weight_TK, r.slot_TK, r.token_EC, r.weight_EC)
   d = y_ECD.shape[-1]
   weighted = (y_ECD.astype(jnp.float32) * r.weight_EC[..., None]).reshape(-1, d)
   y_TD = jnp.zeros((num_tokens + 1, d), jnp.float32).at[r.token_EC.reshape(-1)].add(weighted)
@@ -171,6 +170,7 @@ def tokamax_module():
   flags that it parses from sys.argv unless parsed already, which fails under any other
   argument parser (pytest, argparse); outside an absl app they keep their defaults."""
   import tokamax  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   return tokamax

@@ -139,7 +139,7 @@ def capacity_routing(expert_TK: jax.Array, weight_TK: jax.Array, num_experts: in
   weight_EC = weight_EC.at[flat_A].set(weight_A, mode='drop')
   routing = Routing(token_EC.reshape(num_experts, capacity),
                     weight_EC.reshape(num_experts, capacity),
-                    slot_table(flat_A.astype(jnp.int32), order_T), combine_TK)
+                    slot_table(flat_A, order_T), combine_TK)
   return routing, jnp.sum(keep_A).astype(jnp.float32)
 
 

@@ -36,11 +36,10 @@ def dispatch(x_TD, token_EC, slot_TK):
 
 
 def _dispatch_fwd(x_TD, token_EC, slot_TK):
-  return dispatch(x_TD, token_EC, slot_TK), (token_EC, slot_TK)
+  return dispatch(x_TD, token_EC, slot_TK), slot_TK
 
 
-def _dispatch_bwd(res, g_ECD):
-  token_EC, slot_TK = res
+def _dispatch_bwd(slot_TK, g_ECD):
   g_TD = _gather_sum(g_ECD.reshape(-1, g_ECD.shape[-1]), slot_TK).astype(g_ECD.dtype)
   return g_TD, None, None
 
@@ -49,32 +48,31 @@ dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
 
 
 @jax.custom_vjp
-def combine(y_ECD, weight_TK, slot_TK, token_EC):
+def combine(y_ECD, weight_TK, slot_TK, token_EC, weight_EC):
   """Each token's slots' outputs times their weights, summed: [E, C, D] -> [T, D] float32.
 
   weight_TK float32 [T, K]: the combine weight of each assignment (its slot's weight;
-  dropped assignments read the zero row whatever their weight)."""
+  dropped assignments read the zero row whatever their weight). weight_EC [E, C]: the same
+  weights by slot (`Routing.weight_EC`), read by the gradient only; the weights' gradient
+  flows through weight_TK."""
   y_ND = y_ECD.reshape(-1, y_ECD.shape[-1])
   picked_TKD = _with_zero_row(y_ND)[slot_TK].astype(jnp.float32)
   return jnp.einsum('tkd,tk->td', picked_TKD, weight_TK)
 
 
-def _combine_fwd(y_ECD, weight_TK, slot_TK, token_EC):
-  return combine(y_ECD, weight_TK, slot_TK, token_EC), (y_ECD, weight_TK, slot_TK, token_EC)
+def _combine_fwd(y_ECD, weight_TK, slot_TK, token_EC, weight_EC):
+  return (combine(y_ECD, weight_TK, slot_TK, token_EC, weight_EC),
+          (y_ECD, slot_TK, token_EC, weight_EC))
 
 
 def _combine_bwd(res, g_TD):
-  y_ECD, weight_TK, slot_TK, token_EC = res
-  num_slots = token_EC.size
-  # The weight of each slot, scattered once from the [T, K] table (T*K scalars).
-  weight_S = jnp.zeros(num_slots + 1, jnp.float32).at[slot_TK.reshape(-1)].set(
-      weight_TK.reshape(-1))[:num_slots]
+  y_ECD, slot_TK, token_EC, weight_EC = res
   g_pad = _with_zero_row(g_TD.astype(jnp.float32))
-  g_y = (g_pad[token_EC] * weight_S.reshape(token_EC.shape)[..., None]).astype(y_ECD.dtype)
+  g_y = (g_pad[token_EC] * weight_EC[..., None]).astype(y_ECD.dtype)
   y_ND = _with_zero_row(y_ECD.reshape(-1, y_ECD.shape[-1]))
   g_weight_TK = jnp.einsum('tkd,td->tk', y_ND[slot_TK].astype(jnp.float32),
                            g_TD.astype(jnp.float32))
-  return g_y, g_weight_TK, None, None
+  return g_y, g_weight_TK, None, None, None
 
 
 combine.defvjp(_combine_fwd, _combine_bwd)
