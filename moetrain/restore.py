@@ -35,7 +35,8 @@ class Run:
   def model(self, overrides: dict | None = None) -> nnx.Module:
     """The model with the checkpoint's weights (router biases included), built from the
     run's config with `overrides` of keys that leave the arrays' shapes alone (e.g.
-    {'model.moe.eval_capacity_factor': 1.0})."""
+    {'model.moe.eval_capacity_factor': 1.0}). Each call returns a model of its own:
+    changing its weights in place (`w[...] = ...`) leaves the run and other models alone."""
     graphdef = self.graphdef
     if overrides:
       shape_keys = sorted(set(overrides) & set(checkpoint_lib.SHAPE_KEYS))
@@ -49,7 +50,7 @@ class Run:
         config_lib.set_key(cfg, key, value)
       graphdef = train_lib.abstract_state(config_lib.validate(cfg), self.mesh,
                                           train_lib.make_optimizer(cfg.train))[0]
-    return nnx.merge(graphdef, self.state.params, self.state.model_state)
+    return nnx.merge(graphdef, self.state.params, self.state.model_state, copy=True)
 
 
 def run_config(workdir, overrides: dict | None = None):

@@ -85,14 +85,15 @@ def test_removing_an_expert_equals_zeroing_its_weights(result, one_device):
 
 def test_routes_are_the_same_on_any_mesh(trained_run, one_device):
   """The first MoE layer's routes are identical; later layers see inputs that differ by
-  float rounding across meshes, which flips near-ties of this barely trained router."""
+  float rounding across meshes, which could flip a near-tie of this barely trained router
+  (the closest two probabilities differ by ~1e-6, rounding by ~1e-7)."""
   run, batches = one_device
   wide = restore_lib.load(trained_run, {'mesh.data': 2, 'mesh.expert': 4})
   one_LNK = analyze.routes(run.model(), batches, run.mesh)
   wide_LNK = analyze.routes(wide.model(), batches, wide.mesh)
   assert one_LNK.shape == (2, 8 * 32, 2)
   np.testing.assert_array_equal(one_LNK[0], wide_LNK[0])
-  assert np.mean(one_LNK == wide_LNK) > 0.9
+  assert np.mean(one_LNK == wide_LNK) > 0.99
 
 
 def test_capacity_curve_and_choices(result):

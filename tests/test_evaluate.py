@@ -5,6 +5,7 @@ overrides change what they should."""
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -94,6 +95,21 @@ def test_model_override_and_its_limits(evaluated):
   assert evaluate_lib.eval_step.cache_info().misses == compiles
   with pytest.raises(ConfigError, match='model.d_model change the shapes'):
     run.model({'model.d_model': 64})
+
+
+def test_each_model_is_its_own(evaluated):
+  """Weights set in place in one restored model (as an ablation by hand does) stay there:
+  the next model, and its loss, are the checkpoint's."""
+  run, totals = evaluated
+  edited = run.model()
+  w = edited.blocks[0].ffn.w_up
+  w[...] = jnp.zeros_like(w[...])
+  fresh = run.model()
+  assert float(jnp.abs(fresh.blocks[0].ffn.w_up[...]).sum()) > 0
+  batches = evaluate_lib.eval_batches(run.cfg)
+  assert evaluate_lib.evaluate(run, batches, model=edited).loss != pytest.approx(totals.loss)
+  assert evaluate_lib.evaluate(run, batches, model=fresh).loss == pytest.approx(totals.loss,
+                                                                               rel=1e-6)
 
 
 def test_errors_are_one_sentence(trained_run, tmp_path):
