@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from moetrain import config as config_lib
 from moetrain import evaluate as evaluate_lib
 from moetrain import restore as restore_lib
 from moetrain import train
 from moetrain.analysis import analyze
 from moetrain.analysis import measures
 from moetrain.model.transformer import Transformer
+from moetrain.parallel import mesh as mesh_lib
 
 from conftest import tiny_config
 
@@ -66,14 +68,18 @@ def zeroed(model, layer: int, expert: int):
 
 
 def test_removing_an_expert_equals_zeroing_its_weights(result, one_device):
-  """Acceptance: the analysis's 'without expert e of layer l' loss is the loss of the model
-  whose expert has all-zero weights (here on one device, the analysis ran on two), also
-  where capacity drops tokens."""
+  """Acceptance: the analysis's 'without expert e of layer l' loss (weights zeroed by
+  `analyze.without_expert`, here on one device, the analysis ran on two) is the loss of
+  `model.moe.remove_experts='l:e'` (weight 0 on its assignments) and of the model whose
+  expert has all-zero weights by hand, also where capacity drops tokens."""
   run, batches = one_device
   layer, expert = int(RNG.integers(2)), int(RNG.integers(4))
-  loss = evaluate_lib.evaluate(run, batches, model=zeroed(run.model(), layer, expert)).loss
-  assert loss == pytest.approx(result['ablation']['expert_loss'][layer][expert], rel=1e-6)
-  assert loss != pytest.approx(result['ablation']['base_loss'], rel=1e-7)
+  removed = evaluate_lib.evaluate(run, batches, model=run.model(
+      {'model.moe.remove_experts': f'{layer}:{expert}'})).loss
+  by_hand = evaluate_lib.evaluate(run, batches, model=zeroed(run.model(), layer, expert)).loss
+  assert removed == pytest.approx(result['ablation']['expert_loss'][layer][expert], rel=1e-6)
+  assert by_hand == pytest.approx(removed, rel=1e-6)
+  assert removed != pytest.approx(result['ablation']['base_loss'], rel=1e-7)
   drops = {'model.moe.eval_capacity_factor': 0.5}
   by_hand = evaluate_lib.evaluate(run, batches, model=zeroed(run.model(drops), layer, expert))
   removed = evaluate_lib.evaluate(run, batches, model=run.model(
@@ -81,6 +87,28 @@ def test_removing_an_expert_equals_zeroing_its_weights(result, one_device):
   assert min(removed.dropped) > 0
   assert removed.loss == pytest.approx(by_hand.loss, rel=1e-6)
   assert removed.dropped == pytest.approx(by_hand.dropped)
+
+
+def test_scanned_model_is_analyzed_like_unscanned():
+  """A scanned model (MoE weights stacked [layers, E, ...]) routes its tokens as the same
+  model unscanned does, and without_expert removes the same expert from it: equal logits,
+  which differ from the intact model's."""
+  overrides = {'model.num_layers': 4, 'model.first_k_dense': 1, 'model.moe_every': 1,
+               'model.vocab_size': 128, 'mesh.data': 1, 'mesh.expert': 1}
+  inputs = RNG.integers(0, 128, (4, 32)).astype(np.int32)
+  batches = [dict(inputs=inputs, targets=inputs)]
+  layer, expert = int(RNG.choice([1, 2, 3])), int(RNG.integers(4))
+  out = {}
+  for scanned in (False, True):
+    cfg = config_lib.validate(tiny_config(**overrides, **{'model.scan_layers': scanned}))
+    model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+    routes = analyze.routes(model, batches, mesh_lib.make_mesh(cfg, jax.devices()[:1]))
+    intact = model(inputs, train=False)[0]
+    ablated = analyze.without_expert(model, layer, expert)(inputs, train=False)[0]
+    out[scanned] = routes, np.asarray(intact), np.asarray(ablated)
+  np.testing.assert_array_equal(out[True][0], out[False][0])
+  np.testing.assert_allclose(out[True][2], out[False][2], rtol=1e-5, atol=1e-5)
+  assert np.abs(out[False][2] - out[False][1]).max() > 1e-3
 
 
 def test_routes_are_the_same_on_any_mesh(trained_run, one_device):

@@ -134,15 +134,29 @@ def _scores(totals) -> dict:
   return dict(loss=totals.loss, dropped=list(totals.dropped))
 
 
+def without_expert(model, layer: int, expert: int):
+  """`model` with every weight of `expert` in MoE layer `layer` set to 0, in place (pass a
+  model of its own: `Run.model()`). The expert's assignments keep their slots and add 0:
+  exactly `model.moe.remove_experts='layer:expert'`, but the model keeps its structure, so
+  every ablation shares the run's compiled eval step; scanned stacks [layers, E, ...] too."""
+  for module, module_layers in model.moe_modules():
+    if layer in module_layers:
+      for w in (module.w_gate, module.w_up, module.w_down):
+        index = (module_layers.index(layer), expert) if w[...].ndim == 4 else (expert,)
+        w[...] = w[...].at[index].set(0)
+      return model
+  raise ValueError(f'layer {layer} is not a MoE layer of this model')
+
+
 def ablation(run, batches, base, layers, log) -> dict:
-  """Eval loss with each expert of each MoE layer removed, and with the top-1 choice
-  removed / only kept (token choice)."""
+  """Eval loss with each expert of each MoE layer removed (`without_expert`), and with
+  the top-1 choice removed / only kept (token choice)."""
   m = run.cfg.model
   experts = []
   for layer in layers:
     row = []
     for e in range(m.num_experts):
-      model = run.model({'model.moe.remove_experts': f'{layer}:{e}'})
+      model = without_expert(run.model(), layer, e)
       row.append(evaluate_lib.evaluate(run, batches, model=model).loss)
     log(f'ablation: layer {layer}: ' + ' '.join(f'{x - base.loss:+.4f}' for x in row))
     experts.append(row)
