@@ -371,7 +371,8 @@ def _check_removals(m):
              f'{layer}, which is not a MoE layer (those are {layers}); use one of them.')
     _require(layer is None or not m.scan_layers, f'model.moe.remove_experts names layer '
              f'{layer}, but model.scan_layers runs every MoE layer of a run as one; remove '
-             'that expert in every layer, or use a model trained without scan_layers.')
+             'that expert in every layer, or zero its weights in that layer '
+             '(moetrain.analysis.analyze.without_expert, as `moetrain analyze` does).')
   try:
     ranks = parse_ints(e.remove_choices)
   except ValueError:
