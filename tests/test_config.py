@@ -59,7 +59,7 @@ CONFIGS = sorted((pathlib.Path(__file__).parents[1] / 'configs').glob('*.py'))
     ({'model.moe.remove_experts': '5:1'}, r'remove_experts names layer 5, which is not a MoE'),
     ({'model.moe.remove_experts': '1:1', 'model.scan_layers': True},
      r'remove_experts names layer 1, but model\.scan_layers runs every MoE layer of a run as '
-     r'one; .* analyze\.without_expert'),
+     r'one; .*analyze\.without_expert'),
     ({'model.moe.remove_choices': '3'}, r'remove_choices names rank 3, but tokens choose '
                                         r'ranks 1\.\.2'),
     ({'model.moe.remove_choices': '1', 'model.moe.router': 'soft'},
