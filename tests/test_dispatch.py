@@ -150,8 +150,11 @@ def test_capacity_is_per_device_group(router, scope, data, expert):
   parts = [moe_lib.moe_ffn(x[i * size:(i + 1) * size], r, wg, wu, wd, None,
                            jax.random.key(0), spec=spec, seq_len=seq, train=True,
                            dtype=jnp.float32) for i in range(groups)]
+  # Outputs are O(1) sums of the K experts' terms: float32 rounds them to ~1e-6 absolute,
+  # so an output that cancels to ~1e-4 needs atol above that (a drop rule off by one token
+  # moves outputs by O(0.1)).
   np.testing.assert_allclose(np.asarray(y), np.concatenate([np.asarray(p[0]) for p in parts]),
-                             rtol=1e-5, atol=1e-6)
+                             rtol=1e-5, atol=1e-5)
   if router == 'token_choice':
     assert float(stats['dropped_frac']) > 0
   dropped = np.mean([float(p[1]['dropped_frac']) for p in parts])

@@ -108,7 +108,7 @@ def test_dropless_equals_huge_capacity_and_loop_over_experts():
   assert float(stats['dropped_frac']) == 0 and float(big_stats['dropped_frac']) == 0
   np.testing.assert_allclose(np.asarray(y_dropless), ref, rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(np.asarray(y_dropless), np.asarray(y_big), rtol=1e-6,
-                             atol=1e-6)
+                             atol=1e-5)  # O(1) sums round to ~1e-6 absolute in float32
   _, small_stats = run(spec(capacity_factor=1.0), x, r, wg, wu, wd)
   assert float(small_stats['dropped_frac']) > 0
 
@@ -124,7 +124,7 @@ def test_dropless_eval_on_few_tokens_gathers_the_chosen_experts(k, gate):
   assert not s.gathers(-(-E // k), train=False)  # T * K >= E: padded buffers
   y, stats = run(s, x, r, wg, wu, wd, train=False, seq_len=t)
   y_padded, _ = run(s, x, r, wg, wu, wd, train=True, seq_len=t)
-  np.testing.assert_allclose(np.asarray(y), np.asarray(y_padded), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y_padded), rtol=1e-5, atol=1e-5)
   if gate == 'softmax':
     np.testing.assert_allclose(np.asarray(y), reference_dropless(x, r, wg, wu, wd, k),
                                rtol=2e-5, atol=2e-5)
