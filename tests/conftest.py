@@ -22,9 +22,10 @@ os.environ.setdefault('HF_UPDATE_DOWNLOAD_COUNTS', '0')
 if 'MOETRAIN_CACHE' not in os.environ:  # text sources are tokenized here, not in ~/.cache.
   os.environ['MOETRAIN_CACHE'] = tempfile.mkdtemp(prefix='moetrain-test-cache-')
   atexit.register(shutil.rmtree, os.environ['MOETRAIN_CACHE'], True)
-# One persistent compilation cache for the session (removed at exit), read by this process
-# and inherited by every `moetrain` subprocess: the many tests that build the same programs
-# again (each train() call jits fresh closures; CLI runs of one config) compile them once.
+# One persistent compilation cache for the session (removed at exit), read by this process,
+# inherited by the pytest-xdist workers (`-n 2` in the README's command) and every `moetrain`
+# subprocess: the many tests that build the same programs again (each train() call jits
+# fresh closures; CLI runs of one config) compile them once.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='moetrain-test-jax-cache-')
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], True)
