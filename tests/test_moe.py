@@ -54,7 +54,6 @@ def run(s, x, router, wg, wu, wd, train=True, seq_len=T, dtype=jnp.float32):
                          seq_len=seq_len, train=train, dtype=dtype)
 
 
-
 def reference_from_table(x, token_EC, weight_EC, wg, wu, wd):
   """y[t] = sum over slots (e, c) holding token t of weight * expert_e(x[t])."""
   y = np.zeros((x.shape[0], x.shape[1]))

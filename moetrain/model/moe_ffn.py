@@ -121,8 +121,7 @@ def dispatch(x_TD: jax.Array, r: routing.Routing) -> jax.Array:
   token-choice table both ways, the gradient is a gather too (`slots.dispatch`)."""
   if r.slot_TK is not None:
     return slots.dispatch(x_TD, r.token_EC, r.slot_TK)
-  x_pad = jnp.concatenate([x_TD, jnp.zeros_like(x_TD[:1])], axis=0)
-  return x_pad[r.token_EC]
+  return slots.with_zero_row(x_TD)[r.token_EC]
 
 
 @scoped('combine')

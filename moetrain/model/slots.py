@@ -18,21 +18,21 @@ import jax
 import jax.numpy as jnp
 
 
-def _with_zero_row(x_ND):
+def with_zero_row(x_ND):
   """[N, D] -> [N + 1, D]: index N (an empty slot / a dropped assignment) reads zeros."""
   return jnp.concatenate([x_ND, jnp.zeros_like(x_ND[:1])], axis=0)
 
 
 def _gather_sum(rows_ND, index_TK):
   """Sum over k of rows_ND[index_TK[t, k]] in float32 ([T, D]); index N gives zeros."""
-  picked_TKD = _with_zero_row(rows_ND)[index_TK]
+  picked_TKD = with_zero_row(rows_ND)[index_TK]
   return jnp.sum(picked_TKD.astype(jnp.float32), axis=1)
 
 
 @jax.custom_vjp
 def dispatch(x_TD, token_EC, slot_TK):
   """Each slot's token: [T, D] -> [E, C, D] (zeros in empty slots)."""
-  return _with_zero_row(x_TD)[token_EC]
+  return with_zero_row(x_TD)[token_EC]
 
 
 def _dispatch_fwd(x_TD, token_EC, slot_TK):
@@ -56,7 +56,7 @@ def combine(y_ECD, weight_TK, slot_TK, token_EC, weight_EC):
   weights by slot (`Routing.weight_EC`), read by the gradient only; the weights' gradient
   flows through weight_TK."""
   y_ND = y_ECD.reshape(-1, y_ECD.shape[-1])
-  picked_TKD = _with_zero_row(y_ND)[slot_TK].astype(jnp.float32)
+  picked_TKD = with_zero_row(y_ND)[slot_TK].astype(jnp.float32)
   return jnp.einsum('tkd,tk->td', picked_TKD, weight_TK)
 
 
@@ -67,9 +67,9 @@ def _combine_fwd(y_ECD, weight_TK, slot_TK, token_EC, weight_EC):
 
 def _combine_bwd(res, g_TD):
   y_ECD, slot_TK, token_EC, weight_EC = res
-  g_pad = _with_zero_row(g_TD.astype(jnp.float32))
+  g_pad = with_zero_row(g_TD.astype(jnp.float32))
   g_y = (g_pad[token_EC] * weight_EC[..., None]).astype(y_ECD.dtype)
-  y_ND = _with_zero_row(y_ECD.reshape(-1, y_ECD.shape[-1]))
+  y_ND = with_zero_row(y_ECD.reshape(-1, y_ECD.shape[-1]))
   g_weight_TK = jnp.einsum('tkd,td->tk', y_ND[slot_TK].astype(jnp.float32),
                            g_TD.astype(jnp.float32))
   return g_y, g_weight_TK, None, None, None
