@@ -8,6 +8,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import zlib
 
 _flags = os.environ.get('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in _flags:
@@ -66,6 +67,32 @@ def tiny_config(**overrides):
   for key, value in overrides.items():
     config_lib.set_key(c, key, value)
   return c
+
+
+def seed_of(name: str) -> int:
+  """The random seed of a test (or fixture) called `name`: a CRC-32 of it, so a failing
+  test's inputs can be replayed by name."""
+  return zlib.crc32(name.encode())
+
+
+@pytest.fixture
+def rng(request):
+  """A NumPy Generator seeded from the test's node id (`seed_of`); a failing test's report
+  shows the seed (section 'rng seed')."""
+  import numpy as np
+  seed = seed_of(request.node.nodeid)
+  request.node.rng_seed = seed
+  return np.random.default_rng(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  outcome = yield
+  report = outcome.get_result()
+  seed = getattr(item, 'rng_seed', None)
+  if report.failed and seed is not None:
+    report.sections.append(('rng seed', f'np.random.default_rng({seed})  '
+                                        f'# seed_of({item.nodeid!r})'))
 
 
 @pytest.fixture
