@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from moetrain.model import experts as experts_lib
 from moetrain.model import moe_ffn as moe_lib
 from moetrain.parallel import mesh as mesh_lib, ragged
 from ragged_emulation import emulated_ragged_all_to_all
@@ -70,7 +71,7 @@ def tokamax_or_reason():
   if importlib.util.find_spec('tokamax') is None:
     return None, "tokamax is not installed (pip install 'moetrain[gpu]')"
   try:
-    return moe_lib.tokamax_module(), None
+    return experts_lib.tokamax_module(), None
   except ImportError as e:
     return None, f'tokamax does not import: {e}'
 
@@ -147,7 +148,7 @@ def check_grouped(label, impl, inputs, dtype, tol, reference):
   sizes, used, x, ws, cot = inputs
   name = f'{label} == padded'
   what = f'({jnp.dtype(dtype).name})'
-  fn = grouped_objective(functools.partial(moe_lib.grouped_swiglu, impl=impl), sizes, cot,
+  fn = grouped_objective(functools.partial(experts_lib.grouped_swiglu, impl=impl), sizes, cot,
                          dtype)
   try:
     compiled = fn.lower(x, *ws).compile()
@@ -174,7 +175,7 @@ def check_grouped_paths(sizes, only_xla=False, label_suffix=''):
   inputs = grouped_inputs(t, d, f)
   group_sizes, _, x, ws, cot = inputs
   rows = x.shape[0]
-  padded = functools.partial(moe_lib.padded_grouped_swiglu, capacity=rows)
+  padded = functools.partial(experts_lib.padded_grouped_swiglu, capacity=rows)
   for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
     with jax.default_matmul_precision('highest' if dtype == jnp.float32 else 'default'):
       reference = grouped_objective(padded, group_sizes, cot, dtype)(x, *ws)

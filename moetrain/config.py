@@ -9,7 +9,6 @@ compiled.
 from __future__ import annotations
 
 import difflib
-import fractions
 import importlib.util
 import math
 import pathlib
@@ -312,16 +311,6 @@ def moe_layers(model) -> list[int]:
     return []
   return [i for i in range(model.first_k_dense, model.num_layers)
           if (i - model.first_k_dense + 1) % model.moe_every == 0]
-
-
-def capacity(num_tokens: int, num_experts: int, top_k: int, factor: float) -> int:
-  """Slots per expert: ceil(factor * tokens * k / experts), at least 1, at most tokens.
-
-  Exact: the factor is read as the decimal it prints as (1.1 is 11/10, not the binary
-  float just above it), so cf=1.1, T=50, k=2, E=10 gives 11 slots, not 12.
-  """
-  exact = fractions.Fraction(repr(float(factor))) * num_tokens * top_k / num_experts
-  return max(1, min(num_tokens, math.ceil(exact)))
 
 
 def clamp_warmup(cfg) -> str | None:

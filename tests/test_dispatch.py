@@ -12,7 +12,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moetrain import config as config_lib, train
 from moetrain.config import ConfigError
 from moetrain.model import moe_ffn as moe_lib
-from moetrain.parallel import dispatch, mesh as mesh_lib
+from moetrain.model import moe_parallel
+from moetrain.parallel import mesh as mesh_lib
 
 from conftest import tiny_config
 
@@ -139,8 +140,8 @@ def test_capacity_is_per_device_group(router, scope, data, expert):
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
   def layer(x, r, wg, wu, wd):
-    return dispatch.run_moe_ffn(x, r, wg, wu, wd, None, jax.random.key(0), spec=spec,
-                                seq_len=seq, train=True, dtype=jnp.float32)
+    return moe_parallel.run_moe_ffn(x, r, wg, wu, wd, None, jax.random.key(0), spec=spec,
+                                    seq_len=seq, train=True, dtype=jnp.float32)
 
   with jax.set_mesh(mesh):
     xs = jax.device_put(x, NamedSharding(mesh, P(mesh_lib.BATCH_AXES)))
@@ -249,9 +250,9 @@ def test_dropless_under_expert_parallelism_says_padded_once(caplog):
                          1.0, 'position', True, 'auto', 0.0, 'micro_batch')
   mesh = jax.make_mesh((1, 1, 2), mesh_lib.AXES, devices=jax.devices()[:2],
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  dispatch.log_dropless_choice.cache_clear()
-  layer = lambda *a: dispatch.run_moe_ffn(*a, None, jax.random.key(0), spec=spec, seq_len=4,
-                                          train=True, dtype=jnp.float32)
+  moe_parallel.log_dropless_choice.cache_clear()
+  layer = lambda *a: moe_parallel.run_moe_ffn(*a, None, jax.random.key(0), spec=spec,
+                                              seq_len=4, train=True, dtype=jnp.float32)
   with jax.set_mesh(mesh):
     for _ in range(2):
       jax.eval_shape(layer, *layer_inputs(t, d, f, e))

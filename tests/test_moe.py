@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from moetrain.model import experts as experts_lib
 from moetrain.model import moe as moe_layer
 from moetrain.model import moe_ffn as moe_lib
 from moetrain.model import routing
@@ -176,8 +177,8 @@ def test_padded_grouped_swiglu_equals_ragged_dot(sizes, impl):
   ws = [RNG.standard_normal(s).astype(np.float32) for s in ((4, d, f), (4, d, f), (4, f, d))]
   cot = RNG.standard_normal((rows, d)).astype(np.float32)
   loss = lambda fn: jax.value_and_grad(lambda *a: jnp.sum(fn(*a) * cot), argnums=(0, 1, 2, 3))
-  padded = lambda x, *w: moe_lib.padded_grouped_swiglu(x, *w, sizes, capacity=8)
-  ragged = lambda x, *w: moe_lib.grouped_swiglu(x, *w, sizes, impl)
+  padded = lambda x, *w: experts_lib.padded_grouped_swiglu(x, *w, sizes, capacity=8)
+  ragged = lambda x, *w: experts_lib.grouped_swiglu(x, *w, sizes, impl)
   ends = np.cumsum(np.asarray(sizes))
   expected = np.zeros((rows, d), np.float32)
   for l, (start, end) in enumerate(zip(ends - np.asarray(sizes), ends)):
@@ -322,15 +323,15 @@ def test_statistics_report_load_and_router_state():
 def test_experts_loop_and_batched_forms_agree(monkeypatch, loop_max):
   """CPU runs up to CPU_EXPERT_LOOP_MAX experts as separate GEMMs, more as one batched
   einsum: both equal the NumPy experts, values and gradients."""
-  monkeypatch.setattr(moe_lib, 'CPU_EXPERT_LOOP_MAX', loop_max)
+  monkeypatch.setattr(experts_lib, 'CPU_EXPERT_LOOP_MAX', loop_max)
   _, _, wg, wu, wd = make_inputs()
   x_ECD = RNG.standard_normal((E, 5, D)).astype(np.float32)
-  got = np.asarray(moe_lib.experts(*map(jnp.asarray, (x_ECD, wg, wu, wd))))
+  got = np.asarray(experts_lib.experts(*map(jnp.asarray, (x_ECD, wg, wu, wd))))
   want = np.stack([np_expert(x_ECD[e], wg[e], wu[e], wd[e]) for e in range(E)])
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-  loss = lambda *a: jnp.sum(moe_lib.experts(*a) ** 2)
+  loss = lambda *a: jnp.sum(experts_lib.experts(*a) ** 2)
   grads = jax.grad(loss, argnums=(0, 1, 2, 3))(*map(jnp.asarray, (x_ECD, wg, wu, wd)))
-  monkeypatch.setattr(moe_lib, 'CPU_EXPERT_LOOP_MAX', E - loop_max)  # the other form
+  monkeypatch.setattr(experts_lib, 'CPU_EXPERT_LOOP_MAX', E - loop_max)  # the other form
   other = jax.grad(loss, argnums=(0, 1, 2, 3))(*map(jnp.asarray, (x_ECD, wg, wu, wd)))
   for a, b in zip(grads, other):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

@@ -15,8 +15,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moetrain import train
 from moetrain.config import ConfigError
+from moetrain.model import experts as experts_lib
 from moetrain.model import moe_ffn as moe_lib
-from moetrain.parallel import dispatch, mesh as mesh_lib, ragged
+from moetrain.model import moe_parallel
+from moetrain.parallel import mesh as mesh_lib, ragged
 
 from conftest import assert_close, tiny_config
 from ragged_emulation import emulated_ragged_all_to_all
@@ -160,7 +162,7 @@ def test_ragged_expert_parallel_layer_equals_one_device(emulated, impl, top_k, d
   cotangent = RNG.standard_normal((t, d)).astype(np.float32)
 
   def layer(spec):
-    return lambda x, wg, wu, wd: dispatch.run_moe_ffn(
+    return lambda x, wg, wu, wd: moe_parallel.run_moe_ffn(
         x, r, wg, wu, wd, None, jax.random.key(0), spec=spec, seq_len=8, train=True,
         dtype=dtype)
 
@@ -202,7 +204,7 @@ def test_token_chunks_equal_one_call():
   fn = lambda w: lambda x, e, g: jnp.einsum('tk,tkd->td', g, jnp.tanh(
       jnp.einsum('td,tkde->tke', x, w[e])))
   whole = lambda x, w: jnp.sum(jnp.sin(fn(w)(x, expert, weight)))
-  chunked = lambda x, w: jnp.sum(jnp.sin(moe_lib.in_token_chunks(fn(w), x, expert, weight, 8)))
+  chunked = lambda x, w: jnp.sum(jnp.sin(experts_lib.in_token_chunks(fn(w), x, expert, weight, 8)))
   want = jax.value_and_grad(whole, argnums=(0, 1))(x, w)
   got = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))(x, w)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
@@ -256,13 +258,13 @@ def test_ragged_dropless_needs_a_backend_with_ragged_all_to_all(overrides, messa
 def test_dropless_says_ragged_all_to_all_once(emulated, caplog):
   mesh = jax.make_mesh((1, 1, 2), mesh_lib.AXES, devices=jax.devices()[:2],
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  dispatch.log_dropless_choice.cache_clear()
+  moe_parallel.log_dropless_choice.cache_clear()
   x = np.zeros((16, 8), np.float32)
   w = np.zeros((8, 8, 4), np.float32)
-  layer = lambda x: dispatch.run_moe_ffn(x, np.zeros((8, 8), np.float32), w, w,
-                                         w.transpose(0, 2, 1), None, jax.random.key(0),
-                                         spec=dropless_spec('ragged'), seq_len=4, train=True,
-                                         dtype=jnp.float32)
+  layer = lambda x: moe_parallel.run_moe_ffn(x, np.zeros((8, 8), np.float32), w, w,
+                                             w.transpose(0, 2, 1), None, jax.random.key(0),
+                                             spec=dropless_spec('ragged'), seq_len=4,
+                                             train=True, dtype=jnp.float32)
   with jax.set_mesh(mesh):
     for _ in range(2):
       jax.eval_shape(layer, x)

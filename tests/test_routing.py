@@ -222,3 +222,33 @@ def test_bias_update_moves_toward_equal_load():
   load = jnp.array([0.7, 0.1, 0.1, 0.1])
   new = np.asarray(routing.bias_update(bias, load, 0.01))
   np.testing.assert_allclose(new, [-0.01, 0.01, 0.01, 0.01])
+
+
+def test_capacity_rule():
+  assert routing.capacity(64, 8, 2, 1.25) == 20  # ceil(1.25 * 64 * 2 / 8)
+  assert routing.capacity(64, 8, 1, 1.0) == 8
+  assert routing.capacity(10, 8, 1, 0.01) == 1  # at least one slot
+  assert routing.capacity(16, 2, 2, 4.0) == 16  # at most every token
+  assert routing.capacity(50, 10, 2, 1.1) == 11  # not 12: 1.1 * 100 / 10 is exactly 11
+
+
+def test_capacity_is_exact_for_decimal_factors(rng):
+  """ceil(cf * T * k / E) in integers (cf = tenths / 10) over a grid where many products
+  land exactly on an integer; float arithmetic added a slot in 37 of these cases."""
+  for tenths in range(1, 31):
+    factor = float(f'{tenths / 10:.1f}')
+    for tokens in range(1, 129):
+      for experts in (1, 2, 3, 4, 6, 8, 10, 16, 32, 64):
+        for k in (k for k in (1, 2, 4) if k <= experts):
+          want = max(1, min(tokens, -(-tenths * tokens * k // (10 * experts))))
+          assert routing.capacity(tokens, experts, k, factor) == want, (
+              factor, tokens, k, experts)
+  # and random factors with up to 3 decimals.
+  for _ in range(2000):
+    places = int(rng.integers(1, 4))
+    digits = int(rng.integers(1, 5 * 10**places))
+    factor = float(f'{digits / 10**places:.{places}f}')
+    tokens, experts = int(rng.integers(1, 300)), int(rng.integers(1, 65))
+    k = int(rng.integers(1, experts + 1))
+    want = max(1, min(tokens, -(-digits * tokens * k // (10**places * experts))))
+    assert routing.capacity(tokens, experts, k, factor) == want, (factor, tokens, k, experts)

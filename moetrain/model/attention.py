@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 from moetrain import backend
 from moetrain.config import ConfigError
 from moetrain.model.layers import RMSNorm, param, rope, scoped, use
+from moetrain.parallel import mesh as mesh_lib
 
 SPLASH_BLOCK = 128  # the splash kernel's default block: the sequence must be a multiple.
 
@@ -159,10 +160,9 @@ def splash_local(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=None, *, interpret: bool
 def splash_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=None, *, interpret=False):
   """`splash_local` per device: a Pallas kernel is not partitioned by GSPMD, so it runs
   under shard_map over the batch axes of the current mesh (directly without one)."""
-  from moetrain.parallel import mesh as mesh_lib
-  mesh = jax.sharding.get_abstract_mesh()
+  mesh = mesh_lib.current_mesh()
   local = functools.partial(splash_local, interpret=interpret)
-  if mesh.empty or mesh.size == 1:
+  if mesh is None:
     return local(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL)
   tokens = P(mesh_lib.BATCH_AXES)
   seg_spec = None if segment_ids_BL is None else tokens

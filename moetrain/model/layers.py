@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moetrain.parallel.mesh import gather, logical_to_spec
+from moetrain.parallel.mesh import current_mesh, gather, logical_to_spec
 
 
 def scoped(name: str):
@@ -42,8 +42,8 @@ def use(variable: nnx.Variable, dtype=None) -> jax.Array:
   copy; the gradient is reduce-scattered back to the weight's split)."""
   value, axes = variable[...], layer_axes(variable)
   value = value if dtype is None else value.astype(dtype)
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
+  mesh = current_mesh()
+  if mesh is None:
     return value
   return gather(value, logical_to_spec(axes, value.shape, mesh.shape))
 

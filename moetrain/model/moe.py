@@ -1,6 +1,6 @@
 """The MoE feed-forward layer (nnx): E routed SwiGLU experts, optional shared experts, and
 the router biases of aux-loss-free balancing. The math is `moetrain.model.moe_ffn`; the
-mesh-aware call (shard_map, all-to-all) is `moetrain.parallel.dispatch.run_moe_ffn`.
+mesh-aware call (shard_map, all-to-all) is `moetrain.model.moe_parallel.run_moe_ffn`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moetrain.model.layers import MLP, param
+from moetrain.model import moe_parallel
 from moetrain.model.moe_ffn import MoESpec, token_choices
-from moetrain.parallel import dispatch as parallel_dispatch
 
 
 class RouterBias(nnx.Variable):
@@ -32,12 +32,10 @@ class MoE(nnx.Module):
     f = e.d_expert or model_cfg.d_ff
     self.spec = MoESpec.from_config(model_cfg, layer)
     self.router = param(rngs, (d, n), ('embed', None), std=model_cfg.init_std)
-    self.w_gate = param(rngs, (n, d, f), ('expert', 'embed', 'mlp'), fan_in=d,
-                        dtype=param_dtype)
-    self.w_up = param(rngs, (n, d, f), ('expert', 'embed', 'mlp'), fan_in=d,
-                      dtype=param_dtype)
-    self.w_down = param(rngs, (n, f, d), ('expert', 'mlp', 'embed'), fan_in=f,
-                        dtype=param_dtype)
+    w_in, w_out = moe_parallel.EXPERT_IN_AXES, moe_parallel.EXPERT_OUT_AXES
+    self.w_gate = param(rngs, (n, d, f), w_in, fan_in=d, dtype=param_dtype)
+    self.w_up = param(rngs, (n, d, f), w_in, fan_in=d, dtype=param_dtype)
+    self.w_down = param(rngs, (n, f, d), w_out, fan_in=f, dtype=param_dtype)
     self.bias = RouterBias(jnp.zeros((n,), jnp.float32)) if e.bias_update_rate > 0 else None
     self.shared = (MLP(d, f * e.num_shared_experts, rngs=rngs, dtype=dtype,
                        param_dtype=param_dtype) if e.num_shared_experts else None)
@@ -50,7 +48,7 @@ class MoE(nnx.Module):
     if rng is None:
       rng = jax.random.key(0)
     bias_E = self.bias[...] if self.bias is not None else None
-    y_TD, stats = parallel_dispatch.run_moe_ffn(
+    y_TD, stats = moe_parallel.run_moe_ffn(
         x_BLD.reshape(batch * length, d), self.router[...], self.w_gate[...],
         self.w_up[...], self.w_down[...], bias_E, rng, spec=self.spec, seq_len=length,
         train=train, dtype=self.dtype)

@@ -5,13 +5,18 @@ slot `c` of expert `e`'s buffer holds token `token_EC[e, c]` (the value `T`, one
 last token, marks an empty slot), and that slot's expert output is added back to its
 token times `weight_EC[e, c]`. Token choice, expert choice, soft (dense) routing and
 dropless routing differ only in how they fill this table, so one dispatch and one combine
-serve them all. All router math is float32.
+serve them all. Token choice without a capacity (the dropless executors that sort the
+assignments by expert) gives only each token's experts and weights, `expert_TK` and
+`weight_TK`. `route` runs the configured router; `router_losses` turns what it reports
+(`RouterStats`) into the layer's losses and metrics. All router math is float32.
 
 Shapes: T tokens, E experts, K choices per token, C slots per expert.
 """
 
 from __future__ import annotations
 
+import fractions
+import math
 from typing import NamedTuple
 
 import jax
@@ -29,11 +34,14 @@ class Routing(NamedTuple):
   which lets dispatch and combine move rows by gathers alone (`moetrain.model.slots`):
   slot_TK:   int32 [T, K], the flat slot e * C + c of each assignment; E * C: dropped.
   weight_TK: float32 [T, K], the combine weight of each assignment.
+  expert_TK: int32 [T, K], the expert of each assignment (token choice).
+  Token choice without a capacity has no slots: token_EC, weight_EC and slot_TK are None.
   """
-  token_EC: jax.Array
-  weight_EC: jax.Array
+  token_EC: jax.Array | None
+  weight_EC: jax.Array | None
   slot_TK: jax.Array | None = None
   weight_TK: jax.Array | None = None
+  expert_TK: jax.Array | None = None
 
 
 class RouterStats(NamedTuple):
@@ -45,11 +53,33 @@ class RouterStats(NamedTuple):
              choice), tokens that at least one expert took (expert choice, soft).
   wanted:    float32 [], what asked for a place: T * K assignments (token choice), T tokens
              (expert choice, soft); dropped_frac is 1 - kept / wanted.
+  logits_TE: float32 [T, E], the router logits (z-loss, max logit).
   """
   probs_TE: jax.Array
   assign_TE: jax.Array
   kept: jax.Array
   wanted: jax.Array
+  logits_TE: jax.Array
+
+
+def capacity(num_tokens: int, num_experts: int, top_k: int, factor: float) -> int:
+  """Slots per expert: ceil(factor * tokens * k / experts), at least 1, at most tokens.
+
+  Exact: the factor is read as the decimal it prints as (1.1 is 11/10, not the binary
+  float just above it), so cf=1.1, T=50, k=2, E=10 gives 11 slots, not 12.
+  """
+  exact = fractions.Fraction(repr(float(factor))) * num_tokens * top_k / num_experts
+  return max(1, min(num_tokens, math.ceil(exact)))
+
+
+def router_logits(x_TD: jax.Array, router_DE: jax.Array, jitter: float = 0.0,
+                  key: jax.Array | None = None) -> jax.Array:
+  """float32 logits [T, E] = x @ router, both in float32. `jitter` > 0 first multiplies
+  the router's input by noise U(1 - jitter, 1 + jitter) drawn from `key` (training)."""
+  x_TD = x_TD.astype(jnp.float32)
+  if jitter > 0:
+    x_TD = x_TD * jax.random.uniform(key, x_TD.shape, jnp.float32, 1.0 - jitter, 1.0 + jitter)
+  return x_TD @ router_DE.astype(jnp.float32)
 
 
 def top_k_gates(logits_TE: jax.Array, top_k: int, *, gate: str = 'softmax',
@@ -139,7 +169,7 @@ def capacity_routing(expert_TK: jax.Array, weight_TK: jax.Array, num_experts: in
   weight_EC = weight_EC.at[flat_A].set(weight_A, mode='drop')
   routing = Routing(token_EC.reshape(num_experts, capacity),
                     weight_EC.reshape(num_experts, capacity),
-                    slot_table(flat_A, order_T), combine_TK)
+                    slot_table(flat_A, order_T), combine_TK, expert_TK)
   return routing, jnp.sum(keep_A).astype(jnp.float32)
 
 
@@ -186,30 +216,50 @@ def assignment_mask(expert_TK: jax.Array, num_experts: int) -> jax.Array:
   return jnp.sum(jax.nn.one_hot(expert_TK, num_experts, dtype=jnp.float32), axis=1)
 
 
-def route(logits_TE: jax.Array, *, router: str, top_k: int, capacity: int,
-                       gate: str = 'softmax', softmax_order: str = 'softmax_topk',
-                       renormalize: bool = False, routed_scaling: float = 1.0,
-                       drop_order: str = 'position', bias_E: jax.Array | None = None,
-                       remove_experts: tuple = (), remove_choices: tuple = ()):
+def token_choice(logits_TE: jax.Array, top_k: int, *, capacity: int | None,
+                 drop_order: str = 'position', bias_E: jax.Array | None = None,
+                 remove_experts: tuple = (), remove_choices: tuple = (), **gates):
+  """Token-choice routing: each token's top-k experts (`top_k_gates` with the selection
+  keywords `gates`: gate, softmax_order, renormalize, routed_scaling), ablated by
+  `remove_experts` / `remove_choices` (`ablation_keep`), then placed into `capacity` slots
+  per expert (`capacity_routing`, in `drop_order`); with capacity None nothing is placed
+  or dropped, and the Routing holds only expert_TK and weight_TK.
+
+  Returns (Routing, RouterStats).
+  """
+  num_tokens, num_experts = logits_TE.shape
+  expert_TK, weight_TK, probs_TE = top_k_gates(logits_TE, top_k, bias_E=bias_E, **gates)
+  keep_TK = (ablation_keep(expert_TK, num_experts, remove_experts, remove_choices)
+             if remove_experts or remove_choices else None)
+  wanted = jnp.float32(num_tokens * top_k)
+  if capacity is None:
+    combine_TK = weight_TK if keep_TK is None else weight_TK * keep_TK
+    routing, kept = Routing(None, None, weight_TK=combine_TK, expert_TK=expert_TK), wanted
+  else:
+    routing, kept = capacity_routing(expert_TK, weight_TK, num_experts, capacity,
+                                     drop_order, keep_TK)
+  return routing, RouterStats(probs_TE, assignment_mask(expert_TK, num_experts), kept,
+                              wanted, logits_TE)
+
+
+def route(logits_TE: jax.Array, *, router: str, top_k: int, capacity: int | None,
+          drop_order: str = 'position', bias_E: jax.Array | None = None,
+          remove_experts: tuple = (), remove_choices: tuple = (), **gates):
   """Runs the configured router on one group of tokens.
 
-  `remove_experts` / `remove_choices` ablate assignments after routing (`ablation_keep`;
-  choices exist for token choice only). Returns (Routing, RouterStats). For expert choice
-  and soft routing `assign_TE` records which experts took each token; a token no expert
-  took counts as dropped.
+  Token choice is `token_choice` (capacity None: no slots, for the dropless executors
+  that sort assignments by expert; `gates` are its selection keywords). Expert choice and
+  soft routing fill `capacity` slots per expert (soft: every token in every expert);
+  `remove_experts` zeroes the weights of those experts' slots. Returns (Routing,
+  RouterStats); for expert choice and soft routing `assign_TE` records which experts took
+  each token, and a token no expert took counts as dropped.
   """
   num_tokens, num_experts = logits_TE.shape
   logits_TE = logits_TE.astype(jnp.float32)
   if router == 'token_choice':
-    expert_TK, weight_TK, probs_TE = top_k_gates(
-        logits_TE, top_k, gate=gate, softmax_order=softmax_order, renormalize=renormalize,
-        routed_scaling=routed_scaling, bias_E=bias_E)
-    keep_TK = (ablation_keep(expert_TK, num_experts, remove_experts, remove_choices)
-               if remove_experts or remove_choices else None)
-    routing, kept = capacity_routing(expert_TK, weight_TK, num_experts, capacity,
-                                     drop_order, keep_TK)
-    return routing, RouterStats(probs_TE, assignment_mask(expert_TK, num_experts), kept,
-                                jnp.float32(num_tokens * top_k))
+    return token_choice(logits_TE, top_k, capacity=capacity, drop_order=drop_order,
+                        bias_E=bias_E, remove_experts=remove_experts,
+                        remove_choices=remove_choices, **gates)
   if router == 'expert_choice':
     routing = expert_choice_routing(logits_TE, capacity)
   elif router == 'soft':
@@ -223,7 +273,7 @@ def route(logits_TE: jax.Array, *, router: str, top_k: int, capacity: int,
   taken_TE = jnp.zeros((num_tokens + 1, num_experts), jnp.float32).at[
       routing.token_EC, jnp.arange(num_experts)[:, None]].set(1.0)[:num_tokens]
   kept = jnp.sum(jnp.max(taken_TE, axis=1))  # tokens that at least one expert took.
-  return routing, RouterStats(probs_TE, taken_TE, kept, jnp.float32(num_tokens))
+  return routing, RouterStats(probs_TE, taken_TE, kept, jnp.float32(num_tokens), logits_TE)
 
 
 def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -253,6 +303,61 @@ def z_loss(logits_TE: jax.Array) -> jax.Array:
 def router_entropy(probs_TE: jax.Array) -> jax.Array:
   """Mean over tokens of the entropy (nats) of the router distribution."""
   return -jnp.mean(jnp.sum(probs_TE * jnp.log(jnp.maximum(probs_TE, 1e-30)), axis=-1))
+
+
+def _psum(x, axes: tuple):
+  return jax.lax.psum(x, axes) if axes else x
+
+
+def scoped_balance_loss(stats: RouterStats, scope: str, seq_len: int,
+                        batch_axes: tuple = ()) -> jax.Array:
+  """`balance_loss` of one group of T tokens (one device's under shard_map, whose tokens
+  are split over the mesh axes `batch_axes`) over the groups `scope` names:
+  'micro_batch': each device's tokens, the loss averaged over devices; 'global': the
+  statistics summed over all devices first (the whole batch's loss); 'sequence': each
+  sequence of `seq_len` tokens, averaged over sequences."""
+  num_tokens, num_experts = stats.probs_TE.shape
+  if scope == 'sequence':
+    assign_GLE = stats.assign_TE.reshape(-1, seq_len, num_experts)
+    probs_GLE = stats.probs_TE.reshape(-1, seq_len, num_experts)
+    counts_GE = jnp.sum(assign_GLE, axis=1)
+    balance = balance_loss(safe_divide(counts_GE, jnp.sum(counts_GE, -1, keepdims=True)),
+                           jnp.mean(probs_GLE, axis=1))
+    return _psum(balance, batch_axes) / _psum(1.0, batch_axes)
+  axes = batch_axes if scope == 'global' else ()
+  counts_E = _psum(jnp.sum(stats.assign_TE, axis=0), axes)
+  sum_prob_E = _psum(jnp.sum(stats.probs_TE, axis=0), axes)
+  tokens = _psum(jnp.float32(num_tokens), axes)
+  frac_E = safe_divide(counts_E, jnp.sum(counts_E))
+  balance = balance_loss(frac_E[None], (sum_prob_E / tokens)[None])
+  if scope == 'micro_batch':  # mean of the per-group losses
+    balance = _psum(balance, batch_axes) / _psum(1.0, batch_axes)
+  return balance
+
+
+def router_losses(stats: RouterStats, *, balance_scope: str, seq_len: int,
+                  batch_axes: tuple = ()) -> dict:
+  """The losses and metrics of one MoE layer from its routing statistics on one group of
+  tokens (split over the mesh axes `batch_axes`; the metrics cover all of them).
+
+  Returns float32 scalars balance_loss (`scoped_balance_loss`), z_loss, dropped_frac
+  (1 - kept / wanted), router_entropy, max_logit, and load_E [E] (each expert's share of
+  the assignments before capacity). Only the two losses carry gradients.
+  """
+  num_tokens = stats.probs_TE.shape[0]
+  sg = jax.lax.stop_gradient
+  all_counts_E = _psum(jnp.sum(stats.assign_TE, axis=0), batch_axes)
+  all_tokens = _psum(jnp.float32(num_tokens), batch_axes)
+  max_logit = sg(jnp.max(stats.logits_TE))
+  return dict(
+      balance_loss=scoped_balance_loss(stats, balance_scope, seq_len, batch_axes),
+      z_loss=_psum(z_loss(stats.logits_TE) * num_tokens, batch_axes) / all_tokens,
+      load_E=all_counts_E / jnp.sum(all_counts_E),
+      dropped_frac=1.0 - _psum(stats.kept, batch_axes) / _psum(stats.wanted, batch_axes),
+      router_entropy=sg(_psum(router_entropy(stats.probs_TE) * num_tokens, batch_axes)
+                        / all_tokens),
+      max_logit=jax.lax.pmax(max_logit, batch_axes) if batch_axes else max_logit,
+  )
 
 
 def bias_update(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:

@@ -7,7 +7,7 @@ dropped one). Dispatch gathers tokens into slots and combine gathers slots back 
 tokens; their gradients are gathers through the other table. Automatic differentiation
 would turn each gather's gradient into a scatter-add over the row-sized arrays (atomic adds
 on a GPU, a serial loop on a CPU); the combine that expert choice and soft routing need (a
-token in up to E slots, `moe_ffn.combine`) scatters in its forward pass too.
+token in up to E slots, `experts.combine`) scatters in its forward pass too.
 
 Shapes: T tokens, D model width, E experts, C slots per expert, K choices per token.
 """

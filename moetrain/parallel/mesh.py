@@ -180,13 +180,21 @@ def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def current_mesh():
+  """The mesh set with `jax.set_mesh`, or None when there is none or it has one device
+  (then the code runs as on one device: no sharding constraints, no shard_map)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return None
+  return mesh
+
+
 def gather(w, spec: P):
   """The weight `w`, stored split as `spec`, whole on every device of the current mesh
   (a no-op without one): FSDP's just-in-time all-gather where the weight is used. Its
   gradient is constrained back to `spec`, so the backward pass reduce-scatters it
   (a plain sharding constraint would all-reduce the whole gradient, then slice it)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
+  if current_mesh() is None:
     return w
   return _gather(w, spec)
 
@@ -212,9 +220,18 @@ def constrain_batch(x, batch_dim: int = 0):
   """x constrained to be split over the token axes along `batch_dim` on the current mesh
   (a no-op without one): pins activations to the batch sharding, so GSPMD gathers the
   fsdp-split weights rather than moving activations."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
+  if current_mesh() is None:
     return x
   spec = [None] * x.ndim
   spec[batch_dim] = BATCH_AXES
   return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+def gather_fsdp(w, spec: P):
+  """Inside shard_map: the local slice `w` all-gathered over the `fsdp` mesh axis along
+  the dimension that `spec` splits over it (unchanged when fsdp has size 1)."""
+  names = lambda entry: entry if isinstance(entry, tuple) else (entry,)
+  dims = [i for i, entry in enumerate(spec) if 'fsdp' in names(entry)]
+  if jax.lax.axis_size('fsdp') == 1 or not dims:
+    return w
+  return jax.lax.all_gather(w, 'fsdp', axis=dims[0], tiled=True)

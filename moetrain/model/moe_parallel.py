@@ -1,12 +1,11 @@
-"""Expert-parallel execution of the MoE layer with `jax.shard_map` and all-to-all.
+"""The MoE layer on the current mesh: `moe_ffn` per device under `jax.shard_map`.
 
-Inside a mesh with an `expert` axis of size ep, each device routes its own tokens into
-capacity buffers [E, C, D] (C from its local token count: the capacity rule holds per
-device group), `jax.lax.all_to_all` sends slot block e to the device that owns expert e,
-each device runs its E/ep experts on [E/ep, ep*C, D], and a second all-to-all brings the
-outputs back for the weighted combine. Dropless token choice on GPU/TPU instead sends only
-the routed tokens by ragged all-to-all (moetrain.parallel.ragged). Without a mesh (or on
-one device) the same function runs directly on the whole batch.
+Inside a mesh with an `expert` axis of size ep, each device routes its own tokens (the
+capacity rule holds per device group) and its executor sends them to the devices owning
+their experts: capacity buffers [E, C, D] by `jax.lax.all_to_all`, each device running its
+E/ep experts on [E/ep, ep*C, D]; or, for dropless token choice on GPU/TPU, only the routed
+tokens by ragged all-to-all (`moetrain.model.experts`, `moetrain.parallel.ragged`).
+Without a mesh (or on one device) the same function runs directly on the whole batch.
 
 Under FSDP (an `fsdp` axis of size > 1) the expert weights arrive split over `fsdp` as
 well (along d_model, the rule table of moetrain.parallel.mesh); each device all-gathers
@@ -27,17 +26,9 @@ from moetrain.model.moe_ffn import MoESpec, moe_ffn
 from moetrain.parallel import mesh as mesh_lib
 from moetrain.parallel.mesh import BATCH_AXES
 
-# Logical axes of the expert weight stacks (as in moetrain.model.moe.MoE).
+# Logical axes of the expert weight stacks (the parameters of moetrain.model.moe.MoE).
 EXPERT_IN_AXES = ('expert', 'embed', 'mlp')  # w_gate, w_up [E, D, F]
 EXPERT_OUT_AXES = ('expert', 'mlp', 'embed')  # w_down [E, F, D]
-
-
-def current_mesh():
-  """The mesh set with `jax.set_mesh`, or None when there is none or it has one device."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return None
-  return mesh
 
 
 @functools.cache
@@ -66,7 +57,7 @@ def run_moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng, 
   x_TD [T, D] holds the whole batch's tokens (sharded over data x expert under a mesh).
   Returns y_TD [T, D] and the layer statistics (identical on every device).
   """
-  mesh = current_mesh()
+  mesh = mesh_lib.current_mesh()
   kwargs = dict(spec=spec, seq_len=seq_len, train=train, dtype=dtype)
   if spec.dropless_token_choice():
     log_dropless_choice(mesh is not None and mesh.shape['expert'] > 1,
@@ -83,8 +74,9 @@ def run_moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng, 
     rng = jax.random.fold_in(rng, jax.lax.axis_index(BATCH_AXES))
     # Gathered, then cast: a cast before the gather would be hoisted by XLA out of a loop
     # over scanned layers as one cast of every layer's experts (a second copy of them).
-    w_gate_EDF, w_up_EDF = (gather_fsdp(w, w_in).astype(dtype) for w in (w_gate_EDF, w_up_EDF))
-    w_down_EFD = gather_fsdp(w_down_EFD, w_out).astype(dtype)
+    w_gate_EDF, w_up_EDF = (mesh_lib.gather_fsdp(w, w_in).astype(dtype)
+                            for w in (w_gate_EDF, w_up_EDF))
+    w_down_EFD = mesh_lib.gather_fsdp(w_down_EFD, w_out).astype(dtype)
     return moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng,
                    expert_axis=expert_axis, batch_axes=BATCH_AXES, **kwargs)
 
@@ -93,13 +85,3 @@ def run_moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng, 
                      in_specs=(P(BATCH_AXES), P(), w_in, w_in, w_out, bias_spec, P()),
                      out_specs=(P(BATCH_AXES), P()))
   return fn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, rng)
-
-
-def gather_fsdp(w, spec: P):
-  """Inside shard_map: the local slice `w` all-gathered over the `fsdp` mesh axis along
-  the dimension that `spec` splits over it (unchanged when fsdp has size 1)."""
-  names = lambda entry: entry if isinstance(entry, tuple) else (entry,)
-  dims = [i for i, entry in enumerate(spec) if 'fsdp' in names(entry)]
-  if jax.lax.axis_size('fsdp') == 1 or not dims:
-    return w
-  return jax.lax.all_gather(w, 'fsdp', axis=dims[0], tiled=True)
