@@ -53,7 +53,7 @@ import re
 CATEGORIES = ('attention', 'expert_matmul', 'dispatch_combine', 'all_to_all', 'collectives',
               'optimizer', 'rest')
 SCOPES = ('attention', 'attn_proj', 'router', 'dispatch', 'experts', 'combine', 'optimizer',
-          'loss')  # the jax.named_scope labels of moetrain.model and moetrain.train
+          'loss')  # the jax.named_scope labels of moetrain.model and moetrain.step
 SCOPE_CATEGORY = {'attention': 'attention', 'experts': 'expert_matmul',
                   'router': 'dispatch_combine', 'dispatch': 'dispatch_combine',
                   'combine': 'dispatch_combine', 'optimizer': 'optimizer'}

@@ -171,15 +171,16 @@ class StepBench:
   """A compiled train step of one config with its state and batch, ready to be timed."""
 
   def __init__(self, name: str, cfg, devices=None):
-    from moetrain import train as train_lib
+    from moetrain import optimizer as optimizer_lib
+    from moetrain import state as state_lib
+    from moetrain import step as step_lib
     from moetrain.parallel import mesh as mesh_lib
     self.name, self.cfg = name, cfg
     self.mesh = mesh_lib.make_mesh(cfg, devices)
-    tx = train_lib.make_optimizer(cfg.train)
-    graphdef, self.state, shardings = train_lib.init_state(cfg, self.mesh, tx)
+    tx = optimizer_lib.make_optimizer(cfg.train)
+    graphdef, self.state, shardings = state_lib.init_state(cfg, self.mesh, tx)
     self.batch = jax.device_put(random_batch(cfg), mesh_lib.batch_sharding(self.mesh))
-    step = jax.jit(train_lib.make_train_step(graphdef, tx, cfg), donate_argnums=0,
-                   out_shardings=(shardings, None))
+    step = step_lib.jit_train_step(graphdef, tx, cfg, shardings)
     t0 = time.perf_counter()
     with jax.set_mesh(self.mesh):
       self.compiled = step.lower(self.state, self.batch).compile()

@@ -39,7 +39,7 @@ def combine_micro_stats(stats):
 def accumulated_grad_fn(loss_fn, n: int):
   """(params, model_state, batch, rng) -> ((loss, (parts, stats)), grads) over `n`
   micro-batches, from `loss_fn(params, model_state, batch, rng, num_tokens, aux_weight)`
-  -> (loss, (parts, stats)) (train.make_loss_fn): each micro-batch divides by the whole
+  -> (loss, (parts, stats)) (step.make_loss_fn): each micro-batch divides by the whole
   batch's token count and weighs the router losses by 1/n, so losses and gradients sum
   to the whole batch's."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

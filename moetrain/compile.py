@@ -3,7 +3,7 @@ libtpu's compile-only devices), or for the local devices; a per-chip report of m
 FLOPs and collectives.
 
 `moetrain compile --config=FILE [--topology=v5p-128] [--num_slices=N]` lowers and compiles
-the very function `moetrain train` jits (`train.jit_train_step`, state donated) on
+the very function `moetrain train` jits (`step.jit_train_step`, state donated) on
 abstract inputs with the config's shardings, so nothing is allocated and no TPU is
 needed. XLA's compile-time HBM check raises when the step does not fit; the command then
 exits with one sentence naming what to change.
@@ -27,7 +27,9 @@ import numpy as np
 from moetrain import backend, counting
 from moetrain import config as config_lib
 from moetrain import data as data_lib
-from moetrain import train
+from moetrain import optimizer as optimizer_lib
+from moetrain import state as state_lib
+from moetrain import step as step_lib
 from moetrain.model import attention
 from moetrain.parallel import mesh as mesh_lib
 
@@ -185,11 +187,11 @@ def prepare(cfg, num_devices: int, platform: str):
 def abstract_step(cfg, mesh):
   """The jitted train step and its abstract, sharded inputs (state, batch): nothing
   allocated, the model built once under `jax.eval_shape`."""
-  tx = train.make_optimizer(cfg.train)
-  graphdef, abstract, shardings = train.abstract_state(cfg, mesh, tx)
-  state = train.restore_target(abstract, shardings)
+  tx = optimizer_lib.make_optimizer(cfg.train)
+  graphdef, abstract, shardings = state_lib.abstract_state(cfg, mesh, tx)
+  state = state_lib.restore_target(abstract, shardings)
   batch = abstract_batch(cfg, mesh_lib.batch_sharding(mesh))
-  return train.jit_train_step(graphdef, tx, cfg, shardings), (state, batch)
+  return step_lib.jit_train_step(graphdef, tx, cfg, shardings), (state, batch)
 
 
 def lower(cfg, mesh):
@@ -281,6 +283,6 @@ def compile_step(cfg, topology: str | None = None, num_slices: int = 1,
 
 def state_bytes(cfg, mesh) -> int:
   """Bytes of the whole train state (parameters, optimizer moments, ...), unsharded."""
-  abstract = train.abstract_state(cfg, mesh, train.make_optimizer(cfg.train))[1]
+  abstract = state_lib.abstract_state(cfg, mesh, optimizer_lib.make_optimizer(cfg.train))[1]
   return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
              for x in jax.tree.leaves(abstract))

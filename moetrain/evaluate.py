@@ -23,7 +23,8 @@ from moetrain import config as config_lib
 from moetrain import data as data_lib
 from moetrain import metrics as metrics_lib
 from moetrain import restore as restore_lib
-from moetrain import train as train_lib
+from moetrain import state as state_lib
+from moetrain import step as step_lib
 from moetrain.parallel import mesh as mesh_lib
 
 
@@ -39,7 +40,7 @@ def eval_batches(cfg) -> list[dict]:
 def eval_step(graphdef, eod_id: int, loss_chunk: int = 0):
   """The jitted eval step of a model structure: models that differ only in their arrays
   (an expert ablated, other weights) share one compile."""
-  return jax.jit(train_lib.make_eval_step(graphdef, eod_id, loss_chunk))
+  return jax.jit(step_lib.make_eval_step(graphdef, eod_id, loss_chunk))
 
 
 def evaluate(run: restore_lib.Run, batches: list[dict] | None = None, *,
@@ -48,13 +49,13 @@ def evaluate(run: restore_lib.Run, batches: list[dict] | None = None, *,
   (default: `eval_batches(run.cfg)`), on the run's mesh."""
   model = run.model() if model is None else model
   batches = eval_batches(run.cfg) if batches is None else batches
-  graphdef, params, model_state = train_lib.split_model(model)
+  graphdef, params, model_state = state_lib.split_model(model)
   eval_fn = eval_step(graphdef, run.tokenizer.eod_id, run.cfg.model.loss_chunk)
   sharding = mesh_lib.batch_sharding(run.mesh)
   put = lambda batch: data_lib.to_global(batch, sharding)
   with jax.set_mesh(run.mesh):
-    bytes_2V = train_lib.bytes_table(run.tokenizer, run.cfg.model.vocab_size, run.mesh)
-    return train_lib.evaluate(eval_fn, params, model_state, batches, put, bytes_2V)
+    bytes_2V = step_lib.bytes_table(run.tokenizer, run.cfg.model.vocab_size, run.mesh)
+    return step_lib.evaluate(eval_fn, params, model_state, batches, put, bytes_2V)
 
 
 def evaluate_workdir(workdir, overrides: dict | None = None,

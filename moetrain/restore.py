@@ -14,8 +14,9 @@ from flax import nnx
 from moetrain import checkpoint as checkpoint_lib
 from moetrain import config as config_lib
 from moetrain import data as data_lib
+from moetrain import optimizer as optimizer_lib
 from moetrain import paths
-from moetrain import train as train_lib
+from moetrain import state as state_lib
 from moetrain.interop import params as params_lib
 from moetrain.parallel import mesh as mesh_lib
 
@@ -28,7 +29,7 @@ class Run:
   cfg: object
   step: int
   graphdef: object
-  state: train_lib.TrainState
+  state: state_lib.TrainState
   mesh: jax.sharding.Mesh
   tokenizer: object
 
@@ -48,8 +49,8 @@ class Run:
       for key, value in overrides.items():
         config_lib.check_key(key)
         config_lib.set_key(cfg, key, value)
-      graphdef = train_lib.abstract_state(config_lib.validate(cfg), self.mesh,
-                                          train_lib.make_optimizer(cfg.train))[0]
+      graphdef = state_lib.abstract_state(config_lib.validate(cfg), self.mesh,
+                                          optimizer_lib.make_optimizer(cfg.train))[0]
     return nnx.merge(graphdef, self.state.params, self.state.model_state, copy=True)
 
 
@@ -84,13 +85,13 @@ def load(workdir, overrides: dict | None = None, *, devices=None) -> Run:
     if not checkpointer.steps():
       raise config_lib.ConfigError(f'{workdir} has no checkpoints yet; train it first.')
     mesh = mesh_lib.make_mesh(cfg, devices=devices)
-    graphdef, abstract, shardings = train_lib.abstract_state(
-        cfg, mesh, train_lib.make_optimizer(cfg.train))
+    graphdef, abstract, shardings = state_lib.abstract_state(
+        cfg, mesh, optimizer_lib.make_optimizer(cfg.train))
     config = json.loads(cfg.to_json_best_effort())
     shapes = checkpoint_lib.shapes_of(abstract)
     check = lambda meta, step: checkpoint_lib.check_compatible(meta, config, shapes, step)
     step, state, _ = checkpointer.restore_latest(
-        train_lib.restore_target(abstract, shardings), check=check, move_damaged=False)
+        state_lib.restore_target(abstract, shardings), check=check, move_damaged=False)
   finally:
     checkpointer.close()
   return Run(workdir, cfg, step, graphdef, state, mesh, data_lib.make_tokenizer(cfg.data))

@@ -87,11 +87,11 @@ def sweep(base, axes: list[str], workdir, *, log=print) -> list[dict] | None:
   """Trains every grid point not yet finished, then writes the report. Returns its rows,
   or None when SIGTERM/SIGINT stopped the sweep (the run in progress saved a checkpoint;
   the same command resumes it and goes on)."""
-  from moetrain import train
+  from moetrain import preemption, train
   from moetrain import workdir as workdir_lib
   workdir = paths.path(workdir)
   runs = grid(base, axes)
-  with workdir_lib.locked(workdir, log), train.PreemptionHandler() as stop:
+  with workdir_lib.locked(workdir, log), preemption.PreemptionHandler() as stop:
     for i, (name, cfg) in enumerate(runs):
       run_dir = workdir / name
       if paths.is_file(run_dir / SUMMARY):

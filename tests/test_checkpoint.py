@@ -18,6 +18,10 @@ from conftest import tiny_config
 from moetrain import checkpoint as checkpoint_lib
 from moetrain import data as data_lib
 from moetrain import guard as guard_lib
+from moetrain import optimizer as optimizer_lib
+from moetrain import preemption
+from moetrain import state as state_lib
+from moetrain import step as step_lib
 from moetrain import metrics as metrics_lib
 from moetrain import train as train_lib
 
@@ -85,7 +89,7 @@ def test_sigterm_and_sigint_save_and_exit_zero(tmp_path, reference, cli_env):
 
 def test_preemption_handler_restores_previous_handlers():
   before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-  with train_lib.PreemptionHandler() as stop:
+  with preemption.PreemptionHandler() as stop:
     assert not stop.stop_requested()
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.01)
@@ -134,7 +138,8 @@ def restore_target(cfg):
   cfg = train_lib.prepare(cfg)
   from moetrain.parallel import mesh as mesh_lib
   mesh = mesh_lib.make_mesh(cfg)
-  _, abstract, shardings = train_lib.abstract_state(cfg, mesh, train_lib.make_optimizer(cfg.train))
+  _, abstract, shardings = state_lib.abstract_state(cfg, mesh,
+                                                   optimizer_lib.make_optimizer(cfg.train))
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, shardings)
 
@@ -205,8 +210,8 @@ def test_shape_mismatch_names_the_keys_before_compiling(saved_run, tmp_path, mon
   cfg, workdir = copy_run(saved_run, tmp_path)
   cfg.model.d_model, cfg.model.num_experts, cfg.train.steps = 32, 8, 6
   compiled = []
-  monkeypatch.setattr(train_lib, 'make_train_step', lambda *a: compiled.append(a))
-  monkeypatch.setattr(train_lib, 'init_state', lambda *a: compiled.append(a))
+  monkeypatch.setattr(step_lib, 'make_train_step', lambda *a: compiled.append(a))
+  monkeypatch.setattr(state_lib, 'init_state', lambda *a: compiled.append(a))
   with pytest.raises(checkpoint_lib.CheckpointError) as e:
     train_lib.train(cfg, workdir, log=lambda _: None)
   message = str(e.value)
@@ -265,7 +270,7 @@ def poison_step(monkeypatch, cfg, bad_step):
   rows = data_lib.make_data(train_lib.prepare(cfg.copy_and_resolve_references())).train
   for _ in range(bad_step):
     bad_inputs = next(rows)['inputs']
-  make_loss_fn = train_lib.make_loss_fn
+  make_loss_fn = step_lib.make_loss_fn
 
   def poisoned(graphdef, cfg):
     loss_fn = make_loss_fn(graphdef, cfg)
@@ -277,7 +282,7 @@ def poison_step(monkeypatch, cfg, bad_step):
 
     return fn
 
-  monkeypatch.setattr(train_lib, 'make_loss_fn', poisoned)
+  monkeypatch.setattr(step_lib, 'make_loss_fn', poisoned)
 
 
 def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch):

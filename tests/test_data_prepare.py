@@ -11,6 +11,7 @@ import pytest
 from moetrain import cli
 from moetrain import data as data_lib
 from moetrain import metrics as metrics_lib
+from moetrain import step as step_lib
 from moetrain import train as train_lib
 from moetrain.config import ConfigError
 from moetrain.data import mixture, prepare
@@ -222,7 +223,7 @@ def test_errors_come_before_anything_compiles(corpus, tmp_path, tiny, monkeypatc
     (copy / path.name).write_bytes(path.read_bytes())
   shard_files(copy, 0)[0].write_bytes(b'')
   compiled = []
-  monkeypatch.setattr(train_lib, 'make_train_step', lambda *a: compiled.append(a))
+  monkeypatch.setattr(step_lib, 'make_train_step', lambda *a: compiled.append(a))
   config = config_file(tmp_path / 'c.py', source='prepared', paths=str(copy), batch_size=8)
   with pytest.raises(SystemExit) as e:
     cli.main(['moetrain', 'train', f'--workdir={tmp_path / "w"}', f'--config={config}'])

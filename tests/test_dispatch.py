@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moetrain import config as config_lib, train
+from moetrain import config as config_lib
+from moetrain import optimizer as optimizer_lib
+from moetrain import state as state_lib
+from moetrain import step as step_lib
+from moetrain import train
 from moetrain.config import ConfigError
 from moetrain.model import moe_ffn as moe_lib
 from moetrain.model import moe_parallel
@@ -52,7 +56,7 @@ def random_batches(cfg, n):
 def initial_state(cfg):
   """The initial train state on one device (resharded onto each mesh by run_steps)."""
   mesh = mesh_lib.make_mesh(cfg, devices=jax.devices()[:1])
-  return train.init_state(cfg, mesh, train.make_optimizer(cfg.train))[:2]
+  return state_lib.init_state(cfg, mesh, optimizer_lib.make_optimizer(cfg.train))[:2]
 
 
 def run_steps(cfg, graphdef, state, batches):
@@ -61,9 +65,9 @@ def run_steps(cfg, graphdef, state, batches):
   One jit: the gradient, then the steps as a scan."""
   n = cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.expert
   mesh = mesh_lib.make_mesh(cfg, devices=jax.devices()[:n])
-  tx = train.make_optimizer(cfg.train)
-  grad_fn = jax.value_and_grad(train.make_loss_fn(graphdef, cfg), has_aux=True)
-  step_fn = train.make_train_step(graphdef, tx, cfg)
+  tx = optimizer_lib.make_optimizer(cfg.train)
+  grad_fn = jax.value_and_grad(step_lib.make_loss_fn(graphdef, cfg), has_aux=True)
+  step_fn = step_lib.make_train_step(graphdef, tx, cfg)
 
   @jax.jit
   def run(state, batches):
@@ -74,7 +78,7 @@ def run_steps(cfg, graphdef, state, batches):
 
   stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
   with jax.set_mesh(mesh):
-    out = run(jax.device_put(state, train.state_shardings(state, mesh)),
+    out = run(jax.device_put(state, state_lib.state_shardings(state, mesh)),
               jax.device_put(stacked, NamedSharding(mesh, P(None, mesh_lib.BATCH_AXES))))
   return jax.tree.map(np.asarray, jax.device_get(out))
 
@@ -172,10 +176,10 @@ def test_capacity_is_per_device_group(router, scope, data, expert):
 def compiled_train_step_hlo(data, expert):
   cfg = equivalence_config('gshard', data, expert)
   mesh = mesh_lib.make_mesh(cfg, devices=jax.devices()[:data * expert])
-  tx = train.make_optimizer(cfg.train)
-  graphdef, state, shardings = train.init_state(cfg, mesh, tx)
+  tx = optimizer_lib.make_optimizer(cfg.train)
+  graphdef, state, shardings = state_lib.init_state(cfg, mesh, tx)
   batch = jax.device_put(random_batches(cfg, 1)[0], mesh_lib.batch_sharding(mesh))
-  step_fn = jax.jit(train.make_train_step(graphdef, tx, cfg), out_shardings=(shardings, None))
+  step_fn = jax.jit(step_lib.make_train_step(graphdef, tx, cfg), out_shardings=(shardings, None))
   with jax.set_mesh(mesh):
     return step_fn.lower(state, batch).compile().as_text(), cfg
 

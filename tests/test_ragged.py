@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from moetrain import optimizer as optimizer_lib
+from moetrain import state as state_lib
+from moetrain import step as step_lib
 from moetrain import train
 from moetrain.config import ConfigError
 from moetrain.model import experts as experts_lib
@@ -226,14 +229,14 @@ def test_train_step_lowers_to_ragged_all_to_all(monkeypatch):
                        'model.num_experts': 8, 'model.vocab_size': 128, 'mesh.data': 2,
                        'mesh.expert': 4})
   mesh = mesh_lib.make_mesh(cfg)
-  tx = train.make_optimizer(cfg.train)
-  graphdef, state, shardings = train.init_state(cfg, mesh, tx)
+  tx = optimizer_lib.make_optimizer(cfg.train)
+  graphdef, state, shardings = state_lib.init_state(cfg, mesh, tx)
   shape = (cfg.data.batch_size, cfg.data.seq_len)
   batch = jax.device_put(dict(inputs=np.zeros(shape, np.int32),
                               targets=np.zeros(shape, np.int32),
                               mask=np.ones(shape, np.float32)),
                          mesh_lib.batch_sharding(mesh))
-  step_fn = jax.jit(train.make_train_step(graphdef, tx, cfg), out_shardings=(shardings, None))
+  step_fn = jax.jit(step_lib.make_train_step(graphdef, tx, cfg), out_shardings=(shardings, None))
   with jax.set_mesh(mesh):
     text = step_fn.lower(state, batch).as_text()
   # forward and back in each of the 2 MoE layers, and the same two in the backward pass.

@@ -9,7 +9,9 @@ import pytest
 
 from moetrain import checkpoint as checkpoint_lib
 from moetrain import config as config_lib
-from moetrain import train
+from moetrain import optimizer as optimizer_lib
+from moetrain import state as state_lib
+from moetrain import step as step_lib
 from moetrain.model import transformer
 from moetrain.parallel import mesh as mesh_lib
 
@@ -38,15 +40,15 @@ def random_batch(cfg):
 def abstract_state(cfg):
   """(graphdef, abstract TrainState, optimizer) without computing anything."""
   mesh = mesh_lib.make_mesh(cfg, devices=jax.devices()[:1])
-  tx = train.make_optimizer(cfg.train)
-  graphdef, abstract, _ = train.abstract_state(cfg, mesh, tx)
+  tx = optimizer_lib.make_optimizer(cfg.train)
+  graphdef, abstract, _ = state_lib.abstract_state(cfg, mesh, tx)
   return graphdef, abstract, tx
 
 
 def make_state(cfg):
   mesh = mesh_lib.make_mesh(cfg, devices=jax.devices()[:1])
-  tx = train.make_optimizer(cfg.train)
-  graphdef, state, _ = train.init_state(cfg, mesh, tx)
+  tx = optimizer_lib.make_optimizer(cfg.train)
+  graphdef, state, _ = state_lib.init_state(cfg, mesh, tx)
   return graphdef, state, tx
 
 
@@ -93,8 +95,8 @@ def scan_pair():
     cfg = mixed_config(**{'model.scan_layers': scanned,
                           'model.remat': 'full' if scanned else 'none'})
     graphdef, state, tx = make_state(cfg)
-    step = train.make_train_step(graphdef, tx, cfg)
-    grad_fn = jax.value_and_grad(train.make_loss_fn(graphdef, cfg), has_aux=True)
+    step = step_lib.make_train_step(graphdef, tx, cfg)
+    grad_fn = jax.value_and_grad(step_lib.make_loss_fn(graphdef, cfg), has_aux=True)
 
     @jax.jit
     def run(state, batch):
@@ -152,7 +154,7 @@ def test_program_size_does_not_grow_with_depth_when_scanned():
     cfg = mixed_config(**{'model.num_layers': layers, 'model.first_k_dense': 0,
                           'model.moe_every': 1, 'model.scan_layers': scanned})
     graphdef, state, tx = abstract_state(cfg)
-    jaxpr = jax.make_jaxpr(train.make_train_step(graphdef, tx, cfg))(
+    jaxpr = jax.make_jaxpr(step_lib.make_train_step(graphdef, tx, cfg))(
         state, random_batch(cfg))
     return str(jaxpr).count('dot_general')
 
@@ -170,7 +172,7 @@ def remat_runs():
   for policy in ('none', *transformer.REMAT_POLICIES):
     cfg = mixed_config(**{'model.remat': policy})
     graphdef = abstract_state(cfg)[0]
-    fn = jax.value_and_grad(train.make_loss_fn(graphdef, cfg), has_aux=True)
+    fn = jax.value_and_grad(step_lib.make_loss_fn(graphdef, cfg), has_aux=True)
     args = (state.params, state.model_state, batch, jax.random.key(0))
     (loss, _), grads = jax.jit(fn)(*args)
     out[policy] = dict(loss=float(loss), grads=checkpoint_lib.flatten(grads),
@@ -211,11 +213,11 @@ def test_remat_accepts_old_boolean_configs():
 def test_resume_across_scan_layers_is_refused_with_the_key():
   cfg = mixed_config()
   mesh = mesh_lib.make_mesh(cfg, devices=jax.devices()[:1])
-  tx = train.make_optimizer(cfg.train)
+  tx = optimizer_lib.make_optimizer(cfg.train)
   saved = {'config': {'model': {'scan_layers': False}},
-           'shapes': checkpoint_lib.shapes_of(train.abstract_state(cfg, mesh, tx)[1])}
+           'shapes': checkpoint_lib.shapes_of(state_lib.abstract_state(cfg, mesh, tx)[1])}
   scanned = mixed_config(**{'model.scan_layers': True})
-  shapes = checkpoint_lib.shapes_of(train.abstract_state(scanned, mesh, tx)[1])
+  shapes = checkpoint_lib.shapes_of(state_lib.abstract_state(scanned, mesh, tx)[1])
   with pytest.raises(checkpoint_lib.CheckpointError,
                      match=r'saved with model\.scan_layers=False \(config has True\)'):
     checkpoint_lib.check_compatible(saved, {'model': {'scan_layers': True}}, shapes, 3)

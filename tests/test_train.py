@@ -1,16 +1,16 @@
 """The training loop: router and experts learn jointly; each model variant trains."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from flax import nnx
 
 from moetrain import accumulate
 from moetrain import config as config_lib
 from moetrain import data as data_lib
 from moetrain import metrics as metrics_lib
+from moetrain import optimizer as optimizer_lib
+from moetrain import state as state_lib
+from moetrain import step as step_lib
 from moetrain import train
 from moetrain.parallel import mesh as mesh_lib
 
@@ -24,8 +24,8 @@ def setup(cfg):
   """(cfg, graphdef, state, optimizer) on one device."""
   cfg = data_lib.resolve_vocab(config_lib.validate(cfg))
   mesh = mesh_lib.make_mesh(cfg, devices=jax.devices()[:1])
-  tx = train.make_optimizer(cfg.train)
-  graphdef, state, _ = train.init_state(cfg, mesh, tx)
+  tx = optimizer_lib.make_optimizer(cfg.train)
+  graphdef, state, _ = state_lib.init_state(cfg, mesh, tx)
   return cfg, graphdef, state, tx
 
 
@@ -37,7 +37,7 @@ def random_batch(cfg, vocab=200):
 
 def run_steps(cfg, graphdef, state, tx, batch, steps):
   """`steps` train steps on the same batch in one jitted scan: (state, metrics per step)."""
-  step_fn = train.make_train_step(graphdef, tx, cfg)
+  step_fn = step_lib.make_train_step(graphdef, tx, cfg)
   scan = jax.jit(lambda s, b: jax.lax.scan(lambda s, _: step_fn(s, b), s, length=steps))
   return scan(state, batch)
 
@@ -91,7 +91,7 @@ def test_router_gradient_is_nonzero_and_matches_finite_difference(top_k):
   cfg, graphdef, state, _ = setup(tiny_config(**{
       **ONE_DEVICE, 'model.num_layers': 1, 'model.moe.top_k': top_k,
       'model.moe.capacity_factor': 4.0, 'data.batch_size': 2, 'data.seq_len': 16}))
-  loss_fn = train.make_loss_fn(graphdef, cfg)
+  loss_fn = step_lib.make_loss_fn(graphdef, cfg)
 
   def loss_at(kernel_DE, batch):
     params = jax.tree.map(lambda x: x, state.params)
@@ -151,45 +151,6 @@ def test_train_end_to_end_writes_logs_and_checkpoint(tmp_path):
   assert summary.lines()[-1].startswith('12 steps in ')
 
 
-def test_schedule_warms_up_then_decays_to_min_lr():
-  t = tiny_config(**{'train.steps': 100, 'train.warmup_steps': 10, 'train.lr': 1.0,
-                     'train.min_lr_ratio': 0.1}).train
-  schedule = train.make_schedule(t)
-  assert float(schedule(0)) == 0.0
-  assert float(schedule(10)) == pytest.approx(1.0)
-  assert float(schedule(5)) == pytest.approx(0.5)
-  assert float(schedule(100)) == pytest.approx(0.1)
-  assert float(schedule(55)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-5)
-
-
-def test_weight_decay_skips_vectors():
-  """With zero gradients the update is the decay alone: matrices shrink, vectors don't."""
-  cfg, graphdef, state, tx = setup(tiny_config(**{**ONE_DEVICE, 'train.weight_decay': 0.5}))
-  zero_grads = jax.tree.map(jnp.zeros_like, state.params)
-  _, opt_state = tx.update(zero_grads, state.opt_state, state.params)  # lr is 0 at step 0.
-  updates, _ = tx.update(zero_grads, opt_state, state.params)
-  flat = nnx.to_flat_state(updates)
-  for path, leaf in flat:
-    value = np.asarray(leaf.get_value())
-    if value.ndim >= 2:
-      assert np.abs(value).max() > 0, path
-    else:
-      assert np.abs(value).max() == 0, path
-
-
-@pytest.mark.parametrize('max_norm', [0.5, 1e3])  # clipping and not clipping.
-def test_clip_by_global_norm_equals_optax(max_norm):
-  grads = {'a': RNG.standard_normal((5, 3)).astype(np.float32),
-           'b': RNG.standard_normal((7,)).astype(np.float32)}
-  ours = train.clip_by_global_norm(max_norm)
-  ref = optax.clip_by_global_norm(max_norm)
-  got, _ = ours.update(grads, ours.init(grads))
-  want, _ = ref.update(grads, ref.init(grads))
-  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6), got, want)
-  norm = float(optax.tree.norm(got))
-  assert norm == pytest.approx(min(max_norm, float(optax.tree.norm(grads))), rel=1e-6)
-
-
 @pytest.fixture(scope='module')
 def accumulation_runs():
   """One train step of a no-drop, sequence-balanced model from the same state on the
@@ -208,9 +169,9 @@ def accumulation_runs():
     cfg = data_lib.resolve_vocab(config_lib.validate(tiny_config(**{
         **base, **meshes[devices], 'train.grad_accum_steps': micro})))
     mesh = mesh_lib.make_mesh(cfg, devices=jax.devices()[:devices])
-    shardings = train.state_shardings(state, mesh)
+    shardings = state_lib.state_shardings(state, mesh)
     with jax.set_mesh(mesh):
-      new, metrics = jax.jit(train.make_train_step(graphdef, tx, cfg))(
+      new, metrics = jax.jit(step_lib.make_train_step(graphdef, tx, cfg))(
           jax.device_put(state, shardings),
           jax.device_put(batch, mesh_lib.batch_sharding(mesh)))
     out[devices, micro] = jax.device_get((new, metrics))

@@ -9,6 +9,8 @@ from moetrain import config as config_lib
 from moetrain import data as data_lib
 from moetrain import metrics as metrics_lib
 from moetrain import objective
+from moetrain import optimizer as optimizer_lib
+from moetrain import resume
 from moetrain import train
 from moetrain.interop import params as params_lib
 from moetrain.interop import upcycle
@@ -66,8 +68,8 @@ def moe_config(dense_dir, **overrides):
 def initial_params(cfg):
   cfg = data_lib.resolve_vocab(config_lib.validate(cfg))
   mesh = mesh_lib.make_mesh(cfg, devices=jax.devices()[:1])
-  _, state, _ = train.init_from_run(cfg, mesh, train.make_optimizer(cfg.train),
-                                    log=lambda *a: None)
+  _, state, _ = resume.init_from_run(cfg, mesh, optimizer_lib.make_optimizer(cfg.train),
+                                     log=lambda *a: None)
   return cfg, params_lib.to_flat(state.params)
 
 

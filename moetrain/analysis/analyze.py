@@ -30,8 +30,8 @@ from moetrain import config as config_lib
 from moetrain import data as data_lib
 from moetrain import evaluate as evaluate_lib
 from moetrain import restore as restore_lib
+from moetrain import state as state_lib
 from moetrain import token_bytes
-from moetrain import train as train_lib
 from moetrain.analysis import categories as categories_lib
 from moetrain.analysis import measures
 from moetrain.parallel import mesh as mesh_lib
@@ -44,7 +44,7 @@ def routes(model, batches: list[dict], mesh) -> np.ndarray:
   """int32 [MoE layers, N, K]: each input token's routed experts (best first, before
   capacity) in every MoE layer, for the N = sum of B * L input tokens of `batches` in
   order (row-major within a batch), run on `mesh`."""
-  graphdef, params, model_state = train_lib.split_model(model)
+  graphdef, params, model_state = state_lib.split_model(model)
 
   def choices(params, model_state, batch):
     m = nnx.merge(graphdef, params, model_state)

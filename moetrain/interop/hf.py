@@ -22,8 +22,9 @@ import numpy as np
 from moetrain import checkpoint as checkpoint_lib
 from moetrain import config as config_lib
 from moetrain import data as data_lib
+from moetrain import optimizer as optimizer_lib
 from moetrain import paths
-from moetrain import train as train_lib
+from moetrain import state as state_lib
 from moetrain.interop import hf_config, hf_weights
 from moetrain.interop import params as params_lib
 from moetrain.parallel import mesh as mesh_lib
@@ -235,9 +236,9 @@ def save_run(cfg, params: dict, workdir) -> pathlib.Path:
   one = cfg.copy_and_resolve_references()
   one.mesh.data, one.mesh.fsdp, one.mesh.expert = 1, 1, 1
   mesh = mesh_lib.make_mesh(one, devices=jax.devices()[:1])
-  tx = train_lib.make_optimizer(cfg.train)
-  _, abstract, _ = train_lib.abstract_state(one, mesh, tx)
-  _, state, _ = train_lib.state_with_params(
+  tx = optimizer_lib.make_optimizer(cfg.train)
+  _, abstract, _ = state_lib.abstract_state(one, mesh, tx)
+  _, state, _ = state_lib.state_with_params(
       one, mesh, tx, params_lib.from_flat(abstract.params, params))
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=cfg.checkpoint.keep)
   try:
