@@ -324,6 +324,9 @@ def _command_help(command: str) -> str:
   if command in RUN_COMMANDS:
     lines.append(f'  --config.KEY=VALUE{"":<5} override a key of the run\'s config.json, e.g. '
                  '--config.data.source=files --config.data.paths=PATH')
+  if 'config' in names or command in RUN_COMMANDS:
+    lines += ['', 'config keys that take one of a fixed set of values:']
+    lines += [f'  {key:<25} {" | ".join(values)}' for key, values in config_lib.CHOICES.items()]
   return '\n'.join(lines)
 
 
@@ -410,6 +413,8 @@ def main(argv=None):
     args = flags.FLAGS(argv)
     if _CONFIG.value is None and command not in ('report', 'export', 'import', *RUN_COMMANDS):
       raise config_lib.ConfigError('--config is required; pass e.g. --config=configs/tiny.py.')
+    if _CONFIG.value is not None:
+      config_lib.migrate(_CONFIG.value)
     RUNNERS[command](args)
   except (config_lib.ConfigError, flags.Error) as e:
     print(f'moetrain: {e}', file=sys.stderr)

@@ -16,9 +16,26 @@ import traceback
 
 import ml_collections
 
-DTYPES = ('float32', 'bfloat16')
-REMAT_POLICIES = ('none', 'full', 'save_dots', 'minimal')
-ATTENTION_IMPLS = ('auto', 'xla', 'dot_product', 'cudnn', 'splash')
+# The keys that take one of a fixed set of values, and those values (what each means: the
+# comment at the key in `default_config`); `validate` accepts no other, and its errors and
+# `moetrain COMMAND --help` list them.
+CHOICES = {
+    'model.dtype': ('float32', 'bfloat16'),
+    'model.param_dtype': ('float32', 'bfloat16'),
+    'model.remat': ('none', 'full', 'save_dots', 'minimal'),
+    'model.attention_impl': ('auto', 'xla', 'dot_product', 'cudnn', 'splash'),
+    'model.moe.router': ('token_choice', 'expert_choice', 'soft'),
+    'model.moe.gate': ('softmax', 'sigmoid'),
+    'model.moe.softmax_order': ('softmax_topk', 'topk_softmax'),
+    'model.moe.drop_order': ('position', 'probability'),
+    'model.moe.dropless_impl': ('auto', 'padded', 'ragged'),
+    'model.moe.grouped_matmul': ('xla', 'tokamax'),
+    'model.moe.balance_scope': ('micro_batch', 'global', 'sequence'),
+    'data.source': ('stdlib', 'files', 'hub', 'prepared'),
+    'data.format': ('auto', 'text', 'json', 'parquet'),
+    'data.sample_by': ('line', 'paragraph', 'document'),
+    'data.bpe_encoder': ('tokenizers', 'tiktoken'),
+}
 
 
 class ConfigError(ValueError):
@@ -50,18 +67,18 @@ def default_config() -> ml_collections.ConfigDict:
   m.dtype = 'float32'  # compute dtype of matmuls; the router is always float32.
   m.param_dtype = 'float32'
   m.init_std = 0.02  # embedding init; kernels use 1/sqrt(fan_in).
-  # Rematerialization of each block in the backward pass: none | full (keep only block
-  # inputs) | save_dots (keep every matmul output) | minimal (keep the weight matmuls'
-  # outputs, recompute attention scores and elementwise ops; MaxText's 'minimal').
-  # Old configs' True / False mean full / none.
+  # Rematerialization of each block in the backward pass: full keeps only the block
+  # inputs, save_dots every matmul output, minimal the weight matmuls' outputs (attention
+  # scores and elementwise ops recomputed; MaxText's 'minimal'). Old configs' True / False
+  # mean full / none (`migrated`).
   m.remat = 'none'
   # Stack the weights of each homogeneous run of blocks (first_k_dense, moe_every) along a
   # leading 'layers' axis and run it with lax.scan: one traced layer per run, so compile
   # time does not grow with depth. Same numbers as unscanned.
   m.scan_layers = False
-  # xla (scores as einsums, any backend) | dot_product (jax.nn.dot_product_attention) |
-  # cudnn (its cuDNN flash kernel; GPU, bfloat16) | splash (Pallas splash kernel; TPU) |
-  # auto (splash on TPU, cudnn on GPU in bfloat16, else xla).
+  # xla: scores as einsums (any backend); dot_product: jax.nn.dot_product_attention;
+  # cudnn: its cuDNN flash kernel (GPU, bfloat16); splash: the Pallas splash kernel (TPU);
+  # auto: splash on TPU, cudnn on GPU in bfloat16, else xla.
   m.attention_impl = 'xla'
   # Cross-entropy over chunks of this many sequence positions (a scan that recomputes each
   # chunk's logits in the backward pass), so the [tokens, vocab] float32 logits are never
@@ -70,9 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   m.moe = ml_collections.ConfigDict()
   e = m.moe
-  e.router = 'token_choice'  # token_choice | expert_choice | soft
-  e.gate = 'softmax'  # softmax | sigmoid
-  e.softmax_order = 'softmax_topk'  # softmax_topk (GShard/Switch) | topk_softmax (Mixtral)
+  e.router = 'token_choice'
+  e.gate = 'softmax'
+  e.softmax_order = 'softmax_topk'  # GShard/Switch; topk_softmax: Mixtral.
   e.renormalize = False  # renormalize the k combine weights to sum to one.
   e.routed_scaling = 1.0  # multiplies the routed output (DeepSeek-V3).
   e.top_k = 2
@@ -80,17 +97,16 @@ def default_config() -> ml_collections.ConfigDict:
   # written (1.1 * 50 * 2 / 10 is 11 slots).
   e.capacity_factor = 1.25
   e.eval_capacity_factor = 2.0
-  e.drop_order = 'position'  # position (GShard) | probability (batch-prioritized).
+  e.drop_order = 'position'  # GShard; probability: batch-prioritized (Switch, V-MoE).
   e.dropless = False
-  # auto | padded | ragged. ragged: ragged_dot grouped matmuls and, under expert
-  # parallelism, a ragged all-to-all (GPU/TPU only). auto: the ragged all-to-all where the
-  # backend has it, ragged_dot on TPU only (slower than padded buffers on an H100) or
-  # with grouped_matmul='tokamax'.
+  # ragged: ragged_dot grouped matmuls and, under expert parallelism, a ragged all-to-all
+  # (GPU/TPU only). auto: the ragged all-to-all where the backend has it, ragged_dot on
+  # TPU only (slower than padded buffers on an H100) or with grouped_matmul='tokamax'.
   e.dropless_impl = 'auto'
-  # The grouped matmuls of the ragged dropless path: xla (jax.lax.ragged_dot) | tokamax
-  # (tokamax.ragged_dot's Pallas kernels: Mosaic GPU on H100/H200, Triton, Mosaic TPU;
-  # `pip install 'moetrain[gpu]'`). tokamax makes dropless_impl='auto' take the ragged
-  # path on every backend.
+  # The grouped matmuls of the ragged dropless path: xla is jax.lax.ragged_dot, tokamax
+  # tokamax.ragged_dot's Pallas kernels (Mosaic GPU on H100/H200, Triton, Mosaic TPU;
+  # `pip install 'moetrain[gpu]'`), which makes dropless_impl='auto' take the ragged path
+  # on every backend.
   e.grouped_matmul = 'xla'
   # Dropless under expert parallelism with the ragged all-to-all: route every token, then
   # send them to their experts and back in chunks of this many tokens per device (a scan),
@@ -103,7 +119,7 @@ def default_config() -> ml_collections.ConfigDict:
   # scale the shared experts' output per token by sigmoid(x @ w), w [d_model, 1] (Qwen2-MoE).
   e.shared_expert_gate = False
   e.balance_coef = 0.01
-  e.balance_scope = 'micro_batch'  # micro_batch | global | sequence
+  e.balance_scope = 'micro_batch'  # the tokens one balance loss covers.
   e.z_coef = 0.001
   # > 0 turns on aux-loss-free bias balancing (DeepSeek-V3): a per-expert bias added to the
   # scores that select the top-k, never to the combine weights. The scores are the sigmoid
@@ -122,8 +138,8 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   d = c.data
-  # stdlib (the Python standard library's source) | files | hub: tokenized once into
-  # data.cache_dir, then read like prepared tokens | prepared: the token files written by
+  # stdlib: the Python standard library's source; files; hub: both tokenized once into
+  # data.cache_dir, then read like prepared tokens; prepared: the token files written by
   # `moetrain data prepare` (data.paths=DIR, or several in data.mixture).
   d.source = 'stdlib'
   d.paths = ''  # source=files: comma-separated globs of local files; source=prepared: DIR.
@@ -134,15 +150,15 @@ def default_config() -> ml_collections.ConfigDict:
   d.cache_dir = ''  # tokens of stdlib/files/hub sources; '' = $MOETRAIN_CACHE or ~/.cache/moetrain
   d.shard_mb = 32.0  # prepare: MB of text per token shard (the unit of parallel work and resume).
   d.prepare_workers = 0  # prepare: tokenizer processes; 0 = one per CPU core.
-  d.format = 'auto'  # source=files: auto (from the suffix) | text | json | parquet
+  d.format = 'auto'  # source=files: the files' format (auto: from the suffix).
   d.text_field = 'text'  # the column holding the text (files in json/parquet, hub).
-  d.sample_by = 'line'  # format=text: one document per line | paragraph | document (file).
+  d.sample_by = 'line'  # format=text: one document per line, paragraph or document (file).
   d.hub_name = ''  # source=hub: dataset name on the HF hub (streamed; needs a network).
   d.hub_config = ''  # source=hub: the dataset's config name, '' for its default.
   d.hub_split = 'train'  # source=hub: the split to read.
   d.tokenizer = 'byte'  # byte | path to a HF tokenizers .json | a sentencepiece .model
-  # prepare: what encodes a HF byte-level BPE .json: tokenizers | tiktoken (the same ids,
-  # 3.5x less CPU; checked against tokenizers on each batch's first documents).
+  # prepare: what encodes a HF byte-level BPE .json; tiktoken gives the same ids with 3.5x
+  # less CPU (checked against tokenizers on each batch's first documents).
   d.bpe_encoder = 'tokenizers'
   d.document_mask = False  # attention and positions restart at each document.
   d.prefetch = 2  # batches built ahead in a background thread; 0: none.
@@ -210,7 +226,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def load(path: str | pathlib.Path, *args) -> ml_collections.ConfigDict:
-  """Loads `get_config(*args)` from a config file (without validating it).
+  """Loads `get_config(*args)` from a config file (without validating it; old spellings
+  of values updated, `migrate`).
 
   Every way a config file can fail (missing, a syntax error, an exception while it runs,
   no get_config, a result that is not a ConfigDict) raises ConfigError with one sentence
@@ -241,7 +258,7 @@ def load(path: str | pathlib.Path, *args) -> ml_collections.ConfigDict:
     raise ConfigError(f'config file {name!r}: get_config() returned an object of type '
                       f'{type(cfg).__name__}, not a ConfigDict; return one, e.g. start '
                       'from moetrain.config.default_config().')
-  return cfg
+  return migrate(cfg)
 
 
 def _raised_in(path: pathlib.Path, what: str, error: Exception) -> ConfigError:
@@ -267,13 +284,31 @@ def _flatten(cfg, prefix=''):
 
 
 def from_dict(values: dict) -> ml_collections.ConfigDict:
-  """The default config updated with a nested dict, such as a run's saved config.json."""
+  """The default config updated with a nested dict, such as a run's saved config.json
+  (old spellings of values updated, `migrated`)."""
   cfg = default_config()
   for key, value in _flatten(ml_collections.ConfigDict(values)).items():
     check_key(key)
-    if key == 'model.remat' and isinstance(value, bool):  # saved before remat had policies.
-      value = 'full' if value else 'none'
-    set_key(cfg, key, value)
+    set_key(cfg, key, migrated(key, value))
+  return cfg
+
+
+def migrated(key: str, value):
+  """What today's code reads for a value of `key` as older configs wrote it:
+  model.remat True / False (saved before remat had policies, or 'True' / 'False' on a
+  command line) is 'full' / 'none'. Any other value is returned as it is."""
+  if key == 'model.remat' and str(value).lower() in ('true', 'false'):
+    return 'full' if str(value).lower() == 'true' else 'none'
+  return value
+
+
+def migrate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Rewrites the old spellings in `cfg` (`migrated`) in place and returns it: once, where
+  a config comes in (`load`, `from_dict`, the command line)."""
+  for key, value in _flatten(cfg).items():
+    new = migrated(key, value)
+    if new is not value:
+      set_key(cfg, key, new)
   return cfg
 
 
@@ -340,6 +375,149 @@ def removed_experts(text: str) -> list[tuple[int | None, int]]:
   return out
 
 
+def parse_mixture(spec: str) -> list[tuple[str, str, float]]:
+  """data.mixture '[NAME=]DIR:WEIGHT,...' -> [(name, dir, weight)], weights summing to 1.
+  NAME defaults to the directory's last path component; names must differ."""
+  entries = []
+  for part in (p.strip() for p in spec.split(',')):
+    if not part:
+      continue
+    head, _, weight = part.rpartition(':')
+    try:
+      value = float(weight)
+    except ValueError:
+      value = math.nan
+    if not head or not (math.isfinite(value) and value > 0):
+      raise ConfigError(f'data.mixture entry {part!r} is not DIR:WEIGHT with a positive '
+                        'weight; write e.g. data.mixture=tok/code:0.3,tok/prose:0.7.')
+    name, eq, path = head.partition('=')
+    if not eq:
+      name, path = pathlib.PurePath(head).name or head, head
+    if any(name == other for other, _, _ in entries):
+      raise ConfigError(f'data.mixture names {name!r} twice; give each directory its own '
+                        'name, e.g. data.mixture=code=DIR_A:0.3,prose=DIR_B:0.7.')
+    entries.append((name, path, value))
+  if not entries:
+    raise ConfigError('data.mixture has no DIR:WEIGHT entry; write e.g. '
+                      'data.mixture=tok/code:0.3,tok/prose:0.7.')
+  total = sum(w for _, _, w in entries)
+  return [(name, path, w / total) for name, path, w in entries]
+
+
+def _require(ok: bool, message: str):
+  if not ok:
+    raise ConfigError(message)
+
+
+
+
+def _positive(name: str, value, allow_zero: bool = False):
+  """`name`=value is a number > 0 (>= 0 with allow_zero)."""
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+      value >= 0 if allow_zero else value > 0)
+  what = 'non-negative' if allow_zero else 'positive'
+  _require(ok, f'{name}={value!r} must be {what}; set it to a {what} number.')
+
+
+def _bool(name: str, value, fix: str = '; set it to a bool.'):
+  _require(isinstance(value, bool), f'{name}={value!r} must be True or False{fix}')
+
+
+def _one_of(key: str, value, verb: str = 'is not known'):
+  """`key`=value is one of CHOICES[key]."""
+  allowed = CHOICES[key]
+  _require(value in allowed, f'{key}={value!r} {verb}; use one of {", ".join(allowed)}.')
+
+
+def check_model(m, seq_len: int):
+  """The model.* keys but model.moe (`seq_len`: data.seq_len, which model.loss_chunk
+  must divide)."""
+  for name in ('d_model', 'num_layers', 'num_heads', 'num_kv_heads', 'd_ff', 'moe_every'):
+    _positive(f'model.{name}', m[name])
+  for name in ('vocab_size', 'num_experts', 'first_k_dense'):
+    _positive(f'model.{name}', m[name], allow_zero=True)
+  _positive('model.head_dim', m.head_dim, allow_zero=True)
+  _require(m.head_dim or m.d_model % m.num_heads == 0,
+           f'model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; '
+           'choose num_heads so that d_model % num_heads == 0, or set model.head_dim.')
+  _require(m.head_dim % 2 == 0, f'model.head_dim={m.head_dim} is odd; rotary embeddings '
+           'need an even head size, so set an even head_dim (or 0).')
+  _require(m.head_dim or (m.d_model // m.num_heads) % 2 == 0,
+           f'model.d_model / model.num_heads = {m.d_model // m.num_heads} is odd; rotary '
+           'embeddings need an even head size, so change d_model or num_heads.')
+  _require(m.num_heads % m.num_kv_heads == 0,
+           f'model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads='
+           f'{m.num_heads}; choose num_kv_heads so that num_heads % num_kv_heads == 0.')
+  _require(m.first_k_dense <= m.num_layers,
+           f'model.first_k_dense={m.first_k_dense} exceeds model.num_layers={m.num_layers}; '
+           'lower first_k_dense.')
+  for name in ('dtype', 'param_dtype'):
+    _one_of(f'model.{name}', m[name], verb='is not supported')
+  _positive('model.rope_theta', m.rope_theta)
+  _one_of('model.remat', m.remat)
+  _bool('model.scan_layers', m.scan_layers)
+  _one_of('model.attention_impl', m.attention_impl)
+  _positive('model.loss_chunk', m.loss_chunk, allow_zero=True)
+  _require(m.loss_chunk == 0 or seq_len % m.loss_chunk == 0,
+           f'model.loss_chunk={m.loss_chunk} does not divide data.seq_len={seq_len}; '
+           'choose a divisor of seq_len (or 0 for the whole sequence).')
+  _positive('model.norm_eps', m.norm_eps)
+  _positive('model.init_std', m.init_std)
+  for name in ('qk_norm', 'qkv_bias'):
+    _bool(f'model.{name}', m[name])
+
+
+def check_moe(m):
+  """The model.moe.* keys of a MoE model (model.num_experts > 0)."""
+  e = m.moe
+  _positive('model.moe.top_k', e.top_k)
+  _require(e.top_k <= m.num_experts,
+           f'model.moe.top_k={e.top_k} is larger than model.num_experts={m.num_experts}; '
+           'set top_k <= num_experts.')
+  for key in ('router', 'gate', 'softmax_order', 'drop_order', 'dropless_impl',
+              'grouped_matmul', 'balance_scope'):
+    _one_of(f'model.moe.{key}', e[key])
+  _positive('model.moe.capacity_factor', e.capacity_factor)
+  _positive('model.moe.eval_capacity_factor', e.eval_capacity_factor)
+  _positive('model.moe.routed_scaling', e.routed_scaling)
+  for name in ('d_expert', 'num_shared_experts', 'balance_coef', 'z_coef',
+               'bias_update_rate', 'expert_chunk'):
+    _positive(f'model.moe.{name}', e[name], allow_zero=True)
+  _require(0 <= e.jitter < 1, f'model.moe.jitter={e.jitter} must lie in [0, 1); '
+           'set it to 0 to turn jitter off.')
+  _require(not (e.gate == 'sigmoid' and e.softmax_order == 'topk_softmax'),
+           "model.moe.softmax_order='topk_softmax' needs gate='softmax'; set "
+           "softmax_order='softmax_topk' for sigmoid gates.")
+  _require(not (e.dropless and e.router != 'token_choice'),
+           f"model.moe.dropless=True needs router='token_choice' (got {e.router!r}); "
+           'expert choice and soft routing never drop tokens, so set dropless=False.')
+  _check_grouped_matmul(e)
+  _require(not (e.bias_update_rate > 0 and e.router != 'token_choice'),
+           f"model.moe.bias_update_rate>0 needs router='token_choice' (got {e.router!r}); "
+           'set bias_update_rate=0.')
+  _require(not (e.shared_expert_gate and not e.num_shared_experts),
+           'model.moe.shared_expert_gate=True needs shared experts; set '
+           'model.moe.num_shared_experts >= 1 or shared_expert_gate=False.')
+  _require(moe_layers(m), f'no layer is a MoE layer with model.num_layers={m.num_layers},'
+           f' first_k_dense={m.first_k_dense}, moe_every={m.moe_every}; lower '
+           'first_k_dense or moe_every, or set num_experts=0 for a dense model.')
+  _check_removals(m)
+
+
+def _check_grouped_matmul(e):
+  """grouped_matmul='tokamax' runs only on the ragged dropless path, with tokamax installed."""
+  if e.grouped_matmul != 'tokamax':
+    return
+  _require(e.dropless and e.dropless_impl != 'padded',
+           "model.moe.grouped_matmul='tokamax' runs the grouped matmuls of the ragged "
+           f'dropless path, which dropless={e.dropless}, dropless_impl={e.dropless_impl!r} '
+           "does not take; set dropless=True with dropless_impl='auto' or 'ragged', or "
+           "grouped_matmul='xla'.")
+  _require(importlib.util.find_spec('tokamax') is not None,
+           "model.moe.grouped_matmul='tokamax' needs the tokamax package, which is not "
+           "installed; run pip install 'moetrain[gpu]' or set grouped_matmul='xla'.")
+
+
 def _check_removals(m):
   """model.moe.remove_experts / remove_choices name real experts, MoE layers and ranks."""
   e = m.moe
@@ -375,160 +553,18 @@ def _check_removals(m):
            "set remove_choices=''.")
 
 
-def _check_grouped_matmul(e):
-  """grouped_matmul='tokamax' runs only on the ragged dropless path, with tokamax installed."""
-  if e.grouped_matmul != 'tokamax':
-    return
-  _require(e.dropless and e.dropless_impl != 'padded',
-           "model.moe.grouped_matmul='tokamax' runs the grouped matmuls of the ragged "
-           f'dropless path, which dropless={e.dropless}, dropless_impl={e.dropless_impl!r} '
-           "does not take; set dropless=True with dropless_impl='auto' or 'ragged', or "
-           "grouped_matmul='xla'.")
-  _require(importlib.util.find_spec('tokamax') is not None,
-           "model.moe.grouped_matmul='tokamax' needs the tokamax package, which is not "
-           "installed; run pip install 'moetrain[gpu]' or set grouped_matmul='xla'.")
-
-
-def parse_mixture(spec: str) -> list[tuple[str, str, float]]:
-  """data.mixture '[NAME=]DIR:WEIGHT,...' -> [(name, dir, weight)], weights summing to 1.
-  NAME defaults to the directory's last path component; names must differ."""
-  entries = []
-  for part in (p.strip() for p in spec.split(',')):
-    if not part:
-      continue
-    head, _, weight = part.rpartition(':')
-    try:
-      value = float(weight)
-    except ValueError:
-      value = math.nan
-    if not head or not (math.isfinite(value) and value > 0):
-      raise ConfigError(f'data.mixture entry {part!r} is not DIR:WEIGHT with a positive '
-                        'weight; write e.g. data.mixture=tok/code:0.3,tok/prose:0.7.')
-    name, eq, path = head.partition('=')
-    if not eq:
-      name, path = pathlib.PurePath(head).name or head, head
-    if any(name == other for other, _, _ in entries):
-      raise ConfigError(f'data.mixture names {name!r} twice; give each directory its own '
-                        'name, e.g. data.mixture=code=DIR_A:0.3,prose=DIR_B:0.7.')
-    entries.append((name, path, value))
-  if not entries:
-    raise ConfigError('data.mixture has no DIR:WEIGHT entry; write e.g. '
-                      'data.mixture=tok/code:0.3,tok/prose:0.7.')
-  total = sum(w for _, _, w in entries)
-  return [(name, path, w / total) for name, path, w in entries]
-
-
-def _require(ok: bool, message: str):
-  if not ok:
-    raise ConfigError(message)
-
-
-def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Raises `ConfigError` (one sentence: key and fix) for the first bad value; returns cfg."""
-  _check_keys(cfg)
-  m, e, d, t = cfg.model, cfg.model.moe, cfg.data, cfg.train
-
-  def positive(name, value, allow_zero=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-        value >= 0 if allow_zero else value > 0)
-    what = 'non-negative' if allow_zero else 'positive'
-    _require(ok, f'{name}={value!r} must be {what}; set it to a {what} number.')
-
-  for name in ('d_model', 'num_layers', 'num_heads', 'num_kv_heads', 'd_ff', 'moe_every'):
-    positive(f'model.{name}', m[name])
-  for name in ('vocab_size', 'num_experts', 'first_k_dense'):
-    positive(f'model.{name}', m[name], allow_zero=True)
-  positive('model.head_dim', m.head_dim, allow_zero=True)
-  _require(m.head_dim or m.d_model % m.num_heads == 0,
-           f'model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; '
-           'choose num_heads so that d_model % num_heads == 0, or set model.head_dim.')
-  _require(m.head_dim % 2 == 0, f'model.head_dim={m.head_dim} is odd; rotary embeddings '
-           'need an even head size, so set an even head_dim (or 0).')
-  _require(m.head_dim or (m.d_model // m.num_heads) % 2 == 0,
-           f'model.d_model / model.num_heads = {m.d_model // m.num_heads} is odd; rotary '
-           'embeddings need an even head size, so change d_model or num_heads.')
-  _require(m.num_heads % m.num_kv_heads == 0,
-           f'model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads='
-           f'{m.num_heads}; choose num_kv_heads so that num_heads % num_kv_heads == 0.')
-  _require(m.first_k_dense <= m.num_layers,
-           f'model.first_k_dense={m.first_k_dense} exceeds model.num_layers={m.num_layers}; '
-           'lower first_k_dense.')
-  for name in ('dtype', 'param_dtype'):
-    _require(m[name] in DTYPES, f'model.{name}={m[name]!r} is not supported; use one of '
-             f'{", ".join(DTYPES)}.')
-  positive('model.rope_theta', m.rope_theta)
-  if str(m.remat).lower() in ('true', 'false'):  # old configs: a bool.
-    m.remat = 'full' if str(m.remat).lower() == 'true' else 'none'
-  _require(m.remat in REMAT_POLICIES, f'model.remat={m.remat!r} is not known; use one of '
-           f'{", ".join(REMAT_POLICIES)}.')
-  _require(isinstance(m.scan_layers, bool), f'model.scan_layers={m.scan_layers!r} must be '
-           'True or False; set it to a bool.')
-  _require(m.attention_impl in ATTENTION_IMPLS, f'model.attention_impl={m.attention_impl!r} '
-           f'is not known; use one of {", ".join(ATTENTION_IMPLS)}.')
-  positive('model.loss_chunk', m.loss_chunk, allow_zero=True)
-  _require(m.loss_chunk == 0 or d.seq_len % m.loss_chunk == 0,
-           f'model.loss_chunk={m.loss_chunk} does not divide data.seq_len={d.seq_len}; '
-           'choose a divisor of seq_len (or 0 for the whole sequence).')
-  positive('model.norm_eps', m.norm_eps)
-  positive('model.init_std', m.init_std)
-  for name in ('qk_norm', 'qkv_bias'):
-    _require(isinstance(m[name], bool), f'model.{name}={m[name]!r} must be True or False; '
-             'set it to a bool.')
-
-  if m.num_experts > 0:
-    positive('model.moe.top_k', e.top_k)
-    _require(e.top_k <= m.num_experts,
-             f'model.moe.top_k={e.top_k} is larger than model.num_experts={m.num_experts}; '
-             'set top_k <= num_experts.')
-    for key, allowed in (('router', ('token_choice', 'expert_choice', 'soft')),
-                         ('gate', ('softmax', 'sigmoid')),
-                         ('softmax_order', ('softmax_topk', 'topk_softmax')),
-                         ('drop_order', ('position', 'probability')),
-                         ('dropless_impl', ('auto', 'padded', 'ragged')),
-                         ('grouped_matmul', ('xla', 'tokamax')),
-                         ('balance_scope', ('micro_batch', 'global', 'sequence'))):
-      _require(e[key] in allowed, f'model.moe.{key}={e[key]!r} is not known; use one of '
-               f'{", ".join(allowed)}.')
-    positive('model.moe.capacity_factor', e.capacity_factor)
-    positive('model.moe.eval_capacity_factor', e.eval_capacity_factor)
-    positive('model.moe.routed_scaling', e.routed_scaling)
-    for name in ('d_expert', 'num_shared_experts', 'balance_coef', 'z_coef',
-                 'bias_update_rate', 'expert_chunk'):
-      positive(f'model.moe.{name}', e[name], allow_zero=True)
-    _require(0 <= e.jitter < 1, f'model.moe.jitter={e.jitter} must lie in [0, 1); '
-             'set it to 0 to turn jitter off.')
-    _require(not (e.gate == 'sigmoid' and e.softmax_order == 'topk_softmax'),
-             "model.moe.softmax_order='topk_softmax' needs gate='softmax'; set "
-             "softmax_order='softmax_topk' for sigmoid gates.")
-    _require(not (e.dropless and e.router != 'token_choice'),
-             f"model.moe.dropless=True needs router='token_choice' (got {e.router!r}); "
-             'expert choice and soft routing never drop tokens, so set dropless=False.')
-    _check_grouped_matmul(e)
-    _require(not (e.bias_update_rate > 0 and e.router != 'token_choice'),
-             f"model.moe.bias_update_rate>0 needs router='token_choice' (got {e.router!r}); "
-             'set bias_update_rate=0.')
-    _require(not (e.shared_expert_gate and not e.num_shared_experts),
-             'model.moe.shared_expert_gate=True needs shared experts; set '
-             'model.moe.num_shared_experts >= 1 or shared_expert_gate=False.')
-    _require(moe_layers(m), f'no layer is a MoE layer with model.num_layers={m.num_layers},'
-             f' first_k_dense={m.first_k_dense}, moe_every={m.moe_every}; lower '
-             'first_k_dense or moe_every, or set num_experts=0 for a dense model.')
-    _check_removals(m)
-
+def check_data(d):
+  """The data.* keys."""
   for name in ('seq_len', 'batch_size'):
-    positive(f'data.{name}', d[name])
-  positive('data.max_documents', d.max_documents, allow_zero=True)
-  positive('data.prefetch', d.prefetch, allow_zero=True)
-  positive('data.shard_mb', d.shard_mb)
+    _positive(f'data.{name}', d[name])
+  _positive('data.max_documents', d.max_documents, allow_zero=True)
+  _positive('data.prefetch', d.prefetch, allow_zero=True)
+  _positive('data.shard_mb', d.shard_mb)
   _require(isinstance(d.prepare_workers, int) and d.prepare_workers >= 0,
            f'data.prepare_workers={d.prepare_workers!r} must be a non-negative integer; set '
            'it to 0 for one worker per CPU core.')
-  for key, allowed in (('source', ('stdlib', 'files', 'hub', 'prepared')),
-                       ('format', ('auto', 'text', 'json', 'parquet')),
-                       ('sample_by', ('line', 'paragraph', 'document')),
-                       ('bpe_encoder', ('tokenizers', 'tiktoken'))):
-    _require(d[key] in allowed, f'data.{key}={d[key]!r} is not known; use one of '
-             f'{", ".join(allowed)}.')
+  for key in ('source', 'format', 'sample_by', 'bpe_encoder'):
+    _one_of(f'data.{key}', d[key])
   _require(d.bpe_encoder != 'tiktoken' or d.tokenizer.endswith('.json'),
            f"data.bpe_encoder='tiktoken' encodes HF tokenizers .json files, not "
            f"data.tokenizer={d.tokenizer!r}; set data.bpe_encoder='tokenizers'.")
@@ -544,42 +580,65 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     parse_mixture(d.mixture)
   _require(d.source != 'hub' or d.hub_name, "data.source='hub' needs data.hub_name; set it "
            'to a dataset name on the HF hub.')
-  _require(isinstance(d.document_mask, bool), f'data.document_mask={d.document_mask!r} must '
-           'be True or False.')
+  _bool('data.document_mask', d.document_mask, '.')
   _require(bool(d.tokenizer), "data.tokenizer is empty; use 'byte' or the path of a "
            'tokenizer file.')
   _require(0 < d.eval_fraction < 1, f'data.eval_fraction={d.eval_fraction} must lie in '
            '(0, 1); set a share such as 0.05.')
 
+
+def check_train(t):
+  """The train.* keys."""
   for name in ('steps', 'lr', 'log_every', 'eval_every', 'eval_batches', 'grad_accum_steps'):
-    positive(f'train.{name}', t[name])
+    _positive(f'train.{name}', t[name])
   for name in ('warmup_steps', 'weight_decay', 'clip_norm', 'min_lr_ratio'):
-    positive(f'train.{name}', t[name], allow_zero=True)
+    _positive(f'train.{name}', t[name], allow_zero=True)
   _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1,
            f'train.b1={t.b1} and train.b2={t.b2} must lie in [0, 1); use e.g. 0.9 and 0.95.')
-
-  _require(isinstance(t.skip_nonfinite, bool), f'train.skip_nonfinite='
-           f'{t.skip_nonfinite!r} must be True or False; set it to a bool.')
-  positive('train.spike_window', t.spike_window, allow_zero=True)
+  _bool('train.skip_nonfinite', t.skip_nonfinite)
+  _positive('train.spike_window', t.spike_window, allow_zero=True)
   for name in ('spike_loss_factor', 'spike_grad_factor'):
     _require(t[name] > 1, f'train.{name}={t[name]!r} must be a number above 1 (a spike is '
              'that many times the recent median); set e.g. 3, or train.spike_window=0.')
-  positive('train.max_bad_in_a_row', t.max_bad_in_a_row)
+  _positive('train.max_bad_in_a_row', t.max_bad_in_a_row)
 
-  i = cfg.init
+
+def check_init(i, num_experts: int):
+  """The init.* keys (`num_experts`: model.num_experts, which upcycling needs > 0)."""
   _require(isinstance(i.from_workdir, str), f'init.from_workdir={i.from_workdir!r} must be '
            "a path; set it to a run's --workdir, or '' for a random init.")
   _require(not (i.upcycle and not i.from_workdir), 'init.upcycle=True needs '
            'init.from_workdir; set it to the dense run to upcycle, or init.upcycle=False.')
-  _require(not i.upcycle or m.num_experts > 0, 'init.upcycle=True builds a MoE from a dense '
+  _require(not i.upcycle or num_experts > 0, 'init.upcycle=True builds a MoE from a dense '
            'run, but model.num_experts=0; set model.num_experts > 0.')
 
-  positive('checkpoint.every_steps', cfg.checkpoint.every_steps, allow_zero=True)
-  positive('checkpoint.keep', cfg.checkpoint.keep)
-  positive('checkpoint.restore_step', cfg.checkpoint.restore_step, allow_zero=True)
+
+def check_checkpoint(c):
+  """The checkpoint.* keys."""
+  _positive('checkpoint.every_steps', c.every_steps, allow_zero=True)
+  _positive('checkpoint.keep', c.keep)
+  _positive('checkpoint.restore_step', c.restore_step, allow_zero=True)
+
+
+def check_mesh(mesh):
+  """The mesh.* sizes (the checks against the device count: `moetrain.parallel.mesh`)."""
   for name in ('data', 'fsdp', 'expert'):
-    value = cfg.mesh[name]
+    value = mesh[name]
     _require(value == -1 or value > 0,
              f'mesh.{name}={value} must be a positive size or -1; set it to -1 to use the '
              'devices the other axes leave.')
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Raises `ConfigError` (one sentence: key and fix) for the first bad value, section by
+  section (each check reads its section and changes nothing); returns cfg."""
+  _check_keys(cfg)
+  check_model(cfg.model, cfg.data.seq_len)
+  if cfg.model.num_experts > 0:
+    check_moe(cfg.model)
+  check_data(cfg.data)
+  check_train(cfg.train)
+  check_init(cfg.init, cfg.model.num_experts)
+  check_checkpoint(cfg.checkpoint)
+  check_mesh(cfg.mesh)
   return cfg

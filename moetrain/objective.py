@@ -57,12 +57,6 @@ def aux_losses(stats: list[dict]) -> tuple[jax.Array, jax.Array]:
   return balance, z
 
 
-def total_loss(logits_BLV, stats, batch, moe_cfg):
-  """ce + balance_coef * sum balance + z_coef * sum z; returns (loss, parts dict)."""
-  ce = cross_entropy(logits_BLV, batch['targets'], batch['mask'])
-  return combine(ce, stats, moe_cfg)
-
-
 def combine(ce, stats, moe_cfg, aux_weight: float = 1.0):
   """ce + aux_weight * (balance_coef * sum balance + z_coef * sum z) over the MoE layers'
   `stats`; returns (loss, dict(ce, balance_loss, z_loss))."""

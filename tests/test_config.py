@@ -1,6 +1,7 @@
 """Config validation: each bad value gives one sentence naming the key and the fix."""
 
 import pathlib
+import re
 import sys
 
 import pytest
@@ -115,7 +116,24 @@ def test_moe_layers():
 
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
 def test_every_shipped_config_is_valid(path):
-  config_lib.validate(config_lib.load(path))
+  cfg = config_lib.load(path)
+  before = cfg.to_dict()
+  assert config_lib.validate(cfg) is cfg and cfg.to_dict() == before  # checks change nothing
+
+
+def test_choices_are_the_allowed_values_of_real_keys():
+  """CHOICES names real keys whose defaults it allows; a value outside it is refused with
+  the key and the whole list, and validate changes nothing on the way."""
+  defaults = config_lib.default_config()
+  for key, values in config_lib.CHOICES.items():
+    assert config_lib.get_key(defaults, key) in values, key
+    cfg = tiny_config(**{key: 'nonsense'})
+    before = cfg.to_dict()
+    verb = 'is not supported' if key.endswith('dtype') else 'is not known'
+    with pytest.raises(ConfigError, match=re.escape(
+        f"{key}='nonsense' {verb}; use one of {', '.join(values)}.")):
+      config_lib.validate(cfg)
+    assert cfg.to_dict() == before
 
 
 def test_load_errors(tmp_path):

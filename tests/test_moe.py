@@ -271,8 +271,8 @@ def test_expert_choice_dropped_frac_is_the_share_of_tokens_no_expert_took():
 def test_shared_experts_add_a_dense_swiglu():
   cfg = tiny_config(**{'model.moe.num_shared_experts': 2, 'model.moe.d_expert': 8,
                        'model.vocab_size': 128})
-  layer = moe_layer.MoE(cfg.model, rngs=nnx.Rngs(0), dtype=jnp.float32,
-                      param_dtype=jnp.float32)
+  layer = moe_layer.MoE(cfg.model, moe_lib.layer_specs(cfg.model)[0], rngs=nnx.Rngs(0),
+                        dtype=jnp.float32, param_dtype=jnp.float32)
   assert layer.shared.w_gate.shape == (32, 16)  # two shared experts of hidden 8.
   x = jnp.asarray(RNG.standard_normal((2, 8, 32)), jnp.float32)
   y, _ = layer(x, train=False)
@@ -293,8 +293,8 @@ def test_shared_experts_add_a_dense_swiglu():
 def test_shared_expert_gate_scales_the_shared_output_by_a_sigmoid():
   cfg = tiny_config(**{'model.moe.num_shared_experts': 1, 'model.moe.shared_expert_gate': True,
                        'model.vocab_size': 128})
-  layer = moe_layer.MoE(cfg.model, rngs=nnx.Rngs(0), dtype=jnp.float32,
-                        param_dtype=jnp.float32)
+  layer = moe_layer.MoE(cfg.model, moe_lib.layer_specs(cfg.model)[0], rngs=nnx.Rngs(0),
+                        dtype=jnp.float32, param_dtype=jnp.float32)
   assert layer.shared_gate.shape == (32, 1)
   gate = RNG.standard_normal((32, 1)).astype(np.float32)
   layer.shared_gate[...] = jnp.asarray(gate)
@@ -400,8 +400,8 @@ def test_removed_experts_and_choices_get_zero_weight(dropless, drop_order):
 
 def test_eval_stats_hold_each_tokens_routed_experts():
   cfg = tiny_config(**{'model.d_model': D, 'model.num_experts': E})
-  layer = moe_layer.MoE(cfg.model, rngs=nnx.Rngs(0), dtype=jnp.float32,
-                        param_dtype=jnp.float32)
+  layer = moe_layer.MoE(cfg.model, moe_lib.layer_specs(cfg.model)[0], rngs=nnx.Rngs(0),
+                        dtype=jnp.float32, param_dtype=jnp.float32)
   x = RNG.standard_normal((2, T // 2, D)).astype(np.float32)
   _, stats = layer(jnp.asarray(x), train=False)
   expert_TK, _ = np_top_k(x.reshape(T, D), np.asarray(layer.router[...]), 2)

@@ -200,11 +200,19 @@ def test_remat_is_applied(remat_runs):
   assert dots['full'] > dots['none'], dots
 
 
-def test_remat_accepts_old_boolean_configs():
-  assert config_lib.validate(tiny_config(**{'model.remat': 'True'})).model.remat == 'full'
-  assert config_lib.validate(tiny_config(**{'model.remat': 'false'})).model.remat == 'none'
+def test_remat_accepts_old_boolean_configs(tmp_path):
+  """Old configs' True / False become 'full' / 'none' where a config comes in: a saved
+  config.json, a config file, the command line (`migrate`); validate changes nothing."""
+  assert config_lib.migrate(tiny_config(**{'model.remat': 'True'})).model.remat == 'full'
+  assert config_lib.migrate(tiny_config(**{'model.remat': 'false'})).model.remat == 'none'
   assert config_lib.from_dict({'model': {'remat': True}}).model.remat == 'full'
   assert config_lib.from_dict({'model': {'remat': False}}).model.remat == 'none'
+  path = tmp_path / 'old.py'
+  path.write_text('from moetrain.config import default_config\n\n\ndef get_config():\n'
+                  '  c = default_config()\n  c.model.remat = "True"\n  return c\n')
+  assert config_lib.load(path).model.remat == 'full'
+  with pytest.raises(config_lib.ConfigError, match=r"model\.remat='True' is not known"):
+    config_lib.validate(tiny_config(**{'model.remat': 'True'}))
   with pytest.raises(config_lib.ConfigError, match=r"model\.remat='most' is not known; use "
                      r'one of none, full, save_dots, minimal'):
     config_lib.validate(tiny_config(**{'model.remat': 'most'}))

@@ -24,13 +24,13 @@ class MoE(nnx.Module):
   sigmoid(x @ shared_gate) (shared_gate [D, 1], Qwen2-MoE). Returns the output and the
   layer's statistics; at eval they also hold `expert_TK` int32 [B * L, K], each token's
   routed experts before capacity (`moe_ffn.token_choices`; computed only where read).
-  `layer` is the layer's index in the model (for per-layer ablations)."""
+  `spec` holds the layer's routing and expert settings (`moe_ffn.layer_specs`)."""
 
-  def __init__(self, model_cfg, *, rngs: nnx.Rngs, dtype, param_dtype, layer: int | None = None):
+  def __init__(self, model_cfg, spec: MoESpec, *, rngs: nnx.Rngs, dtype, param_dtype):
     e = model_cfg.moe
     d, n = model_cfg.d_model, model_cfg.num_experts
     f = e.d_expert or model_cfg.d_ff
-    self.spec = MoESpec.from_config(model_cfg, layer)
+    self.spec = spec
     self.router = param(rngs, (d, n), ('embed', None), std=model_cfg.init_std)
     w_in, w_out = moe_parallel.EXPERT_IN_AXES, moe_parallel.EXPERT_OUT_AXES
     self.w_gate = param(rngs, (n, d, f), w_in, fan_in=d, dtype=param_dtype)

@@ -50,20 +50,6 @@ class MoESpec:
   remove_choices: tuple = ()
   grouped_matmul: str = 'xla'  # the grouped-matmul kernel of the ragged path (`grouped_dot`).
 
-  @classmethod
-  def from_config(cls, model_cfg, layer: int | None = None) -> 'MoESpec':
-    """The spec of MoE layer `layer` (its index in the model: the experts
-    `model.moe.remove_experts` removes there)."""
-    e = model_cfg.moe
-    removed = config_lib.removed_experts(e.remove_experts)
-    return cls(model_cfg.num_experts, e.top_k, e.router, e.gate, e.softmax_order,
-               e.renormalize, e.routed_scaling, e.capacity_factor, e.eval_capacity_factor,
-               e.drop_order, e.dropless, e.dropless_impl, e.jitter, e.balance_scope,
-               e.expert_chunk,
-               tuple(sorted({i for l, i in removed if l is None or l == layer})),
-               tuple(rank - 1 for rank in config_lib.parse_ints(e.remove_choices)),
-               e.grouped_matmul)
-
   def capacity(self, num_tokens: int, train: bool) -> int:
     """Slots per expert for a routing group of `num_tokens` tokens."""
     if self.router == 'soft' or self.dropless_token_choice():
@@ -110,6 +96,24 @@ class MoESpec:
     return self._dropless_choice(ragged.backend_supports_ragged_all_to_all())
 
 
+def layer_specs(model_cfg) -> dict[int, MoESpec]:
+  """The spec of every MoE layer, {layer index: MoESpec}, built once per model from
+  `model_cfg` (the layers differ only in the experts `model.moe.remove_experts` removes
+  in them)."""
+  e = model_cfg.moe
+  removed = config_lib.removed_experts(e.remove_experts)
+  spec = MoESpec(model_cfg.num_experts, e.top_k, e.router, e.gate, e.softmax_order,
+                 e.renormalize, e.routed_scaling, e.capacity_factor, e.eval_capacity_factor,
+                 e.drop_order, e.dropless, e.dropless_impl, e.jitter, e.balance_scope,
+                 e.expert_chunk,
+                 remove_choices=tuple(rank - 1 for rank in config_lib.parse_ints(
+                     e.remove_choices)),
+                 grouped_matmul=e.grouped_matmul)
+  return {layer: dataclasses.replace(spec, remove_experts=tuple(sorted(
+      {i for l, i in removed if l is None or l == layer})))
+          for layer in config_lib.moe_layers(model_cfg)}
+
+
 def token_choices(x_TD: jax.Array, router_DE: jax.Array, bias_E, spec: MoESpec) -> jax.Array:
   """The K experts the router ranks highest for each token, int32 [T, K] (best first):
   for token choice exactly the experts the layer sends it to before capacity (selection
@@ -147,7 +151,7 @@ def moe_ffn(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E, jitter_ke
   (ep its size), else all E. `batch_axes` are the mesh axes the tokens are split over:
   global-batch balance statistics and all reported metrics are summed over them.
 
-  Returns y_TD (dtype) and a dict of float32 statistics (`routing.router_losses`):
+  Returns y_TD float32 and a dict of float32 statistics (`routing.router_losses`):
   balance_loss, z_loss, load_E (fraction of assignments per expert, whole batch),
   dropped_frac (assignments that found no slot; for expert choice, tokens no expert took),
   router_entropy, max_logit.

@@ -31,6 +31,7 @@ from moetrain import config as config_lib
 from moetrain.model.attention import Attention
 from moetrain.model.layers import MLP, RMSNorm, param, use
 from moetrain.model.moe import MoE
+from moetrain.model.moe_ffn import MoESpec, layer_specs
 from moetrain.parallel.mesh import constrain_batch
 
 # model.remat -> what the backward pass may keep from the forward pass of a block.
@@ -46,8 +47,9 @@ REMAT_POLICIES = {
 class Block(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
-  def __init__(self, model_cfg, is_moe: bool, *, rngs: nnx.Rngs, dtype, param_dtype,
-               layer: int | None = None):
+  def __init__(self, model_cfg, moe_spec: MoESpec | None, *, rngs: nnx.Rngs, dtype,
+               param_dtype):
+    """`moe_spec`: the spec of the block's MoE layer, None for a dense feed-forward."""
     m = model_cfg
     self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps, rngs=rngs, param_dtype=param_dtype)
     self.attn = Attention(m.d_model, m.num_heads, m.num_kv_heads, rope_theta=m.rope_theta,
@@ -55,11 +57,11 @@ class Block(nnx.Module):
                           qkv_bias=m.qkv_bias, qk_norm=m.qk_norm, norm_eps=m.norm_eps,
                           head_dim=m.head_dim, impl=m.attention_impl)
     self.ffn_norm = RMSNorm(m.d_model, eps=m.norm_eps, rngs=rngs, param_dtype=param_dtype)
-    if is_moe:
-      self.ffn = MoE(m, rngs=rngs, dtype=dtype, param_dtype=param_dtype, layer=layer)
+    if moe_spec is not None:
+      self.ffn = MoE(m, moe_spec, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     else:
       self.ffn = MLP(m.d_model, m.d_ff, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.is_moe = is_moe
+    self.is_moe = moe_spec is not None
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL, *, train: bool, rng):
     x_BLD = constrain_batch(x_BLD)
@@ -187,8 +189,8 @@ class Transformer(nnx.Module):
     dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
     self.embed = param(rngs, (m.vocab_size, m.d_model), ('vocab', 'embed'), std=m.init_std,
                        dtype=param_dtype)
-    moe = set(config_lib.moe_layers(m))
-    blocks = [Block(m, i in moe, rngs=rngs, dtype=dtype, param_dtype=param_dtype, layer=i)
+    specs = layer_specs(m)
+    blocks = [Block(m, specs.get(i), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
               for i in range(m.num_layers)]
     if m.scan_layers:
       self.blocks = None
