@@ -23,8 +23,6 @@ from moetrain.parallel import mesh as mesh_lib
 
 from conftest import tiny_config
 
-RNG = np.random.default_rng()
-
 
 @pytest.fixture(scope='module')
 def result(analyzed_run):
@@ -67,13 +65,13 @@ def zeroed(model, layer: int, expert: int):
   return model
 
 
-def test_removing_an_expert_equals_zeroing_its_weights(result, one_device):
+def test_removing_an_expert_equals_zeroing_its_weights(result, one_device, rng):
   """Acceptance: the analysis's 'without expert e of layer l' loss (weights zeroed by
   `analyze.without_expert`, here on one device, the analysis ran on two) is the loss of
   `model.moe.remove_experts='l:e'` (weight 0 on its assignments) and of the model whose
   expert has all-zero weights by hand, also where capacity drops tokens."""
   run, batches = one_device
-  layer, expert = int(RNG.integers(2)), int(RNG.integers(4))
+  layer, expert = int(rng.integers(2)), int(rng.integers(4))
   removed = evaluate_lib.evaluate(run, batches, model=run.model(
       {'model.moe.remove_experts': f'{layer}:{expert}'})).loss
   by_hand = evaluate_lib.evaluate(run, batches, model=zeroed(run.model(), layer, expert)).loss
@@ -89,15 +87,15 @@ def test_removing_an_expert_equals_zeroing_its_weights(result, one_device):
   assert removed.dropped == pytest.approx(by_hand.dropped)
 
 
-def test_scanned_model_is_analyzed_like_unscanned():
+def test_scanned_model_is_analyzed_like_unscanned(rng):
   """A scanned model (MoE weights stacked [layers, E, ...]) routes its tokens as the same
   model unscanned does, and without_expert removes the same expert from it: equal logits,
   which differ from the intact model's."""
   overrides = {'model.num_layers': 4, 'model.first_k_dense': 1, 'model.moe_every': 1,
                'model.vocab_size': 128, 'mesh.data': 1, 'mesh.expert': 1}
-  inputs = RNG.integers(0, 128, (4, 32)).astype(np.int32)
+  inputs = rng.integers(0, 128, (4, 32)).astype(np.int32)
   batches = [dict(inputs=inputs, targets=inputs)]
-  layer, expert = int(RNG.choice([1, 2, 3])), int(RNG.integers(4))
+  layer, expert = int(rng.choice([1, 2, 3])), int(rng.integers(4))
   out = {}
   for scanned in (False, True):
     cfg = config_lib.validate(tiny_config(**overrides, **{'model.scan_layers': scanned}))
@@ -190,11 +188,11 @@ def alphabet_of(ids_N):
   return np.where((ids_N >= 1) & (ids_N <= 2 * SYMBOLS), (ids_N - 1) // SYMBOLS, -1)
 
 
-def test_planted_alphabets_are_found_by_a_trained_router_only(tmp_path):
+def test_planted_alphabets_are_found_by_a_trained_router_only(tmp_path, rng):
   """Acceptance: a trained 2-expert top-1 router reaches a layer NMI >= 0.5 with the
   alphabet; an untrained router (the same model at initialization, fresh seeds) and a
   random router of the same load stay <= 0.05 in every layer."""
-  seed = int(RNG.integers(1 << 16))
+  seed = int(rng.integers(1 << 16))
   run = planted_run(tmp_path, seed)
   batches = evaluate_lib.eval_batches(run.cfg)
   stream, index = analyze.token_stream(batches)
@@ -209,7 +207,7 @@ def test_planted_alphabets_are_found_by_a_trained_router_only(tmp_path):
   trained, random = layer_nmis(run.model())
   print(f'seed {seed}: trained router NMI per layer {trained}, random router {random}')
   assert max(trained) >= 0.5 and max(random) <= 0.05
-  for init_seed in RNG.integers(1 << 16, size=2):
+  for init_seed in rng.integers(1 << 16, size=2):
     untrained, random = layer_nmis(Transformer(run.cfg.model, rngs=nnx.Rngs(int(init_seed))))
     print(f'untrained (seed {init_seed}): NMI per layer {untrained}, random router {random}')
     assert max(untrained) <= 0.05 and max(random) <= 0.05

@@ -11,7 +11,6 @@ from moetrain import data as data_lib
 from moetrain.analysis import categories as cat
 from moetrain.analysis import measures
 
-RNG = np.random.default_rng()
 P = {name: i for i, name in enumerate(cat.PYTHON)}
 
 
@@ -24,10 +23,10 @@ def loop_nmi(x, y):
   return 0.0 if h(px) == 0 or h(py) == 0 else mi / ((h(px) + h(py)) / 2)
 
 
-def test_contingency_and_nmi_match_loops():
+def test_contingency_and_nmi_match_loops(rng):
   n, k, e, c = 500, 2, 6, 4
-  expert_NK = np.stack([RNG.permutation(e)[:k] for _ in range(n)])
-  category_N = RNG.integers(-1, c, n)
+  expert_NK = np.stack([rng.permutation(e)[:k] for _ in range(n)])
+  category_N = rng.integers(-1, c, n)
   counts = measures.contingency(expert_NK, category_N, e, c)
   ref = np.zeros((e, c), int)
   pairs = []
@@ -38,23 +37,23 @@ def test_contingency_and_nmi_match_loops():
         pairs.append((expert_NK[t, j], category_N[t]))
   np.testing.assert_array_equal(counts, ref)
   assert measures.nmi(counts) == pytest.approx(loop_nmi(*zip(*pairs)), rel=1e-9)
-  same = RNG.integers(0, 3, 300)
+  same = rng.integers(0, 3, 300)
   assert measures.nmi(measures.contingency(same[:, None], same, 3, 3)) == pytest.approx(1.0)
   assert measures.nmi(np.ones((3, 1))) == 0.0
 
 
-def test_random_router_keeps_the_load_and_sees_no_structure():
+def test_random_router_keeps_the_load_and_sees_no_structure(rng):
   n, e = 4000, 4
-  category_N = RNG.integers(0, 3, n)
-  expert_N1 = ((category_N + (RNG.random(n) < 0.1)) % e)[:, None]  # follows categories.
+  category_N = rng.integers(0, 3, n)
+  expert_N1 = ((category_N + (rng.random(n) < 0.1)) % e)[:, None]  # follows categories.
   assert measures.nmi(measures.contingency(expert_N1, category_N, e, 3)) > 0.5
   assert measures.random_router_nmi(expert_N1, category_N, e, 3, seed=1) < 0.01
 
 
-def test_top_tokens_match_counter():
+def test_top_tokens_match_counter(rng):
   n, e = 400, 3
-  ids_N = RNG.integers(0, 20, n)
-  expert_NK = np.stack([RNG.permutation(e)[:2] for _ in range(n)])
+  ids_N = rng.integers(0, 20, n)
+  expert_NK = np.stack([rng.permutation(e)[:2] for _ in range(n)])
   top = measures.top_tokens(expert_NK, ids_N, e, count=4)
   for expert in range(e):
     counter = collections.Counter(int(i) for i, row in zip(ids_N, expert_NK) if expert in row)
@@ -62,10 +61,10 @@ def test_top_tokens_match_counter():
     assert top[expert] == ref
 
 
-def test_cross_layer_matches_the_best_mapping_loop():
+def test_cross_layer_matches_the_best_mapping_loop(rng):
   n, e = 1000, 4
-  a = RNG.integers(0, e, n)
-  b = np.where(RNG.random(n) < 0.7, (a + 1) % e, RNG.integers(0, e, n))
+  a = rng.integers(0, e, n)
+  b = np.where(rng.random(n) < 0.7, (a + 1) % e, rng.integers(0, e, n))
   out = measures.cross_layer(a, b, e)
   best = sum(max(np.sum((a == i) & (b == j)) for j in range(e)) for i in range(e)) / n
   chance = max(np.sum(b == j) for j in range(e)) / n

@@ -9,7 +9,6 @@ from flax import nnx
 
 from moetrain.model.attention import Attention, cache_mask, masked_attention, write_cache
 
-RNG = np.random.default_rng()
 B, L, D, H, G = 2, 10, 24, 4, 2
 
 
@@ -48,7 +47,7 @@ def np_attention(x_BLD, p, head_dim, eps, theta=10_000.0):
 
 
 @pytest.mark.parametrize('qkv_bias,qk_norm,head_dim', [(False, False, 0), (True, True, 10)])
-def test_attention_matches_numpy_loop(qkv_bias, qk_norm, head_dim):
+def test_attention_matches_numpy_loop(qkv_bias, qk_norm, head_dim, rng):
   eps = 1e-5
   layer = Attention(D, H, G, rope_theta=10_000.0, rngs=nnx.Rngs(0), dtype=jnp.float32,
                     param_dtype=jnp.float32, qkv_bias=qkv_bias, qk_norm=qk_norm,
@@ -59,13 +58,13 @@ def test_attention_matches_numpy_loop(qkv_bias, qk_norm, head_dim):
   params = {}
   for name in ('w_q', 'w_k', 'w_v', 'w_o') + (('b_q', 'b_k', 'b_v') if qkv_bias else ()):
     variable = getattr(layer, name)
-    params[name] = RNG.standard_normal(variable.shape) * (0.3 if name[0] == 'b' else D ** -0.5)
+    params[name] = rng.standard_normal(variable.shape) * (0.3 if name[0] == 'b' else D ** -0.5)
     variable[...] = jnp.asarray(params[name], jnp.float32)
   if qk_norm:
     for name in ('q_norm', 'k_norm'):
-      params[name] = 1 + 0.3 * RNG.standard_normal(k)
+      params[name] = 1 + 0.3 * rng.standard_normal(k)
       getattr(layer, name).scale[...] = jnp.asarray(params[name], jnp.float32)
-  x = RNG.standard_normal((B, L, D))
+  x = rng.standard_normal((B, L, D))
   positions = jnp.broadcast_to(jnp.arange(L), (B, L))
   y = layer(jnp.asarray(x, jnp.float32), positions)
   np.testing.assert_allclose(np.asarray(y), np_attention(x, params, k, eps), rtol=1e-4,
@@ -84,11 +83,11 @@ def np_masked_attention(q, k, v, mask):
   return np.einsum('bhls,bshk->blhk', p, v)
 
 
-def test_masked_attention_matches_numpy_with_a_cache_mask():
+def test_masked_attention_matches_numpy_with_a_cache_mask(rng):
   b, l, s, h, g, k = 2, 3, 7, 4, 2, 8
-  q = RNG.standard_normal((b, l, h, k)).astype(np.float32)
-  keys = RNG.standard_normal((b, s, g, k)).astype(np.float32)
-  values = RNG.standard_normal((b, s, g, k)).astype(np.float32)
+  q = rng.standard_normal((b, l, h, k)).astype(np.float32)
+  keys = rng.standard_normal((b, s, g, k)).astype(np.float32)
+  values = rng.standard_normal((b, s, g, k)).astype(np.float32)
   positions = np.array([[2, 3, 4], [0, 5, 6]], np.int32)
   mask = np.asarray(cache_mask(jnp.asarray(positions), s))
   np.testing.assert_array_equal(mask, np.arange(s)[None, None] <= positions[..., None])
@@ -98,9 +97,9 @@ def test_masked_attention_matches_numpy_with_a_cache_mask():
                              rtol=1e-5, atol=1e-5)
 
 
-def test_write_cache_writes_at_positions_and_drops_out_of_range():
+def test_write_cache_writes_at_positions_and_drops_out_of_range(rng):
   cache = jnp.zeros((2, 4, 1, 2))
-  new = jnp.asarray(RNG.standard_normal((2, 2, 1, 2)), jnp.float32)
+  new = jnp.asarray(rng.standard_normal((2, 2, 1, 2)), jnp.float32)
   out = np.asarray(write_cache(cache, new, jnp.asarray([[1, 2], [3, 4]])))
   np.testing.assert_array_equal(out[0, 1:3], np.asarray(new[0]))
   np.testing.assert_array_equal(out[1, 3], np.asarray(new[1, 0]))

@@ -11,16 +11,15 @@ from moetrain.config import ConfigError
 from moetrain.model import attention
 from moetrain.parallel import mesh as mesh_lib
 
-RNG = np.random.default_rng()
 B, L, H, G, K = 2, 128, 4, 2, 16  # the splash kernel needs L a multiple of 128.
 
 
-def inputs(segments: bool):
-  q = RNG.standard_normal((B, L, H, K)).astype(np.float32)
-  k = RNG.standard_normal((B, L, G, K)).astype(np.float32)
-  v = RNG.standard_normal((B, L, G, K)).astype(np.float32)
+def inputs(rng, segments: bool):
+  q = rng.standard_normal((B, L, H, K)).astype(np.float32)
+  k = rng.standard_normal((B, L, G, K)).astype(np.float32)
+  v = rng.standard_normal((B, L, G, K)).astype(np.float32)
   # Documents of random lengths per row (ids rise along the row, as packing makes them).
-  seg = np.cumsum(RNG.random((B, L)) < 0.05, axis=1).astype(np.int32) if segments else None
+  seg = np.cumsum(rng.random((B, L)) < 0.05, axis=1).astype(np.int32) if segments else None
   return q, k, v, seg
 
 
@@ -50,17 +49,17 @@ IMPLS = {
 
 @pytest.mark.parametrize('segments', [False, True])
 @pytest.mark.parametrize('impl', list(IMPLS))
-def test_attention_equals_numpy_reference(impl, segments):
-  q, k, v, seg = inputs(segments)
+def test_attention_equals_numpy_reference(impl, segments, rng):
+  q, k, v, seg = inputs(rng, segments)
   fn = IMPLS[impl]
   got = np.asarray(jax.jit(fn)(q, k, v, seg))
   np.testing.assert_allclose(got, numpy_attention(q, k, v, seg), rtol=2e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize('impl', ['dot_product', 'splash'])
-def test_attention_gradients_equal_the_xla_path(impl):
-  q, k, v, seg = inputs(True)
-  cot = RNG.standard_normal((B, L, H, K)).astype(np.float32)
+def test_attention_gradients_equal_the_xla_path(impl, rng):
+  q, k, v, seg = inputs(rng, True)
+  cot = rng.standard_normal((B, L, H, K)).astype(np.float32)
   loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v, seg) * cot)
   want = jax.grad(loss(IMPLS['xla']), argnums=(0, 1, 2))(q, k, v)
   got = jax.jit(jax.grad(loss(IMPLS[impl]), argnums=(0, 1, 2)))(q, k, v)
@@ -69,9 +68,9 @@ def test_attention_gradients_equal_the_xla_path(impl):
                                err_msg=name)
 
 
-def test_splash_runs_per_device_on_a_mesh():
+def test_splash_runs_per_device_on_a_mesh(rng):
   """Under a mesh the kernel runs under shard_map over the batch axes: same result."""
-  q, k, v, seg = inputs(True)
+  q, k, v, seg = inputs(rng, True)
   mesh = jax.make_mesh((1, 2, 1), mesh_lib.AXES, devices=jax.devices()[:2],
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   with jax.set_mesh(mesh):

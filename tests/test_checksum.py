@@ -9,8 +9,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moetrain import checksum
 
-RNG = np.random.default_rng()
-
 
 def reference(a) -> list[int]:
   """The checksum as a Python loop over the elements (the definition, spelled out)."""
@@ -34,15 +32,15 @@ def reference(a) -> list[int]:
 
 
 @pytest.mark.parametrize('dtype', [np.float32, jnp.bfloat16, np.int32, np.uint32])
-def test_numpy_checksum_matches_the_loop(dtype):
-  a = (RNG.standard_normal((7, 5)) * 100).astype(dtype)
+def test_numpy_checksum_matches_the_loop(dtype, rng):
+  a = (rng.standard_normal((7, 5)) * 100).astype(dtype)
   assert checksum.numpy_checksum(a) == reference(a)
 
 
-def test_device_checksums_equal_numpy_on_any_sharding():
+def test_device_checksums_equal_numpy_on_any_sharding(rng):
   devices = np.array(jax.devices()[:8])
-  a = RNG.standard_normal((16, 24)).astype(np.float32)
-  b = RNG.standard_normal((8, 4, 6)).astype(jnp.bfloat16)
+  a = rng.standard_normal((16, 24)).astype(np.float32)
+  b = rng.standard_normal((8, 4, 6)).astype(jnp.bfloat16)
   want = {'a': checksum.numpy_checksum(a), 'b': checksum.numpy_checksum(b),
           'step': checksum.numpy_checksum(np.int32(11))}
   for shape in ((1, 1), (2, 4), (8, 1), (4, 2)):
@@ -53,12 +51,12 @@ def test_device_checksums_equal_numpy_on_any_sharding():
     assert checksum.device_checksums(flat) == want, shape
 
 
-def test_any_damaged_element_changes_the_checksum():
-  a = RNG.standard_normal(1000).astype(np.float32)
+def test_any_damaged_element_changes_the_checksum(rng):
+  a = rng.standard_normal(1000).astype(np.float32)
   clean = checksum.numpy_checksum(a)
   for _ in range(200):
     damaged = a.copy()
-    damaged.view(np.uint32)[RNG.integers(1000)] ^= np.uint32(1 << int(RNG.integers(32)))
+    damaged.view(np.uint32)[rng.integers(1000)] ^= np.uint32(1 << int(rng.integers(32)))
     assert checksum.numpy_checksum(damaged)[0] != clean[0]
   swapped = a.copy()
   swapped[[3, 700]] = swapped[[700, 3]]  # same values, other places.

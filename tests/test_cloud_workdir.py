@@ -222,7 +222,7 @@ def write_random(writer, rng, steps, flush=False):
 
 
 @pytest.mark.parametrize('where', ['bucket', 'local'])
-def test_staged_metrics_segments_roll_and_read_back_in_order(where, request, tmp_path):
+def test_staged_metrics_segments_roll_and_read_back_in_order(where, request, tmp_path, rng):
   """Logs staged and uploaded whole (a bucket's way; `staged=True` on a local folder
   too): a flush uploads what was written, a new segment and event file start past
   segment_bytes, a resumed writer starts the next segment, read_jsonl reads all."""
@@ -234,7 +234,6 @@ def test_staged_metrics_segments_roll_and_read_back_in_order(where, request, tmp
     workdir = tmp_path / 'run'
     listing = lambda: sorted(str(p.relative_to(workdir)) for p in workdir.rglob('*')
                              if p.is_file())
-  rng = np.random.default_rng()
   writer = metrics_lib.MetricWriter(workdir, enabled=True, staged=True, sync_seconds=1e9,
                                     segment_bytes=600)
   expected = write_random(writer, rng, [1, 2])

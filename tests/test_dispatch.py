@@ -21,7 +21,6 @@ from moetrain.parallel import mesh as mesh_lib
 
 from conftest import tiny_config
 
-RNG = np.random.default_rng()
 MESHES = [(1, 1, 1), (1, 1, 2), (2, 1, 2), (1, 1, 4), (2, 1, 4), (1, 1, 8)]  # data, fsdp, expert
 FSDP_MESHES = [(1, 2, 1), (1, 4, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 FAMILIES = {
@@ -46,10 +45,10 @@ def equivalence_config(family, data, expert, fsdp=1):
       'mesh.expert': expert, **FAMILIES[family]})
 
 
-def random_batches(cfg, n):
+def random_batches(rng, cfg, n):
   shape = (cfg.data.batch_size, cfg.data.seq_len)
-  return [dict(inputs=RNG.integers(0, 100, shape).astype(np.int32),
-               targets=RNG.integers(0, 100, shape).astype(np.int32),
+  return [dict(inputs=rng.integers(0, 100, shape).astype(np.int32),
+               targets=rng.integers(0, 100, shape).astype(np.int32),
                mask=np.ones(shape, np.float32)) for _ in range(n)]
 
 
@@ -83,13 +82,13 @@ def run_steps(cfg, graphdef, state, batches):
   return jax.tree.map(np.asarray, jax.device_get(out))
 
 
-def assert_meshes_match_one_device(family, meshes, **mesh_overrides):
+def assert_meshes_match_one_device(rng, family, meshes, **mesh_overrides):
   """Loss, gradients, 3 steps' losses, final params and router biases of the family's
   config on each (data, fsdp, expert) mesh (with `mesh_overrides`) equal the one-device
   run."""
   cfg = equivalence_config(family, 1, 1)
   graphdef, state = initial_state(cfg)
-  batches = random_batches(cfg, 3)
+  batches = random_batches(rng, cfg, 3)
   ref = run_steps(cfg, graphdef, state, batches)
   for data, fsdp, expert in meshes:
     mesh_cfg = equivalence_config(family, data, expert, fsdp)
@@ -107,24 +106,24 @@ def assert_meshes_match_one_device(family, meshes, **mesh_overrides):
 
 
 @pytest.mark.parametrize('family', list(FAMILIES))
-def test_meshes_match_single_device(family):
-  assert_meshes_match_one_device(family, MESHES[1:])
+def test_meshes_match_single_device(family, rng):
+  assert_meshes_match_one_device(rng, family, MESHES[1:])
 
 
 @pytest.mark.newest_jax
 @pytest.mark.parametrize('family', ['gshard', 'mixtral'])  # capacity router; dropless
-def test_fsdp_meshes_match_single_device(family):
+def test_fsdp_meshes_match_single_device(family, rng):
   """Weights and optimizer moments split over fsdp (experts over expert x fsdp) give the
   one-device loss, gradients and parameters after 3 steps."""
-  assert_meshes_match_one_device(family, FSDP_MESHES)
+  assert_meshes_match_one_device(rng, family, FSDP_MESHES)
 
 
-def layer_inputs(t, d, f, e):
-  return (RNG.standard_normal((t, d)).astype(np.float32),
-          RNG.standard_normal((d, e)).astype(np.float32),
-          (RNG.standard_normal((e, d, f)) / np.sqrt(d)).astype(np.float32),
-          (RNG.standard_normal((e, d, f)) / np.sqrt(d)).astype(np.float32),
-          (RNG.standard_normal((e, f, d)) / np.sqrt(f)).astype(np.float32))
+def layer_inputs(rng, t, d, f, e):
+  return (rng.standard_normal((t, d)).astype(np.float32),
+          rng.standard_normal((d, e)).astype(np.float32),
+          (rng.standard_normal((e, d, f)) / np.sqrt(d)).astype(np.float32),
+          (rng.standard_normal((e, d, f)) / np.sqrt(d)).astype(np.float32),
+          (rng.standard_normal((e, f, d)) / np.sqrt(f)).astype(np.float32))
 
 
 @pytest.mark.parametrize('router,scope', [('token_choice', 'micro_batch'),
@@ -132,11 +131,11 @@ def layer_inputs(t, d, f, e):
                                           ('token_choice', 'sequence'),
                                           ('expert_choice', 'micro_batch')])
 @pytest.mark.parametrize('data,expert', [(2, 4), (1, 8), (2, 2)])
-def test_capacity_is_per_device_group(router, scope, data, expert):
+def test_capacity_is_per_device_group(router, scope, data, expert, rng):
   """With drops, the sharded layer equals the single-device layer run on each device's
   tokens separately (the documented per-group capacity rule)."""
   t, d, f, e, seq = 128, 8, 16, 8, 4
-  x, r, wg, wu, wd = layer_inputs(t, d, f, e)
+  x, r, wg, wu, wd = layer_inputs(rng, t, d, f, e)
   spec = moe_lib.MoESpec(e, 2, router, 'softmax', 'softmax_topk', False, 1.0, 0.75, 0.75,
                          'position', False, 'padded', 0.0, scope)
   mesh = jax.make_mesh((data, 1, expert), mesh_lib.AXES,
@@ -173,19 +172,19 @@ def test_capacity_is_per_device_group(router, scope, data, expert):
   np.testing.assert_allclose(float(stats['balance_loss']), expected, rtol=1e-5)
 
 
-def compiled_train_step_hlo(data, expert):
+def compiled_train_step_hlo(rng, data, expert):
   cfg = equivalence_config('gshard', data, expert)
   mesh = mesh_lib.make_mesh(cfg, devices=jax.devices()[:data * expert])
   tx = optimizer_lib.make_optimizer(cfg.train)
   graphdef, state, shardings = state_lib.init_state(cfg, mesh, tx)
-  batch = jax.device_put(random_batches(cfg, 1)[0], mesh_lib.batch_sharding(mesh))
+  batch = jax.device_put(random_batches(rng, cfg, 1)[0], mesh_lib.batch_sharding(mesh))
   step_fn = jax.jit(step_lib.make_train_step(graphdef, tx, cfg), out_shardings=(shardings, None))
   with jax.set_mesh(mesh):
     return step_fn.lower(state, batch).compile().as_text(), cfg
 
 
-def test_train_step_uses_all_to_all_and_never_gathers_expert_weights():
-  hlo, cfg = compiled_train_step_hlo(2, 4)
+def test_train_step_uses_all_to_all_and_never_gathers_expert_weights(rng):
+  hlo, cfg = compiled_train_step_hlo(rng, 2, 4)
   assert 'all-to-all' in hlo
   m = cfg.model
   full_expert_shapes = {f'[{m.num_experts},{m.d_model},{m.d_ff}]',
@@ -248,7 +247,7 @@ def test_d_model_must_split_over_fsdp():
     train.prepare(cfg)
 
 
-def test_dropless_under_expert_parallelism_says_padded_once(caplog):
+def test_dropless_under_expert_parallelism_says_padded_once(caplog, rng):
   t, d, f, e = 32, 8, 16, 8
   spec = moe_lib.MoESpec(e, 2, 'token_choice', 'softmax', 'topk_softmax', False, 1.0, 1.0,
                          1.0, 'position', True, 'auto', 0.0, 'micro_batch')
@@ -259,6 +258,6 @@ def test_dropless_under_expert_parallelism_says_padded_once(caplog):
                                               seq_len=4, train=True, dtype=jnp.float32)
   with jax.set_mesh(mesh):
     for _ in range(2):
-      jax.eval_shape(layer, *layer_inputs(t, d, f, e))
+      jax.eval_shape(layer, *layer_inputs(rng, t, d, f, e))
   messages = [r.getMessage() for r in caplog.records if 'dropless' in r.getMessage()]
   assert len(messages) == 1 and 'padded all-to-all' in messages[0]

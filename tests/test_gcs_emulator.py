@@ -24,9 +24,9 @@ def fresh(gcs, name):
   return gcs.path(prefix), prefix
 
 
-def test_epath_write_read_list_remove(gcs):
+def test_epath_write_read_list_remove(gcs, rng):
   root, prefix = fresh(gcs, 'epath')
-  payload = np.random.default_rng().bytes(1000)
+  payload = rng.bytes(1000)
   path = epath.Path(root) / 'sub' / 'blob.bin'
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_bytes(payload)
@@ -40,11 +40,10 @@ def test_epath_write_read_list_remove(gcs):
   assert not pathlib.Path('gs:').exists()  # nothing went to a local folder named gs:.
 
 
-def test_orbax_sharded_save_and_resharded_restore(gcs):
+def test_orbax_sharded_save_and_resharded_restore(gcs, rng):
   """What moetrain.checkpoint saves (a Composite of StandardSave arrays and JSON), into
   the bucket, restored onto another sharding."""
   root, prefix = fresh(gcs, 'orbax')
-  rng = np.random.default_rng()
   w_ED, b_D = rng.normal(size=(8, 6)).astype(np.float32), rng.normal(size=8).astype(np.float32)
   mesh = jax.make_mesh((4, 2), ('expert', 'data'),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
@@ -98,11 +97,11 @@ writer.close()
 """
 
 
-def test_tensorboardx_writes_events_into_the_bucket(gcs):
+def test_tensorboardx_writes_events_into_the_bucket(gcs, rng):
   """In a child process, as training writes them: tensorboardX's GCS writer uploads its
   whole buffer once more when garbage-collected at exit, which must find the server up."""
   root, prefix = fresh(gcs, 'tb')
-  values = np.random.default_rng().normal(size=5).astype(np.float32)
+  values = rng.normal(size=5).astype(np.float32)
   subprocess.run([sys.executable, '-c', WRITE_EVENTS, f'{root}/tb',
                   json.dumps(values.tolist())], check=True, timeout=120,
                  env={**os.environ, **gcs.env})

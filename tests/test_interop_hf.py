@@ -20,10 +20,9 @@ from moetrain.interop import hf, hf_config
 from moetrain.interop import params as params_lib
 from moetrain.model.transformer import Transformer
 
-from conftest import model_logits, tiny_config
+from conftest import model_logits, seed_of, tiny_config
 from test_cli import moetrain
 
-RNG = np.random.default_rng()
 EXACT = {'model.moe.dropless': True, 'model.vocab_size': 0}
 FAMILIES = {
     'mixtral': {'model.moe.softmax_order': 'topk_softmax', 'model.tie_embeddings': False},
@@ -47,18 +46,18 @@ def family_config(family, root):
   return data_lib.resolve_vocab(cfg)
 
 
-def random_params(cfg) -> dict:
+def random_params(rng, cfg) -> dict:
   """Fresh random values for every parameter (norm scales around 1, biases nonzero)."""
   model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
   out = {}
   for key, shape in params_lib.shapes(nnx.state(model, nnx.Param)).items():
     if key.endswith('scale'):
-      value = 1.0 + 0.2 * RNG.standard_normal(shape)
+      value = 1.0 + 0.2 * rng.standard_normal(shape)
     elif key == 'embed' or '.b_' in key:
-      value = RNG.standard_normal(shape) * (1.0 if key == 'embed' else 0.2)
+      value = rng.standard_normal(shape) * (1.0 if key == 'embed' else 0.2)
     else:
       fan_in = shape[-2] if key.endswith('w_down') else cfg.model.d_model
-      value = RNG.standard_normal(shape) / np.sqrt(fan_in)
+      value = rng.standard_normal(shape) / np.sqrt(fan_in)
     out[key] = value.astype(np.float32)
   return out
 
@@ -74,12 +73,13 @@ _EXPORTS = {}
 
 
 def export_family(family, tmp_path_factory):
-  """(family, cfg, params, root) of a tiny random model of `family`, saved as a run in
-  root/run and exported to root/hf (once per module)."""
+  """(family, cfg, params, root) of a tiny random model of `family` (its parameters drawn
+  from a seed of the family's name), saved as a run in root/run and exported to root/hf
+  (once per module)."""
   if family not in _EXPORTS:
     root = tmp_path_factory.mktemp(family)
     cfg = family_config(family, root)
-    params = random_params(cfg)
+    params = random_params(np.random.default_rng(seed_of(f'export_family[{family}]')), cfg)
     hf.save_run(cfg, params, root / 'run')
     hf.export(root / 'run', root / 'hf', max_shard_bytes=SHARD_BYTES.get(family, 2**30),
               log=lambda *a: None)
@@ -92,9 +92,9 @@ def exported(request, tmp_path_factory):
   return export_family(request.param, tmp_path_factory)
 
 
-def test_transformers_logits_equal_moetrain(exported):
+def test_transformers_logits_equal_moetrain(exported, rng):
   family, cfg, params, root = exported
-  ids = RNG.integers(0, cfg.model.vocab_size, (3, 24))
+  ids = rng.integers(0, cfg.model.vocab_size, (3, 24))
   name, theirs = hf_logits(root / 'hf', ids)
   assert name == hf_config.ARCHITECTURES[family]
   ours = model_logits(cfg, params, ids)
@@ -120,7 +120,7 @@ def test_tokenizer_travels_with_the_model(tmp_path_factory):
   assert json.loads((root / 'hf' / 'config.json').read_text())['eos_token_id'] == ours.eod_id
 
 
-def test_export_import_export_reproduces_files_and_logits(exported):
+def test_export_import_export_reproduces_files_and_logits(exported, rng):
   family, cfg, params, root = exported
   imported = hf.import_model(root / 'hf', root / 'imported', tiny_config(),
                              log=lambda *a: None)
@@ -128,7 +128,7 @@ def test_export_import_export_reproduces_files_and_logits(exported):
   assert step == 0 and set(back) == set(params)
   for key in params:
     np.testing.assert_array_equal(back[key], params[key], err_msg=key)
-  ids = RNG.integers(0, cfg.model.vocab_size, (2, 16))
+  ids = rng.integers(0, cfg.model.vocab_size, (2, 16))
   np.testing.assert_array_equal(model_logits(imported, back, ids),
                                 model_logits(cfg, params, ids))
   hf.export(root / 'imported', root / 'again', max_shard_bytes=SHARD_BYTES.get(family, 2**30),
@@ -179,10 +179,10 @@ def test_imported_run_trains_with_one_argument(tmp_path_factory, tmp_path):
   assert [r['step'] for r in records] == [1, 2] and all(np.isfinite(r['loss']) for r in records)
 
 
-def random_hf_model(config):
+def random_hf_model(rng, config):
   """A transformers model of `config` with fresh random weights of a useful size (its own
   init is too small to tell layouts apart)."""
-  torch.manual_seed(int(RNG.integers(2**31)))
+  torch.manual_seed(int(rng.integers(2**31)))
   model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -196,7 +196,7 @@ def random_hf_model(config):
 
 
 @pytest.mark.parametrize('family', ['qwen2_moe', 'mistral'])
-def test_import_reads_what_transformers_saves(family, tmp_path):
+def test_import_reads_what_transformers_saves(family, tmp_path, rng):
   shape = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5)
   if family == 'qwen2_moe':  # biases, MoE in every second layer, two experts' width shared.
@@ -206,7 +206,7 @@ def test_import_reads_what_transformers_saves(family, tmp_path):
         rope_parameters=dict(rope_type='default', rope_theta=5e4))
   else:
     config = transformers.MistralConfig(**shape, sliding_window=None, tie_word_embeddings=True)
-  random_hf_model(config).save_pretrained(tmp_path / 'hf')
+  random_hf_model(rng, config).save_pretrained(tmp_path / 'hf')
   cfg = hf.import_model(tmp_path / 'hf', tmp_path / 'run', tiny_config(), log=lambda *a: None)
   if family == 'qwen2_moe':
     m = cfg.model
@@ -214,7 +214,7 @@ def test_import_reads_what_transformers_saves(family, tmp_path):
     assert (m.moe.d_expert, m.moe.num_shared_experts, m.moe.shared_expert_gate) == (16, 2, True)
   else:
     assert cfg.model.num_experts == 0 and cfg.model.tie_embeddings
-  ids = RNG.integers(0, 300, (2, 20))
+  ids = rng.integers(0, 300, (2, 20))
   name, theirs = hf_logits(tmp_path / 'hf', ids)
   ours = model_logits(cfg, params_lib.newest_params(tmp_path / 'run')[1], ids)
   np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)

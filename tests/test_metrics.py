@@ -6,8 +6,6 @@ from tensorboardX.proto import event_pb2
 
 from moetrain import metrics as metrics_lib
 
-RNG = np.random.default_rng()
-
 
 def read_events(directory):
   """(tag, step, summary value) of every value in the TFRecord event files under it."""
@@ -23,12 +21,12 @@ def read_events(directory):
   return out
 
 
-def test_routing_metrics_match_numpy():
+def test_routing_metrics_match_numpy(rng):
   stats = []
   for _ in range(2):
-    load_E = RNG.dirichlet(np.ones(8)).astype(np.float32)
-    stats.append(dict(load_E=load_E, dropped_frac=RNG.random(), router_entropy=RNG.random(),
-                      max_logit=RNG.random(), balance_loss=RNG.random(), z_loss=RNG.random()))
+    load_E = rng.dirichlet(np.ones(8)).astype(np.float32)
+    stats.append(dict(load_E=load_E, dropped_frac=rng.random(), router_entropy=rng.random(),
+                      max_logit=rng.random(), balance_loss=rng.random(), z_loss=rng.random()))
   stats[1]['bias_norm'] = 0.5
   out = metrics_lib.routing_metrics(stats, [1, 3])
   for layer, s in zip([1, 3], stats):

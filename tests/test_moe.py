@@ -16,7 +16,6 @@ from moetrain.model.layers import MLP
 
 from conftest import assert_close, tiny_config
 
-RNG = np.random.default_rng()
 T, D, F, E = 48, 16, 24, 8
 
 
@@ -30,12 +29,12 @@ def np_softmax(x):
   return z / z.sum(-1, keepdims=True)
 
 
-def make_inputs(t=T, e=E):
-  x = RNG.standard_normal((t, D)).astype(np.float32)
-  router = (RNG.standard_normal((D, e)) * 0.5).astype(np.float32)
-  wg = (RNG.standard_normal((e, D, F)) / np.sqrt(D)).astype(np.float32)
-  wu = (RNG.standard_normal((e, D, F)) / np.sqrt(D)).astype(np.float32)
-  wd = (RNG.standard_normal((e, F, D)) / np.sqrt(F)).astype(np.float32)
+def make_inputs(rng, t=T, e=E):
+  x = rng.standard_normal((t, D)).astype(np.float32)
+  router = (rng.standard_normal((D, e)) * 0.5).astype(np.float32)
+  wg = (rng.standard_normal((e, D, F)) / np.sqrt(D)).astype(np.float32)
+  wu = (rng.standard_normal((e, D, F)) / np.sqrt(D)).astype(np.float32)
+  wd = (rng.standard_normal((e, F, D)) / np.sqrt(F)).astype(np.float32)
   return x, router, wg, wu, wd
 
 
@@ -79,8 +78,8 @@ def reference_dropless(x, router, wg, wu, wd, k):
 @pytest.mark.parametrize('router,k,factor', [('token_choice', 1, 1.0),
                                              ('token_choice', 2, 0.75),
                                              ('expert_choice', 2, 1.0), ('soft', 2, 1.0)])
-def test_layer_matches_loop_over_slots(router, k, factor):
-  x, r, wg, wu, wd = make_inputs()
+def test_layer_matches_loop_over_slots(router, k, factor, rng):
+  x, r, wg, wu, wd = make_inputs(rng)
   s = spec(router=router, top_k=k, capacity_factor=factor)
   y, stats = run(s, x, r, wg, wu, wd)
   table, _ = routing.route(jnp.asarray(x) @ jnp.asarray(r), router=router, top_k=k,
@@ -92,15 +91,15 @@ def test_layer_matches_loop_over_slots(router, k, factor):
     assert float(stats['dropped_frac']) > 0
 
 
-def test_dropped_tokens_get_zero_output():
-  x, r, wg, wu, wd = make_inputs()
+def test_dropped_tokens_get_zero_output(rng):
+  x, r, wg, wu, wd = make_inputs(rng)
   y, stats = run(spec(top_k=1, capacity_factor=0.25), x, r, wg, wu, wd)
   zero_rows = np.all(np.asarray(y) == 0, axis=1)
   assert zero_rows.mean() == pytest.approx(float(stats['dropped_frac']), abs=1e-6)
 
 
-def test_dropless_equals_huge_capacity_and_loop_over_experts():
-  x, r, wg, wu, wd = make_inputs()
+def test_dropless_equals_huge_capacity_and_loop_over_experts(rng):
+  x, r, wg, wu, wd = make_inputs(rng)
   r = r * 4  # very skewed routing: capacity mode at factor 1 would drop a lot.
   y_dropless, stats = run(spec(dropless=True), x, r, wg, wu, wd)
   y_big, big_stats = run(spec(capacity_factor=E), x, r, wg, wu, wd)
@@ -114,11 +113,11 @@ def test_dropless_equals_huge_capacity_and_loop_over_experts():
 
 
 @pytest.mark.parametrize('k,gate', [(1, 'softmax'), (2, 'softmax'), (3, 'sigmoid')])
-def test_dropless_eval_on_few_tokens_gathers_the_chosen_experts(k, gate):
+def test_dropless_eval_on_few_tokens_gathers_the_chosen_experts(k, gate, rng):
   """T * K < E at eval: each token runs its K experts with gathered weights; equals the
   per-token loop and the padded layer (training on the same tokens)."""
   t = 2
-  x, r, wg, wu, wd = make_inputs(t=t)
+  x, r, wg, wu, wd = make_inputs(rng, t=t)
   s = spec(dropless=True, top_k=k, gate=gate)
   assert s.gathers(t, train=False) and not s.gathers(t, train=True)
   assert not s.gathers(-(-E // k), train=False)  # T * K >= E: padded buffers
@@ -138,16 +137,16 @@ def test_dropless_eval_on_few_tokens_gathers_the_chosen_experts(k, gate):
     ('softmax', 'softmax_topk', jnp.bfloat16, 'xla'),
     ('softmax', 'topk_softmax', jnp.float32, 'tokamax'),
     ('sigmoid', 'softmax_topk', jnp.bfloat16, 'tokamax')])
-def test_ragged_dropless_equals_padded(gate, order, dtype, grouped_matmul):
+def test_ragged_dropless_equals_padded(gate, order, dtype, grouped_matmul, rng):
   """Grouped matmuls (jax.lax.ragged_dot or tokamax.ragged_dot) equal the padded buffers:
   output, statistics, and the gradients of the input and all three expert weights."""
-  x, r, wg, wu, wd = make_inputs()
+  x, r, wg, wu, wd = make_inputs(rng)
   padded = spec(dropless=True, dropless_impl='padded', gate=gate, softmax_order=order)
   ragged = dataclasses.replace(padded, dropless_impl='ragged', grouped_matmul=grouped_matmul)
   auto = dataclasses.replace(ragged, dropless_impl='auto')
   assert ragged.use_ragged() and not padded.use_ragged()
   assert auto.use_ragged() == (grouped_matmul == 'tokamax')  # on CPU
-  cot = RNG.standard_normal((T, D)).astype(np.float32)
+  cot = rng.standard_normal((T, D)).astype(np.float32)
 
   def loss(s):
     def fn(x, wg, wu, wd):
@@ -168,14 +167,14 @@ def test_ragged_dropless_equals_padded(gate, order, dtype, grouped_matmul):
 
 @pytest.mark.parametrize('impl', ['xla', 'tokamax'])
 @pytest.mark.parametrize('sizes', [[3, 0, 5, 2], [0, 0, 0, 7], [0, 0, 0, 0]])
-def test_padded_grouped_swiglu_equals_ragged_dot(sizes, impl):
+def test_padded_grouped_swiglu_equals_ragged_dot(sizes, impl, rng):
   """Rows grouped by expert (then unused rows) through padded buffers equal ragged_dot
   (jax.lax's or tokamax's), values and gradients; unused rows give zeros."""
   rows, d, f = 16, 6, 5
   sizes = jnp.asarray(sizes, jnp.int32)
-  x = RNG.standard_normal((rows, d)).astype(np.float32)
-  ws = [RNG.standard_normal(s).astype(np.float32) for s in ((4, d, f), (4, d, f), (4, f, d))]
-  cot = RNG.standard_normal((rows, d)).astype(np.float32)
+  x = rng.standard_normal((rows, d)).astype(np.float32)
+  ws = [rng.standard_normal(s).astype(np.float32) for s in ((4, d, f), (4, d, f), (4, f, d))]
+  cot = rng.standard_normal((rows, d)).astype(np.float32)
   loss = lambda fn: jax.value_and_grad(lambda *a: jnp.sum(fn(*a) * cot), argnums=(0, 1, 2, 3))
   padded = lambda x, *w: experts_lib.padded_grouped_swiglu(x, *w, sizes, capacity=8)
   ragged = lambda x, *w: experts_lib.grouped_swiglu(x, *w, sizes, impl)
@@ -195,8 +194,8 @@ def test_eval_uses_eval_capacity_factor():
   assert s.capacity(T, train=True) == 6 and s.capacity(T, train=False) == 24
 
 
-def test_jitter_only_in_training_and_changes_routing_inputs():
-  x, r, wg, wu, wd = make_inputs()
+def test_jitter_only_in_training_and_changes_routing_inputs(rng):
+  x, r, wg, wu, wd = make_inputs(rng)
   s = spec(jitter=0.5)
   y_eval, _ = run(s, x, r, wg, wu, wd, train=False)
   y_plain, _ = run(spec(), x, r, wg, wu, wd, train=False)
@@ -206,8 +205,8 @@ def test_jitter_only_in_training_and_changes_routing_inputs():
   assert float(st_train['z_loss']) != float(st_plain['z_loss'])
 
 
-def test_sequence_balance_loss_is_mean_over_sequences():
-  x, r, wg, wu, wd = make_inputs()
+def test_sequence_balance_loss_is_mean_over_sequences(rng):
+  x, r, wg, wu, wd = make_inputs(rng)
   _, st_seq = run(spec(balance_scope='sequence'), x, r, wg, wu, wd, seq_len=12)
   per_seq = [float(run(spec(), x[i:i + 12], r, wg, wu, wd, seq_len=12)[1]['balance_loss'])
              for i in range(0, T, 12)]
@@ -232,13 +231,13 @@ def np_sequence_balance(taken, probs, seq_len):
   return np.mean(losses)
 
 
-def test_expert_choice_sequence_without_assignments_is_finite_and_counted_as_dropped():
+def test_expert_choice_sequence_without_assignments_is_finite_and_counted_as_dropped(rng):
   """Expert choice can leave a whole sequence without an expert: its balance loss term
   is 0 (not 0/0 = NaN), and its tokens are reported as dropped. Tokens 0-11 want expert
   0 most, 36-47 want it less and nothing else, 12-35 are near uniform: expert 0 fills up
   with 0-11, the others with 12-35, and sequence 3 (tokens 36-47) gets nothing."""
-  x, _, wg, wu, wd = make_inputs()
-  logits = 0.05 * RNG.standard_normal((T, E))
+  x, _, wg, wu, wd = make_inputs(rng)
+  logits = 0.05 * rng.standard_normal((T, E))
   logits[:12, 0] += 9.0
   logits[36:, 0] += 5.0
   router = np.zeros((D, E), np.float32)
@@ -258,8 +257,8 @@ def test_expert_choice_sequence_without_assignments_is_finite_and_counted_as_dro
   assert np.all(np.isfinite(np.asarray(grad)))
 
 
-def test_expert_choice_dropped_frac_is_the_share_of_tokens_no_expert_took():
-  x, r, wg, wu, wd = make_inputs()
+def test_expert_choice_dropped_frac_is_the_share_of_tokens_no_expert_took(rng):
+  x, r, wg, wu, wd = make_inputs(rng)
   for factor in (0.5, 1.0, 2.0):
     s = spec(router='expert_choice', capacity_factor=factor)
     _, stats = run(s, x, r, wg, wu, wd)
@@ -268,13 +267,13 @@ def test_expert_choice_dropped_frac_is_the_share_of_tokens_no_expert_took():
                                atol=1e-6)
 
 
-def test_shared_experts_add_a_dense_swiglu():
+def test_shared_experts_add_a_dense_swiglu(rng):
   cfg = tiny_config(**{'model.moe.num_shared_experts': 2, 'model.moe.d_expert': 8,
                        'model.vocab_size': 128})
   layer = moe_layer.MoE(cfg.model, moe_lib.layer_specs(cfg.model)[0], rngs=nnx.Rngs(0),
                         dtype=jnp.float32, param_dtype=jnp.float32)
   assert layer.shared.w_gate.shape == (32, 16)  # two shared experts of hidden 8.
-  x = jnp.asarray(RNG.standard_normal((2, 8, 32)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((2, 8, 32)), jnp.float32)
   y, _ = layer(x, train=False)
   shared = layer.shared
   layer.shared = None
@@ -290,15 +289,15 @@ def test_shared_experts_add_a_dense_swiglu():
   assert isinstance(shared, MLP)
 
 
-def test_shared_expert_gate_scales_the_shared_output_by_a_sigmoid():
+def test_shared_expert_gate_scales_the_shared_output_by_a_sigmoid(rng):
   cfg = tiny_config(**{'model.moe.num_shared_experts': 1, 'model.moe.shared_expert_gate': True,
                        'model.vocab_size': 128})
   layer = moe_layer.MoE(cfg.model, moe_lib.layer_specs(cfg.model)[0], rngs=nnx.Rngs(0),
                         dtype=jnp.float32, param_dtype=jnp.float32)
   assert layer.shared_gate.shape == (32, 1)
-  gate = RNG.standard_normal((32, 1)).astype(np.float32)
+  gate = rng.standard_normal((32, 1)).astype(np.float32)
   layer.shared_gate[...] = jnp.asarray(gate)
-  x = jnp.asarray(RNG.standard_normal((2, 8, 32)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((2, 8, 32)), jnp.float32)
   y, _ = layer(x, train=False)
   shared, layer.shared = layer.shared, None
   y_routed, _ = layer(x, train=False)
@@ -309,8 +308,8 @@ def test_shared_expert_gate_scales_the_shared_output_by_a_sigmoid():
                              atol=1e-5)
 
 
-def test_statistics_report_load_and_router_state():
-  x, r, wg, wu, wd = make_inputs()
+def test_statistics_report_load_and_router_state(rng):
+  x, r, wg, wu, wd = make_inputs(rng)
   r[:, 0] += 3.0  # expert 0 is everyone's first choice.
   _, stats = run(spec(top_k=1, capacity_factor=1.0), x, r, wg, wu, wd)
   load = np.asarray(stats['load_E'])
@@ -320,12 +319,12 @@ def test_statistics_report_load_and_router_state():
 
 
 @pytest.mark.parametrize('loop_max', [0, E])
-def test_experts_loop_and_batched_forms_agree(monkeypatch, loop_max):
+def test_experts_loop_and_batched_forms_agree(monkeypatch, loop_max, rng):
   """CPU runs up to CPU_EXPERT_LOOP_MAX experts as separate GEMMs, more as one batched
   einsum: both equal the NumPy experts, values and gradients."""
   monkeypatch.setattr(experts_lib, 'CPU_EXPERT_LOOP_MAX', loop_max)
-  _, _, wg, wu, wd = make_inputs()
-  x_ECD = RNG.standard_normal((E, 5, D)).astype(np.float32)
+  _, _, wg, wu, wd = make_inputs(rng)
+  x_ECD = rng.standard_normal((E, 5, D)).astype(np.float32)
   got = np.asarray(experts_lib.experts(*map(jnp.asarray, (x_ECD, wg, wu, wd))))
   want = np.stack([np_expert(x_ECD[e], wg[e], wu[e], wd[e]) for e in range(E)])
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
@@ -338,12 +337,12 @@ def test_experts_loop_and_batched_forms_agree(monkeypatch, loop_max):
 
 
 @pytest.mark.parametrize('gate', ['sigmoid', 'softmax'])
-def test_bias_balancing_lowers_load_imbalance_of_a_skewed_router(gate):
+def test_bias_balancing_lowers_load_imbalance_of_a_skewed_router(gate, rng):
   """A router skewed toward expert 0 (a constant input feature that only expert 0's column
   reads) keeps it overloaded step after step; the aux-loss-free bias, updated from each
   step's load exactly as the train step does, brings max/mean load close to 1."""
   t, e, steps = 512, 4, 150
-  x, router, wg, wu, wd = make_inputs(t, e)
+  x, router, wg, wu, wd = make_inputs(rng, t, e)
   x[:, 0] = 1.0
   router[0] = 0.0
   router[0, 0] = 3.0
@@ -373,12 +372,12 @@ def np_top_k(x, router, k):
 
 @pytest.mark.parametrize('dropless,drop_order', [(True, 'position'), (False, 'position'),
                                                  (False, 'probability')])
-def test_removed_experts_and_choices_get_zero_weight(dropless, drop_order):
+def test_removed_experts_and_choices_get_zero_weight(dropless, drop_order, rng):
   """Ablation: removed assignments keep their slots (the same tokens drop) and add
   nothing; the others keep their weights. Reference: the loop over the unablated
   routing table with those slots' weights set to 0."""
-  x, r, wg, wu, wd = make_inputs()
-  removed = tuple(int(e) for e in RNG.choice(E, 2, replace=False))
+  x, r, wg, wu, wd = make_inputs(rng)
+  removed = tuple(int(e) for e in rng.choice(E, 2, replace=False))
   s = spec(dropless=dropless, drop_order=drop_order, capacity_factor=0.75,
            eval_capacity_factor=0.75)
   expert_TK, _ = np_top_k(x, r, 2)
@@ -398,11 +397,11 @@ def test_removed_experts_and_choices_get_zero_weight(dropless, drop_order):
     np.testing.assert_allclose(np.asarray(y), ref, rtol=2e-5, atol=2e-5)
 
 
-def test_eval_stats_hold_each_tokens_routed_experts():
+def test_eval_stats_hold_each_tokens_routed_experts(rng):
   cfg = tiny_config(**{'model.d_model': D, 'model.num_experts': E})
   layer = moe_layer.MoE(cfg.model, moe_lib.layer_specs(cfg.model)[0], rngs=nnx.Rngs(0),
                         dtype=jnp.float32, param_dtype=jnp.float32)
-  x = RNG.standard_normal((2, T // 2, D)).astype(np.float32)
+  x = rng.standard_normal((2, T // 2, D)).astype(np.float32)
   _, stats = layer(jnp.asarray(x), train=False)
   expert_TK, _ = np_top_k(x.reshape(T, D), np.asarray(layer.router[...]), 2)
   np.testing.assert_array_equal(np.asarray(stats['expert_TK']), expert_TK)

@@ -9,7 +9,6 @@ import pytest
 from moetrain import objective
 from moetrain.model.transformer import output_logits
 
-RNG = np.random.default_rng()
 B, L, D, V = 2, 24, 8, 40
 
 
@@ -20,17 +19,17 @@ def numpy_cross_entropy_sum(logits, targets, mask):
   return float(((logz - picked) * mask).sum())
 
 
-def draw():
-  x = RNG.standard_normal((B, L, D)).astype(np.float32)
-  w = RNG.standard_normal((V, D)).astype(np.float32)
-  targets = RNG.integers(0, V, (B, L)).astype(np.int32)
-  mask = (RNG.random((B, L)) < 0.8).astype(np.float32)
+def draw(rng):
+  x = rng.standard_normal((B, L, D)).astype(np.float32)
+  w = rng.standard_normal((V, D)).astype(np.float32)
+  targets = rng.integers(0, V, (B, L)).astype(np.int32)
+  mask = (rng.random((B, L)) < 0.8).astype(np.float32)
   return x, w, targets, mask
 
 
-def test_cross_entropy_equals_numpy():
-  _, _, targets, mask = draw()
-  logits = 3 * RNG.standard_normal((B, L, V)).astype(np.float32)
+def test_cross_entropy_equals_numpy(rng):
+  _, _, targets, mask = draw(rng)
+  logits = 3 * rng.standard_normal((B, L, V)).astype(np.float32)
   want = numpy_cross_entropy_sum(logits, targets, mask)
   assert float(objective.cross_entropy_sum(logits, targets, mask)) == pytest.approx(want,
                                                                                    rel=1e-5)
@@ -40,8 +39,8 @@ def test_cross_entropy_equals_numpy():
 
 @pytest.mark.parametrize('tied', [True, False])
 @pytest.mark.parametrize('chunk', [1, 8, 24])
-def test_chunked_cross_entropy_equals_plain_value_and_gradients(chunk, tied):
-  x, w, targets, mask = draw()
+def test_chunked_cross_entropy_equals_plain_value_and_gradients(chunk, tied, rng):
+  x, w, targets, mask = draw(rng)
   if not tied:
     w = w.T.copy()  # the unembedding [D, V]
 
@@ -62,9 +61,9 @@ def test_chunked_cross_entropy_equals_plain_value_and_gradients(chunk, tied):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-def test_chunked_cross_entropy_never_holds_the_whole_logits():
+def test_chunked_cross_entropy_never_holds_the_whole_logits(rng):
   """The compiled gradient has no [B, L, V] array; its largest logits block is a chunk."""
-  x, w, targets, mask = draw()
+  x, w, targets, mask = draw(rng)
   logits_fn = lambda x_BCD: output_logits(x_BCD, w=w, tied=True, dtype=jnp.float32)
   loss = lambda x: objective.chunked_cross_entropy_sum(x, targets, mask, logits_fn, 4)
   hlo = jax.jit(jax.grad(loss)).lower(x).compile().as_text()

@@ -13,8 +13,6 @@ from moetrain.parallel import mesh as mesh_lib
 
 from conftest import tiny_config
 
-RNG = np.random.default_rng()
-
 
 def test_schedule_warms_up_then_decays_to_min_lr():
   t = tiny_config(**{'train.steps': 100, 'train.warmup_steps': 10, 'train.lr': 1.0,
@@ -46,9 +44,9 @@ def test_weight_decay_skips_vectors():
 
 
 @pytest.mark.parametrize('max_norm', [0.5, 1e3])  # clipping and not clipping.
-def test_clip_by_global_norm_equals_optax(max_norm):
-  grads = {'a': RNG.standard_normal((5, 3)).astype(np.float32),
-           'b': RNG.standard_normal((7,)).astype(np.float32)}
+def test_clip_by_global_norm_equals_optax(max_norm, rng):
+  grads = {'a': rng.standard_normal((5, 3)).astype(np.float32),
+           'b': rng.standard_normal((7,)).astype(np.float32)}
   ours = optimizer_lib.clip_by_global_norm(max_norm)
   ref = optax.clip_by_global_norm(max_norm)
   got, _ = ours.update(grads, ours.init(grads))

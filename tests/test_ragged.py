@@ -26,8 +26,6 @@ from moetrain.parallel import mesh as mesh_lib, ragged
 from conftest import assert_close, tiny_config
 from ragged_emulation import emulated_ragged_all_to_all
 
-RNG = np.random.default_rng()
-
 
 def numpy_ragged_all_to_all(operands, outputs, input_offsets, send_sizes, output_offsets,
                             recv_sizes):
@@ -68,15 +66,15 @@ def test_emulation_reproduces_the_documented_example():
   np.testing.assert_array_equal(got, [1, 3, 0, 0, 2, 2, 4, 0])
 
 
-def random_counts(num_devices, num_experts, max_count=5):
-  counts = RNG.integers(0, max_count + 1, (num_devices, num_experts))
-  counts[RNG.random(counts.shape) < 0.3] = 0  # empty slices, too
+def random_counts(rng, num_devices, num_experts, max_count=5):
+  counts = rng.integers(0, max_count + 1, (num_devices, num_experts))
+  counts[rng.random(counts.shape) < 0.3] = 0  # empty slices, too
   return counts.astype(np.int32)
 
 
 @pytest.mark.parametrize('num_devices,num_experts', [(1, 4), (2, 4), (4, 8), (8, 8)])
-def test_plan_groups_by_local_expert_and_returns_every_row(num_devices, num_experts):
-  counts = random_counts(num_devices, num_experts)
+def test_plan_groups_by_local_expert_and_returns_every_row(num_devices, num_experts, rng):
+  counts = random_counts(rng, num_devices, num_experts)
   local = num_experts // num_devices
   top_k = 2
   tokens = max(1, -(-int(counts.sum(1).max()) // top_k))
@@ -104,15 +102,15 @@ def test_plan_groups_by_local_expert_and_returns_every_row(num_devices, num_expe
     np.testing.assert_array_equal(b, s)
 
 
-def test_emulation_equals_numpy_semantics_on_a_random_plan():
+def test_emulation_equals_numpy_semantics_on_a_random_plan(rng):
   num_devices, num_experts = 4, 8
-  counts = random_counts(num_devices, num_experts)
+  counts = random_counts(rng, num_devices, num_experts)
   rows_in = int(counts.sum(1).max()) + 3
   rows = ragged.receive_rows(rows_in, 1, num_devices, 2)
   plans = [jax.tree.map(np.asarray, ragged.exchange_plan(jnp.asarray(counts), m))
            for m in range(num_devices)]
-  operands = [RNG.standard_normal(rows_in).astype(np.float32) for _ in plans]
-  outputs = [RNG.standard_normal(rows).astype(np.float32) for _ in plans]
+  operands = [rng.standard_normal(rows_in).astype(np.float32) for _ in plans]
+  outputs = [rng.standard_normal(rows).astype(np.float32) for _ in plans]
   names = ('input_offsets_E', 'send_sizes_E', 'output_offsets_E', 'recv_sizes_K')
   expected = numpy_ragged_all_to_all(operands, outputs,
                                      *[[getattr(p, n) for p in plans] for n in names])
@@ -150,19 +148,19 @@ F32, BF16 = jnp.float32, jnp.bfloat16
     ('auto', 2, 2, 4, 0, 'tokamax', F32), ('ragged', 1, 1, 8, 4, 'tokamax', F32),
     ('auto', 2, 1, 4, 0, 'tokamax', BF16), ('ragged', 2, 2, 2, 0, 'xla', BF16)])
 def test_ragged_expert_parallel_layer_equals_one_device(emulated, impl, top_k, data, expert,
-                                                        chunk, grouped_matmul, dtype):
+                                                        chunk, grouped_matmul, dtype, rng):
   """Output, statistics and gradients (input and expert weights) of the dropless layer on a
   mesh equal the single-device padded layer on the whole batch. 'ragged' runs the local
   experts as grouped matmuls (`grouped_matmul`: jax.lax's or tokamax's ragged_dot), 'auto'
   (the GPU choice) on padded buffers with XLA's and as grouped matmuls with tokamax's;
   `chunk` exchanges the tokens in chunks. bfloat16: errors within 1% of the norm."""
   t, d, f, e = 64, 8, 16, 8
-  x, r, wg, wu, wd = (RNG.standard_normal(s).astype(np.float32) / np.sqrt(s[-2] if len(s) > 2
+  x, r, wg, wu, wd = (rng.standard_normal(s).astype(np.float32) / np.sqrt(s[-2] if len(s) > 2
                       else 1) for s in ((t, d), (d, e), (e, d, f), (e, d, f), (e, f, d)))
   mesh = jax.make_mesh((data, 1, expert), mesh_lib.AXES,
                        devices=jax.devices()[:data * expert],
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  cotangent = RNG.standard_normal((t, d)).astype(np.float32)
+  cotangent = rng.standard_normal((t, d)).astype(np.float32)
 
   def layer(spec):
     return lambda x, wg, wu, wd: moe_parallel.run_moe_ffn(
@@ -196,14 +194,14 @@ def test_ragged_expert_parallel_layer_equals_one_device(emulated, impl, top_k, d
     assert_close(got, want, dtype)
 
 
-def test_token_chunks_equal_one_call():
+def test_token_chunks_equal_one_call(rng):
   """`in_token_chunks` runs a per-token function chunk by chunk: same values and gradients
   as one call on all tokens."""
   t, d, k = 24, 5, 2
-  x = RNG.standard_normal((t, d)).astype(np.float32)
-  expert = RNG.integers(0, 4, (t, k)).astype(np.int32)
-  weight = RNG.random((t, k)).astype(np.float32)
-  w = RNG.standard_normal((4, d, d)).astype(np.float32)
+  x = rng.standard_normal((t, d)).astype(np.float32)
+  expert = rng.integers(0, 4, (t, k)).astype(np.int32)
+  weight = rng.random((t, k)).astype(np.float32)
+  w = rng.standard_normal((4, d, d)).astype(np.float32)
   fn = lambda w: lambda x, e, g: jnp.einsum('tk,tkd->td', g, jnp.tanh(
       jnp.einsum('td,tkde->tke', x, w[e])))
   whole = lambda x, w: jnp.sum(jnp.sin(fn(w)(x, expert, weight)))
@@ -289,9 +287,9 @@ def test_auto_picks_the_exchange_and_the_expert_kernel_per_backend(monkeypatch):
 
 
 @pytest.mark.parametrize('impl', ['auto', 'ragged'])
-def test_dropless_training_on_meshes_matches_one_device(emulated, impl):
+def test_dropless_training_on_meshes_matches_one_device(emulated, impl, rng):
   """Loss, gradients and params after 3 train steps of the dropless Mixtral-style model,
   tokens exchanged by (emulated) ragged all-to-all, equal the single-device run."""
   from test_dispatch import assert_meshes_match_one_device
-  assert_meshes_match_one_device('mixtral', [(2, 1, 4), (1, 1, 8)],
+  assert_meshes_match_one_device(rng, 'mixtral', [(2, 1, 4), (1, 1, 8)],
                                  **{'model.moe.dropless_impl': impl})

@@ -9,11 +9,9 @@ import pytest
 
 from moetrain.model import routing
 
-RNG = np.random.default_rng()
 
-
-def random_logits(t, e, scale=2.0):
-  return (RNG.standard_normal((t, e)) * scale).astype(np.float32)
+def random_logits(rng, t, e, scale=2.0):
+  return (rng.standard_normal((t, e)) * scale).astype(np.float32)
 
 
 def np_softmax(x):
@@ -73,10 +71,10 @@ def ref_capacity(experts, weights, num_experts, capacity, drop_order):
     ('softmax', 'softmax_topk', False, 1.0, True),
 ])
 @pytest.mark.parametrize('k', [1, 2, 3])
-def test_top_k_gates_match_reference(gate, order, renormalize, scaling, use_bias, k):
+def test_top_k_gates_match_reference(gate, order, renormalize, scaling, use_bias, k, rng):
   t, e = 64, 8
-  logits = random_logits(t, e)
-  bias = (RNG.standard_normal(e) * 0.3).astype(np.float32) if use_bias else None
+  logits = random_logits(rng, t, e)
+  bias = (rng.standard_normal(e) * 0.3).astype(np.float32) if use_bias else None
   experts, weights, probs = routing.top_k_gates(
       jnp.asarray(logits), k, gate=gate, softmax_order=order, renormalize=renormalize,
       routed_scaling=scaling, bias_E=None if bias is None else jnp.asarray(bias))
@@ -89,8 +87,8 @@ def test_top_k_gates_match_reference(gate, order, renormalize, scaling, use_bias
                              rtol=1e-6, atol=1e-6)
 
 
-def test_bias_changes_selection_not_weights():
-  logits = random_logits(32, 4)
+def test_bias_changes_selection_not_weights(rng):
+  logits = random_logits(rng, 32, 4)
   bias = np.array([5.0, 0, 0, 0], np.float32)  # expert 0 wins every selection.
   experts, weights, _ = routing.top_k_gates(jnp.asarray(logits), 1, gate='sigmoid',
                                             bias_E=jnp.asarray(bias), renormalize=False)
@@ -105,8 +103,8 @@ def test_bias_changes_selection_not_weights():
 @pytest.mark.parametrize('drop_order', ['position', 'probability'])
 @pytest.mark.parametrize('t,e,k,factor', [(64, 8, 1, 1.0), (64, 8, 2, 1.25), (48, 6, 2, 0.5),
                                           (40, 4, 3, 2.0), (33, 16, 2, 1.0)])
-def test_capacity_routing_matches_loop(drop_order, t, e, k, factor):
-  logits = random_logits(t, e, scale=3.0)  # skewed, so some experts overflow.
+def test_capacity_routing_matches_loop(drop_order, t, e, k, factor, rng):
+  logits = random_logits(rng, t, e, scale=3.0)  # skewed, so some experts overflow.
   experts, weights, _ = routing.top_k_gates(jnp.asarray(logits), k)
   capacity = max(1, min(t, math.ceil(factor * t * k / e)))
   r, kept = routing.capacity_routing(experts, weights, e, capacity, drop_order)
@@ -138,16 +136,16 @@ def test_probability_order_keeps_confident_tokens():
   assert list(np.asarray(by_prob.token_EC)[0]) == [7, 6, 5]
 
 
-def test_slot_positions_count_earlier_same_expert():
-  expert = RNG.integers(0, 5, size=200)
+def test_slot_positions_count_earlier_same_expert(rng):
+  expert = rng.integers(0, 5, size=200)
   pos = np.asarray(routing.slot_positions(jnp.asarray(expert, jnp.int32), 5))
   ref = [int(np.sum(expert[:i] == expert[i])) for i in range(len(expert))]
   np.testing.assert_array_equal(pos, ref)
 
 
 @pytest.mark.parametrize('t,e,capacity', [(32, 4, 8), (50, 8, 3), (16, 16, 5)])
-def test_expert_choice_matches_loop(t, e, capacity):
-  logits = random_logits(t, e)
+def test_expert_choice_matches_loop(t, e, capacity, rng):
+  logits = random_logits(rng, t, e)
   r = routing.expert_choice_routing(jnp.asarray(logits), capacity)
   probs = np_softmax(logits.astype(np.float64))
   for ex in range(e):
@@ -165,8 +163,8 @@ def test_expert_choice_lets_a_token_take_zero_or_many_experts():
   assert taken[0].sum() == 4 and taken[1:].sum() == 0
 
 
-def test_soft_routing_is_every_expert_on_every_token():
-  logits = random_logits(10, 3)
+def test_soft_routing_is_every_expert_on_every_token(rng):
+  logits = random_logits(rng, 10, 3)
   r = routing.soft_routing(jnp.asarray(logits))
   np.testing.assert_array_equal(np.asarray(r.token_EC), np.tile(np.arange(10), (3, 1)))
   np.testing.assert_allclose(np.asarray(r.weight_EC), np_softmax(logits).T, rtol=1e-6)
@@ -183,9 +181,9 @@ def ref_balance(probs, experts, num_experts):
 
 
 @pytest.mark.parametrize('k', [1, 2])
-def test_balance_loss_matches_reference(k):
+def test_balance_loss_matches_reference(k, rng):
   t, e = 128, 8
-  logits = random_logits(t, e)
+  logits = random_logits(rng, t, e)
   experts, _, probs = routing.top_k_gates(jnp.asarray(logits), k)
   assign = routing.assignment_mask(experts, e)
   counts = jnp.sum(assign, 0)
@@ -204,14 +202,14 @@ def test_balance_loss_is_one_when_uniform_and_has_gradient_only_through_probs():
   np.testing.assert_allclose(np.asarray(g_prob), e * np.asarray(frac), rtol=1e-6)
 
 
-def test_z_loss_matches_reference():
-  logits = random_logits(64, 8, scale=4.0)
+def test_z_loss_matches_reference(rng):
+  logits = random_logits(rng, 64, 8, scale=4.0)
   ref = np.mean([np.log(np.sum(np.exp(row.astype(np.float64)))) ** 2 for row in logits])
   np.testing.assert_allclose(float(routing.z_loss(jnp.asarray(logits))), ref, rtol=1e-6)
 
 
-def test_router_entropy_matches_reference():
-  probs = np_softmax(random_logits(20, 6))
+def test_router_entropy_matches_reference(rng):
+  probs = np_softmax(random_logits(rng, 20, 6))
   ref = np.mean([-sum(p * np.log(p) for p in row) for row in probs.astype(np.float64)])
   np.testing.assert_allclose(float(routing.router_entropy(jnp.asarray(probs))), ref,
                              rtol=1e-6)

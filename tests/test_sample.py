@@ -11,7 +11,6 @@ import pytest
 from moetrain import sample as sample_lib
 from moetrain.config import ConfigError
 
-RNG = np.random.default_rng()
 GREEDY = sample_lib.Sampler(temperature=0.0)
 W = 16  # the sampling window of most tests (the run's seq_len is 32).
 
@@ -85,8 +84,8 @@ def np_filter(logits, top_k, top_p):
 
 @pytest.mark.parametrize('top_k,top_p', [(0, 1.0), (5, 1.0), (0, 0.7), (4, 0.5), (1, 1.0),
                                          (0, 0.01)])
-def test_filter_logits_matches_numpy(top_k, top_p):
-  logits = RNG.standard_normal((6, 17)).astype(np.float32) * 2
+def test_filter_logits_matches_numpy(top_k, top_p, rng):
+  logits = rng.standard_normal((6, 17)).astype(np.float32) * 2
   got = np.asarray(sample_lib.filter_logits(jnp.asarray(logits), top_k, top_p))
   for row, out in zip(logits, got):
     keep = np_filter(row, top_k, top_p)
@@ -94,12 +93,12 @@ def test_filter_logits_matches_numpy(top_k, top_p):
     np.testing.assert_array_equal(out[keep], row[keep])
 
 
-def test_draws_follow_the_filtered_softmax():
+def test_draws_follow_the_filtered_softmax(rng):
   """8000 draws of one row: frequencies within 0.02 of softmax(logits / T) over the kept
   tokens."""
-  logits = RNG.standard_normal(7).astype(np.float32)
+  logits = rng.standard_normal(7).astype(np.float32)
   sampler = sample_lib.Sampler(temperature=0.7, top_k=5, top_p=0.9)
-  keys = jax.random.split(jax.random.key(int(RNG.integers(1 << 30))), 8000)
+  keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 8000)
   draws = np.asarray(jax.jit(jax.vmap(
       lambda k: sample_lib.next_tokens(jnp.asarray(logits)[None], k[None], sampler)[0]))(keys))
   scaled = logits / 0.7

@@ -15,9 +15,8 @@ from moetrain import step as step_lib
 from moetrain.model import transformer
 from moetrain.parallel import mesh as mesh_lib
 
-from conftest import tiny_config
+from conftest import seed_of, tiny_config
 
-RNG = np.random.default_rng()
 # 6 layers: dense, then (dense, MoE) twice, then a dense tail -> three runs.
 MIXED = {'model.vocab_size': 128, 'model.d_model': 16, 'model.num_heads': 2,
          'model.num_kv_heads': 1, 'model.d_ff': 32, 'model.num_layers': 6,
@@ -30,11 +29,11 @@ def mixed_config(**overrides):
   return config_lib.validate(tiny_config(**{**MIXED, **overrides}))
 
 
-def random_batch(cfg):
+def random_batch(rng, cfg):
   shape = (cfg.data.batch_size, cfg.data.seq_len)
-  return dict(inputs=RNG.integers(0, 100, shape).astype(np.int32),
-              targets=RNG.integers(0, 100, shape).astype(np.int32),
-              mask=(RNG.random(shape) < 0.9).astype(np.float32))
+  return dict(inputs=rng.integers(0, 100, shape).astype(np.int32),
+              targets=rng.integers(0, 100, shape).astype(np.int32),
+              mask=(rng.random(shape) < 0.9).astype(np.float32))
 
 
 def abstract_state(cfg):
@@ -89,8 +88,9 @@ def scan_pair():
   """The same mixed model unscanned and scanned (remat 'full' inside the scan): its
   initial state, and the loss, gradients, state and metrics of one train step from it
   on the same batch (one jit each)."""
+  rng = np.random.default_rng(seed_of('scan_pair'))
   out = {}
-  batch = random_batch(mixed_config())
+  batch = random_batch(rng, mixed_config())
   for scanned in (False, True):
     cfg = mixed_config(**{'model.scan_layers': scanned,
                           'model.remat': 'full' if scanned else 'none'})
@@ -147,7 +147,7 @@ def test_scanned_model_reports_metrics_per_moe_layer(scan_pair):
 
 
 @pytest.mark.newest_jax
-def test_program_size_does_not_grow_with_depth_when_scanned():
+def test_program_size_does_not_grow_with_depth_when_scanned(rng):
   """The traced train step of a scanned model has one layer per run whatever the depth;
   unscanned it grows with every layer."""
   def equations(layers, scanned):
@@ -155,7 +155,7 @@ def test_program_size_does_not_grow_with_depth_when_scanned():
                           'model.moe_every': 1, 'model.scan_layers': scanned})
     graphdef, state, tx = abstract_state(cfg)
     jaxpr = jax.make_jaxpr(step_lib.make_train_step(graphdef, tx, cfg))(
-        state, random_batch(cfg))
+        state, random_batch(rng, cfg))
     return str(jaxpr).count('dot_general')
 
   assert equations(8, True) == equations(2, True)
@@ -166,7 +166,8 @@ def test_program_size_does_not_grow_with_depth_when_scanned():
 def remat_runs():
   """Loss, gradients and the traced gradient program of the mixed model under each
   policy, from one initial state."""
-  batch = random_batch(mixed_config())
+  rng = np.random.default_rng(seed_of('remat_runs'))
+  batch = random_batch(rng, mixed_config())
   _, state, _ = make_state(mixed_config())
   out = {}
   for policy in ('none', *transformer.REMAT_POLICIES):

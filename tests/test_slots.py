@@ -10,11 +10,9 @@ import pytest
 
 from moetrain.model import routing, slots
 
-RNG = np.random.default_rng()
 
-
-def random_routing(t, e, k, factor):
-  logits = RNG.normal(size=(t, e)).astype(np.float32) * 3.0  # skewed: some experts overflow
+def random_routing(rng, t, e, k, factor):
+  logits = rng.normal(size=(t, e)).astype(np.float32) * 3.0  # skewed: some experts overflow
   experts, weights, _ = routing.top_k_gates(jnp.asarray(logits), k)
   capacity = max(1, math.ceil(factor * t * k / e))
   return routing.capacity_routing(experts, weights, e, capacity)[0]
@@ -33,12 +31,12 @@ def np_combine(y, token, weight, t):
 
 
 @pytest.mark.parametrize('t,e,k,factor', [(48, 8, 2, 0.75), (40, 4, 1, 1.5), (32, 16, 4, 1.0)])
-def test_dispatch_and_combine_match_numpy_values_and_gradients(t, e, k, factor):
+def test_dispatch_and_combine_match_numpy_values_and_gradients(t, e, k, factor, rng):
   d = 16
-  r = random_routing(t, e, k, factor)
+  r = random_routing(rng, t, e, k, factor)
   token, weight_EC = np.asarray(r.token_EC), np.asarray(r.weight_EC)
-  x = RNG.normal(size=(t, d)).astype(np.float32)
-  y = RNG.normal(size=token.shape + (d,)).astype(np.float32)
+  x = rng.normal(size=(t, d)).astype(np.float32)
+  y = rng.normal(size=token.shape + (d,)).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(slots.dispatch(x, r.token_EC, r.slot_TK)),
                                 np_dispatch(x, token))
   y_TD = slots.combine(y, r.weight_TK, r.slot_TK, r.token_EC, r.weight_EC)
@@ -46,8 +44,8 @@ def test_dispatch_and_combine_match_numpy_values_and_gradients(t, e, k, factor):
                              rtol=1e-5, atol=1e-5)
 
   # Gradients through random projections: against NumPy's transposes of the two tables.
-  g_slots = RNG.normal(size=y.shape).astype(np.float32)
-  g_tokens = RNG.normal(size=(t, d)).astype(np.float32)
+  g_slots = rng.normal(size=y.shape).astype(np.float32)
+  g_tokens = rng.normal(size=(t, d)).astype(np.float32)
   dx = jax.grad(lambda x: jnp.sum(slots.dispatch(x, r.token_EC, r.slot_TK) * g_slots))(x)
   ref_dx = np.zeros((t + 1, d))
   np.add.at(ref_dx, token, g_slots)
@@ -65,15 +63,15 @@ def test_dispatch_and_combine_match_numpy_values_and_gradients(t, e, k, factor):
   assert np.all(np.asarray(dw)[slot == token.size] == 0)  # dropped: no gradient
 
 
-def test_bfloat16_rows_accumulate_in_float32():
+def test_bfloat16_rows_accumulate_in_float32(rng):
   t, e, k, d = 64, 4, 2, 8
-  r = random_routing(t, e, k, 2.0)
-  y = jnp.asarray(RNG.normal(size=r.token_EC.shape + (d,)), jnp.bfloat16)
+  r = random_routing(rng, t, e, k, 2.0)
+  y = jnp.asarray(rng.normal(size=r.token_EC.shape + (d,)), jnp.bfloat16)
   out = slots.combine(y, r.weight_TK, r.slot_TK, r.token_EC, r.weight_EC)
   assert out.dtype == jnp.float32
   ref = np_combine(np.asarray(y, np.float32), np.asarray(r.token_EC), np.asarray(r.weight_EC), t)
   np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
-  x = jnp.asarray(RNG.normal(size=(t, d)), jnp.bfloat16)
+  x = jnp.asarray(rng.normal(size=(t, d)), jnp.bfloat16)
   dx = jax.grad(lambda x: jnp.sum(slots.dispatch(x, r.token_EC, r.slot_TK).astype(
       jnp.float32)))(x)
   assert dx.dtype == jnp.bfloat16

@@ -44,11 +44,11 @@ def hf_tokenizer(path: str):
   return data_lib.make_tokenizer(SimpleNamespace(tokenizer=path))
 
 
-def test_tiktoken_gives_the_ids_of_hf_tokenizers(bpe):
+def test_tiktoken_gives_the_ids_of_hf_tokenizers(bpe, rng):
   path, _ = bpe
   hf = hf_tokenizer(path)
   fast = TiktokenBPE(hf, path)
-  texts = random_texts(np.random.default_rng(), 200)
+  texts = random_texts(rng, 200)
   for got, text in zip(fast.encode_batch(texts), texts, strict=True):
     np.testing.assert_array_equal(got, hf.encode(text))
   assert fast.eod_id == hf.eod_id and fast.vocab_size == hf.vocab_size

@@ -14,9 +14,8 @@ from moetrain import step as step_lib
 from moetrain import train
 from moetrain.parallel import mesh as mesh_lib
 
-from conftest import tiny_config
+from conftest import seed_of, tiny_config
 
-RNG = np.random.default_rng()
 ONE_DEVICE = {'mesh.data': 1, 'mesh.expert': 1}
 
 
@@ -29,9 +28,9 @@ def setup(cfg):
   return cfg, graphdef, state, tx
 
 
-def random_batch(cfg, vocab=200):
+def random_batch(rng, cfg, vocab=200):
   shape = (cfg.data.batch_size, cfg.data.seq_len)
-  tokens = RNG.integers(0, vocab, (shape[0], shape[1] + 1)).astype(np.int32)
+  tokens = rng.integers(0, vocab, (shape[0], shape[1] + 1)).astype(np.int32)
   return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], mask=np.ones(shape, np.float32))
 
 
@@ -53,11 +52,11 @@ def run_steps(cfg, graphdef, state, tx, batch, steps):
                       'model.moe.renormalize': True, 'model.moe.balance_coef': 0.0}),
     ('expert_choice', {'model.moe.router': 'expert_choice'}),
 ])
-def test_variant_trains(name, overrides):
+def test_variant_trains(name, overrides, rng):
   """Eight steps on one batch: the loss falls (the model fits it) and stays finite."""
   cfg, graphdef, state, tx = setup(tiny_config(**{**ONE_DEVICE, 'train.lr': 1e-2,
                                                   'train.steps': 8, **overrides}))
-  state, metrics = run_steps(cfg, graphdef, state, tx, random_batch(cfg), 8)
+  state, metrics = run_steps(cfg, graphdef, state, tx, random_batch(rng, cfg), 8)
   loss = np.asarray(metrics['loss'])
   assert np.all(np.isfinite(loss)), name
   assert loss[-1] < loss[0] - 0.3, (name, loss)
@@ -66,7 +65,7 @@ def test_variant_trains(name, overrides):
     assert np.asarray(metrics['moe/layer0/bias_norm']).max() > 0  # the bias moved.
 
 
-def test_tokamax_grouped_matmuls_train_like_padded_buffers():
+def test_tokamax_grouped_matmuls_train_like_padded_buffers(rng):
   """Dropless with model.moe.grouped_matmul='tokamax' (dropless_impl 'auto' then takes the
   grouped matmuls): three steps give the losses of padded expert buffers."""
   batch, losses = None, []
@@ -74,14 +73,14 @@ def test_tokamax_grouped_matmuls_train_like_padded_buffers():
                     {'model.moe.dropless_impl': 'padded'}):
     cfg, graphdef, state, tx = setup(tiny_config(**{**ONE_DEVICE, 'model.moe.dropless': True,
                                                     **overrides}))
-    batch = batch or random_batch(cfg)
+    batch = batch or random_batch(rng, cfg)
     losses.append(np.asarray(run_steps(cfg, graphdef, state, tx, batch, 3)[1]['loss']))
   assert np.all(np.isfinite(losses[0]))
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
 
 @pytest.mark.parametrize('top_k', [1, 2])
-def test_router_gradient_is_nonzero_and_matches_finite_difference(top_k):
+def test_router_gradient_is_nonzero_and_matches_finite_difference(top_k, rng):
   """d loss / d router kernel (cross-entropy through the combine weights plus both aux
   losses) against central differences along the gradient direction, whose directional
   derivative is |grad|. The router kernel is drawn large (std 0.3) and the batch small (32
@@ -101,8 +100,8 @@ def test_router_gradient_is_nonzero_and_matches_finite_difference(top_k):
   grad_fn, loss = jax.jit(jax.grad(loss_at)), jax.jit(loss_at)
   shape = state.params['blocks'][0]['ffn']['router'][...].shape
   for _ in range(5):
-    batch = random_batch(cfg)
-    kernel_DE = (0.3 * RNG.standard_normal(shape)).astype(np.float32)
+    batch = random_batch(rng, cfg)
+    kernel_DE = (0.3 * rng.standard_normal(shape)).astype(np.float32)
     grad_DE = np.asarray(grad_fn(kernel_DE, batch))
     norm = np.linalg.norm(grad_DE)
     assert norm > 1e-3
@@ -156,12 +155,13 @@ def accumulation_runs():
   """One train step of a no-drop, sequence-balanced model from the same state on the
   same batch (a loss mask with holes, so micro-batches differ in token count), with the
   batch whole and as micro-batches, on one device and on a (2 data x 2 fsdp) mesh."""
+  rng = np.random.default_rng(seed_of('accumulation_runs'))
   base = {'model.num_layers': 2, 'model.moe.capacity_factor': 8.0,
           'model.moe.balance_scope': 'sequence', 'model.moe.bias_update_rate': 0.01,
           'data.batch_size': 16, 'data.seq_len': 8}
   cfg0 = data_lib.resolve_vocab(config_lib.validate(tiny_config(**{**base, **ONE_DEVICE})))
-  batch = random_batch(cfg0)
-  batch['mask'] = (RNG.random(batch['mask'].shape) < 0.7).astype(np.float32)
+  batch = random_batch(rng, cfg0)
+  batch['mask'] = (rng.random(batch['mask'].shape) < 0.7).astype(np.float32)
   _, graphdef, state, tx = setup(tiny_config(**{**base, **ONE_DEVICE}))
   out = {}
   meshes = {1: ONE_DEVICE, 4: {'mesh.data': 2, 'mesh.fsdp': 2}}

@@ -12,8 +12,6 @@ from moetrain.model.transformer import Transformer
 
 from conftest import tiny_config
 
-RNG = np.random.default_rng()
-
 
 @pytest.mark.parametrize('overrides', [
     {'model.moe.dropless': True},
@@ -24,13 +22,13 @@ RNG = np.random.default_rng()
     {'model.moe.dropless': True, 'model.num_layers': 3, 'model.first_k_dense': 1,
      'model.scan_layers': True},
 ])
-def test_prefill_and_decode_steps_equal_the_full_forward(overrides):
+def test_prefill_and_decode_steps_equal_the_full_forward(overrides, rng):
   """Row 0 has a 5-token prompt, row 1 a 3-token one (left-aligned, the rest of the block
   writes nothing); then 4 decode steps of one token per row. Batch 1 decodes through the
   gathered experts (T * K < E), batch 2 through padded buffers."""
   cfg = data_lib.resolve_vocab(tiny_config(**overrides))
-  model = Transformer(cfg.model, rngs=nnx.Rngs(int(RNG.integers(1000))))
-  tokens = RNG.integers(0, 256, (2, 9)).astype(np.int32)
+  model = Transformer(cfg.model, rngs=nnx.Rngs(int(rng.integers(1000))))
+  tokens = rng.integers(0, 256, (2, 9)).astype(np.int32)
   lengths = [5, 3]
   decode = nnx.jit(lambda m, *args: m.decode(*args))
   full = np.asarray(nnx.jit(lambda m, t: m(t, train=False)[0])(model, jnp.asarray(tokens)))

@@ -18,15 +18,13 @@ from moetrain.parallel import mesh as mesh_lib
 
 from conftest import model_logits, tiny_config
 
-RNG = np.random.default_rng()
 
-
-def test_upcycle_params_copies_the_dense_ffn_into_every_expert():
-  source = {'embed': RNG.standard_normal((8, 4)),
-            'blocks.0.ffn.w_gate': RNG.standard_normal((4, 6)),
-            'blocks.0.ffn.w_down': RNG.standard_normal((6, 4))}
+def test_upcycle_params_copies_the_dense_ffn_into_every_expert(rng):
+  source = {'embed': rng.standard_normal((8, 4)),
+            'blocks.0.ffn.w_gate': rng.standard_normal((4, 6)),
+            'blocks.0.ffn.w_down': rng.standard_normal((6, 4))}
   fresh = {'embed': np.zeros((8, 4), np.float32),
-           'blocks.0.ffn.router': RNG.standard_normal((4, 3)).astype(np.float32),
+           'blocks.0.ffn.router': rng.standard_normal((4, 3)).astype(np.float32),
            'blocks.0.ffn.w_gate': np.zeros((3, 4, 6), np.float32),
            'blocks.0.ffn.w_down': np.zeros((3, 6, 4), np.float32)}
   out = upcycle.upcycle_params(source, fresh, source='dense')
@@ -74,13 +72,13 @@ def initial_params(cfg):
 
 
 @pytest.mark.parametrize('order,scan', [('softmax_topk', False), ('topk_softmax', True)])
-def test_upcycled_moe_computes_the_dense_model(dense_run, order, scan):
+def test_upcycled_moe_computes_the_dense_model(dense_run, order, scan, rng):
   dense_dir, dense = dense_run
   cfg, moe = initial_params(moe_config(dense_dir, **{'model.moe.softmax_order': order,
                                                      'model.scan_layers': scan}))
   assert moe['blocks.1.ffn.w_gate'].shape == (4,) + dense['blocks.1.ffn.w_gate'].shape
   dense_cfg = params_lib.run_config(dense_dir)
-  tokens = RNG.integers(0, cfg.model.vocab_size, (2, 24))
+  tokens = rng.integers(0, cfg.model.vocab_size, (2, 24))
   np.testing.assert_allclose(model_logits(cfg, moe, tokens),
                              model_logits(dense_cfg, dense, tokens), rtol=0, atol=1e-5)
 
